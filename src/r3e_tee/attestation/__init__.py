@@ -1,0 +1,1 @@
+"""Verification of attestation evidence: DCAP, Nitro, IAS, SEV-SNP, simulated; policy; tokens."""
