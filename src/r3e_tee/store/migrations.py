@@ -1,0 +1,114 @@
+"""Versioned schema migrations, append-only, written once for both dialects.
+
+``{blob}`` and ``{serial}`` are the only dialect differences the schema needs. A migration is
+never edited after it ships: change the schema by appending a new version.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from r3e_tee.store.base import Store, Tx, iter_statements
+
+_TYPES = {
+    "sqlite": {"blob": "BLOB", "serial": "INTEGER PRIMARY KEY AUTOINCREMENT"},
+    "postgresql": {"blob": "BYTEA", "serial": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"},
+}
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    script: str
+
+
+MIGRATIONS: list[Migration] = [
+    Migration(
+        1,
+        "foundation: meta, admin tokens, locks, cache",
+        """
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE admin_tokens (
+            token_hash TEXT PRIMARY KEY,
+            scope TEXT NOT NULL,
+            label TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL
+        );
+        CREATE TABLE locks (
+            name TEXT PRIMARY KEY,
+            owner TEXT NOT NULL,
+            expires_at DOUBLE PRECISION NOT NULL
+        );
+        CREATE TABLE cache (
+            key TEXT PRIMARY KEY,
+            value {blob} NOT NULL,
+            expires_at DOUBLE PRECISION NOT NULL
+        );
+        CREATE INDEX cache_expires ON cache (expires_at)
+        """,
+    ),
+]
+
+LATEST_VERSION = MIGRATIONS[-1].version
+
+_BOOKKEEPING = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    applied_at DOUBLE PRECISION NOT NULL
+)
+"""
+
+
+def _serialise(tx: Tx) -> None:
+    """Make concurrent migrators (replicas starting together) wait for each other."""
+    if tx.dialect == "postgresql":
+        tx.execute("SELECT pg_advisory_xact_lock(?)", (7_355_608,))
+    # SQLite: the caller's BEGIN IMMEDIATE already holds the write lock
+
+
+def apply_migrations(store: Store) -> list[int]:
+    applied: list[int] = []
+    with store.transaction() as tx:
+        _serialise(tx)
+        tx.execute(_BOOKKEEPING)
+        done = {int(r["version"]) for r in tx.fetchall("SELECT version FROM schema_migrations")}
+        newer = [v for v in done if v > LATEST_VERSION]
+        if newer:
+            from r3e_tee.errors import StoreError
+
+            raise StoreError(
+                f"the store's schema is at version {max(newer)}, newer than this release knows "
+                f"({LATEST_VERSION})",
+                hint="run the newer release, or restore a backup taken before the upgrade",
+            )
+        types = _TYPES[tx.dialect]
+        for m in MIGRATIONS:
+            if m.version in done:
+                continue
+            for stmt in iter_statements(m.script.format(**types)):
+                tx.execute(stmt)
+            tx.execute(
+                "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                (m.version, m.name, time.time()),
+            )
+            applied.append(m.version)
+    return applied
+
+
+def current_version(store: Store) -> int:
+    with store.transaction(write=False) as tx:
+        if tx.dialect == "sqlite":
+            exists = tx.fetchval(
+                "SELECT count(*) FROM sqlite_master WHERE type='table' AND name='schema_migrations'"
+            )
+        else:
+            exists = tx.fetchval(
+                "SELECT count(*) FROM information_schema.tables "
+                "WHERE table_name='schema_migrations' AND table_schema = current_schema()"
+            )
+        if not exists:
+            return 0
+        return int(tx.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations"))
