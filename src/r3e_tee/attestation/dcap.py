@@ -1,0 +1,785 @@
+"""Intel DCAP quote verification (SGX quote v3, SGX/TDX v4, TDX v5) following Intel's QVL.
+
+Order of checks (the first failure decides the reason):
+
+1. parse the quote (``malformed``);
+2. certificate chains to the pinned root, pinned by public key: PCK chain from the quote, TCB Info,
+   QE Identity and PCK CRL issuer chains from the collateral (``bad-chain``);
+3. CRLs: the Root CA CRL issued by the root, the PCK CRL issued by the PCK's own issuer CA
+   (wrong issuer: ``bad-chain``; bad signature: ``bad-signature``);
+4. TCB Info and QE Identity signatures by the TCB signing cert (``bad-signature``);
+5. the QE report: signature by the PCK key, report data = SHA-256(attestation key || QE auth
+   data) || 32 zero bytes, and the QE identity (id, MRSIGNER, ISVPRODID, masked MISCSELECT and
+   ATTRIBUTES) (``bad-qe-report``);
+6. the quote signature by the attestation key over header || body (``bad-signature``);
+7. every validity window against ``at``: TCB Info and QE Identity issueDate/nextUpdate, CRL
+   thisUpdate/nextUpdate, certificate notBefore/notAfter (``not-yet-valid``,
+   ``expired-collateral``, ``expired``);
+8. revocation of the PCK, its CA and the signing certs (``revoked``);
+9. FMSPC / PCE-ID / TEE type of the TCB Info (``collateral-mismatch``);
+10. TCB level, QE TCB level and TDX module identity, converged like Intel's QVL and dcap-qvl
+    (``tcb-level-not-found``; a converged ``Revoked`` status is ``revoked``).
+
+Debug enclaves are reported as a claim, never rejected here: policy does that.
+
+Speed: a :class:`DcapVerifier` keeps a :class:`VerificationCache` of facts that can never change
+because they are keyed by the exact bytes they were computed from (a verified chain, CRL, signed
+collateral document, QE report, parsed attestation key). Time-dependent checks are never cached:
+the cached entries carry their validity windows and step 7 runs on every call. The quote
+signature is verified on every call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from r3e_tee.attestation.result import EvidenceKind, VerificationResult
+from r3e_tee.attestation.roots import TrustRoot, intel_sgx_root
+from r3e_tee.errors import (
+    CollateralError,
+    EvidenceFormatError,
+    InvalidRequestError,
+    Reason,
+    VerificationError,
+)
+from r3e_tee.evidence.dcap_collateral import (
+    EnclaveIdentity,
+    IsvSvnLevel,
+    QuoteCollateral,
+    TcbInfo,
+    TcbLevel,
+    parse_enclave_identity,
+    parse_tcb_info,
+)
+from r3e_tee.evidence.sgx_quote import (
+    INTEL_QE_VENDOR_ID,
+    EnclaveReport,
+    Quote,
+    TdReport,
+    parse_quote,
+)
+from r3e_tee.evidence.x509_ext import SGX_EXTENSION_OID, PckExtension, parse_pck_extension, pem_chain_to_der
+
+__all__ = ["DcapVerifier", "VerificationCache", "converge_status", "verify_dcap"]
+
+_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
+_SGX_EXT_OID = x509.ObjectIdentifier(SGX_EXTENSION_OID)
+_T = TypeVar("_T")
+
+CollateralInput = QuoteCollateral | Mapping[str, Any] | str | bytes
+TrustRootInput = TrustRoot | x509.Certificate | bytes | str | Path
+
+
+# --- status convergence ------------------------------------------------------------------------
+
+
+def converge_status(platform: str, component: str) -> str:
+    """Intel QVL's convergeTcbStatus: only an OutOfDate or Revoked QE / TDX module changes it."""
+    if component == "Revoked":
+        return "Revoked"
+    if component == "OutOfDate":
+        if platform in ("UpToDate", "SWHardeningNeeded"):
+            return "OutOfDate"
+        if platform in ("ConfigurationNeeded", "ConfigurationAndSWHardeningNeeded"):
+            return "OutOfDateConfigurationNeeded"
+    return platform
+
+
+# --- cache -------------------------------------------------------------------------------------
+
+
+class VerificationCache:
+    """Bounded in-process map of immutable facts keyed by the exact bytes they derive from.
+
+    Only successes are stored. Entries never depend on the verification time; the windows they
+    carry are re-checked on every verification. Safe to share between threads.
+    """
+
+    def __init__(self, max_entries: int = 4096) -> None:
+        self._max = max_entries
+        self._data: dict[Hashable, Any] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def get_or_compute(self, key: Hashable, compute: Callable[[], _T]) -> _T:
+        try:
+            return self._data[key]  # type: ignore[no-any-return]
+        except KeyError:
+            pass
+        value = compute()
+        with self._lock:
+            if len(self._data) >= self._max:
+                for old in list(self._data)[: max(1, self._max // 8)]:
+                    self._data.pop(old, None)
+            self._data[key] = value
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+
+
+# --- verified pieces ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Window:
+    what: str
+    not_before: datetime
+    not_after: datetime
+    is_cert: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Chain:
+    """A chain verified up to the pinned key: certs below the root, leaf first."""
+
+    certs: tuple[x509.Certificate, ...]
+    ders: tuple[bytes, ...]
+    windows: tuple[_Window, ...]
+    leaf_key: ec.EllipticCurvePublicKey
+
+    @property
+    def leaf(self) -> x509.Certificate:
+        return self.certs[0]
+
+
+@dataclass(frozen=True, slots=True)
+class _Crl:
+    crl: x509.CertificateRevocationList
+    issuer: x509.Name
+    window: _Window
+    revoked: frozenset[int]
+
+
+def _spki(key: Any) -> bytes:
+    return bytes(key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo))
+
+
+def _ecdsa_ok(key: Any, signature: bytes, data: bytes) -> bool:
+    """Verify a raw r||s P-256 signature; any non-P-256 key or malformed signature is a failure."""
+    if len(signature) != 64 or not isinstance(key, ec.EllipticCurvePublicKey):
+        return False
+    if not isinstance(key.curve, ec.SECP256R1):
+        return False
+    der = encode_dss_signature(int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big"))
+    try:
+        key.verify(der, data, _ECDSA_SHA256)
+    except InvalidSignature:
+        return False
+    return True
+
+
+def _hex(b: bytes) -> str:
+    return b.hex()
+
+
+def _utc(at: datetime) -> datetime:
+    if not isinstance(at, datetime) or at.tzinfo is None:
+        raise InvalidRequestError("verification time must be a timezone-aware datetime")
+    return at.astimezone(UTC)
+
+
+def _load_collateral(collateral: CollateralInput) -> QuoteCollateral:
+    if isinstance(collateral, QuoteCollateral):
+        return collateral
+    try:
+        return QuoteCollateral.from_json(collateral)
+    except EvidenceFormatError as exc:
+        raise CollateralError(f"unusable DCAP collateral: {exc.message}") from None
+
+
+# --- the verifier ------------------------------------------------------------------------------
+
+
+class DcapVerifier:
+    """Verifies SGX and TDX DCAP quotes against one pinned root, caching immutable work.
+
+    Keep one instance per trust root for the life of the process: repeated quotes from a known
+    platform then cost little more than their own signature check.
+    """
+
+    def __init__(
+        self,
+        trust_root: TrustRootInput | None = None,
+        *,
+        cache: VerificationCache | None = None,
+        simulated: bool = False,
+    ) -> None:
+        self.trust_root = TrustRoot.load(trust_root) if trust_root is not None else intel_sgx_root()
+        self.cache = cache if cache is not None else VerificationCache()
+        self.simulated = simulated
+        self._anchor_key = self.trust_root.public_key
+        self._anchor_window = _Window(
+            "trust root certificate", self.trust_root.not_before, self.trust_root.not_after, True
+        )
+
+    # -- public ---------------------------------------------------------------------------------
+
+    def verify(
+        self, quote: bytes | Quote, collateral: CollateralInput, *, at: datetime
+    ) -> VerificationResult:
+        """Verify ``quote`` with ``collateral`` at time ``at``; raise on any rejection."""
+        at = _utc(at)
+        if isinstance(quote, Quote):
+            q, raw = quote, None
+        else:
+            raw = bytes(quote)
+            q = parse_quote(raw)
+        if q.header.qe_vendor_id != INTEL_QE_VENDOR_ID:
+            raise EvidenceFormatError(
+                f"QE vendor {q.header.qe_vendor_id.hex()} is not Intel's", field="header.qe_vendor_id", offset=12
+            )
+        coll = _load_collateral(collateral)
+        sd = q.signature_data
+
+        # 2. chains
+        pck_pem = q.pck_chain_pem
+        if pck_pem is None:
+            if not coll.pck_certificate_chain:
+                raise CollateralError(
+                    f"quote carries certification data type {sd.certification.cert_type}, not a PCK chain;"
+                    " the collateral must supply pck_certificate_chain"
+                )
+            pck_pem = coll.pck_certificate_chain.encode()
+        pck = self._chain(pck_pem, "PCK", 1, in_quote=True)
+        tcb_chain = self._chain(coll.tcb_info_issuer_chain.encode(), "TCB Info signing", 0)
+        qe_chain = self._chain(coll.qe_identity_issuer_chain.encode(), "QE Identity signing", 0)
+        crl_chain = self._chain(coll.pck_crl_issuer_chain.encode(), "PCK CRL issuer", 0)
+        pck_ca = pck.certs[1]
+
+        # 3. CRLs
+        root_crl = self._crl(coll.root_ca_crl, "Root CA CRL")
+        if root_crl.issuer != self.trust_root.certificate.subject:
+            raise VerificationError(
+                Reason.BAD_CHAIN,
+                "the Root CA CRL is not issued by the pinned root",
+                check="root-ca-crl.issuer",
+                observed=root_crl.issuer.rfc4514_string(),
+                expected=self.trust_root.certificate.subject.rfc4514_string(),
+            )
+        self._crl_signature(coll.root_ca_crl, root_crl, self._anchor_key, self.trust_root.spki, "root-ca-crl")
+        pck_crl = self._crl(coll.pck_crl, "PCK CRL")
+        if pck_crl.issuer != pck_ca.subject:
+            raise VerificationError(
+                Reason.BAD_CHAIN,
+                "the PCK CRL is not issued by the CA that issued the PCK certificate",
+                check="pck-crl.issuer",
+                observed=pck_crl.issuer.rfc4514_string(),
+                expected=pck_ca.subject.rfc4514_string(),
+            )
+        if crl_chain.ders[0] != pck.ders[1]:
+            raise VerificationError(
+                Reason.BAD_CHAIN,
+                "the PCK CRL issuer chain does not name the PCK's issuer CA",
+                check="pck-crl-issuer-chain",
+                observed=crl_chain.leaf.subject.rfc4514_string(),
+                expected=pck_ca.subject.rfc4514_string(),
+            )
+        self._crl_signature(coll.pck_crl, pck_crl, pck_ca.public_key(), _spki(pck_ca.public_key()), "pck-crl")
+
+        # 4. signed collateral
+        tcb_info = self._signed_doc(
+            "tcb-info", coll.tcb_info, coll.tcb_info_signature, tcb_chain, parse_tcb_info
+        )
+        qe_id = self._signed_doc(
+            "qe-identity", coll.qe_identity, coll.qe_identity_signature, qe_chain, parse_enclave_identity
+        )
+
+        # 5. QE report
+        qe = sd.qe_report
+        key = ("qe-report", qe.raw, sd.qe_report_signature, pck.ders[0])
+        self.cache.get_or_compute(key, lambda: self._check_qe_signature(qe.raw, sd.qe_report_signature, pck))
+        expected_rd = hashlib.sha256(sd.attestation_key + sd.qe_auth_data).digest() + bytes(32)
+        if qe.report_data != expected_rd:
+            raise VerificationError(
+                Reason.BAD_QE_REPORT,
+                "QE report data does not bind the attestation key and QE authentication data",
+                check="qe-report.report-data",
+                observed=qe.report_data[:32].hex(),
+                expected=expected_rd[:32].hex(),
+            )
+        qe_status = self._qe_identity(qe, qe_id, q.is_tdx)
+
+        # 6. quote signature (every time: its bytes differ per quote)
+        ak = self.cache.get_or_compute(("att-key", sd.attestation_key), lambda: _attestation_key(sd.attestation_key))
+        if not _ecdsa_ok(ak, sd.signature, q.signed_region):
+            raise VerificationError(
+                Reason.BAD_SIGNATURE,
+                "quote signature by the attestation key does not verify",
+                check="quote.signature",
+            )
+
+        # 7. time
+        windows: list[_Window] = [
+            _Window("TCB Info", tcb_info.issue_date, tcb_info.next_update, False),
+            _Window("QE Identity", qe_id.issue_date, qe_id.next_update, False),
+            root_crl.window,
+            pck_crl.window,
+            *pck.windows,
+            *tcb_chain.windows,
+            *qe_chain.windows,
+            *crl_chain.windows,
+            self._anchor_window,
+        ]
+        valid_until = _check_windows(windows, at)
+
+        # 8. revocation
+        for cert, crl, what in (
+            (pck.leaf, pck_crl, "PCK certificate"),
+            (pck_ca, root_crl, "PCK CA certificate"),
+            (tcb_chain.leaf, root_crl, "TCB Info signing certificate"),
+            (qe_chain.leaf, root_crl, "QE Identity signing certificate"),
+            (self.trust_root.certificate, root_crl, "root certificate"),
+        ):
+            if cert.serial_number in crl.revoked:
+                raise VerificationError(
+                    Reason.REVOKED,
+                    f"the {what} is on the {'PCK' if crl is pck_crl else 'Root CA'} CRL",
+                    check="revocation",
+                    observed=f"serial {cert.serial_number:x}",
+                )
+
+        # 9-10. TCB
+        ext = self.cache.get_or_compute(("pck-ext", pck.ders[0]), lambda: _pck_extension(pck.leaf))
+        status, advisories, details = _tcb_status(q, ext, tcb_info, qe_status)
+        if status == "Revoked":
+            raise VerificationError(
+                Reason.REVOKED,
+                "the platform TCB (converged with QE and TDX module status) is revoked",
+                check="tcb-status",
+                observed=status,
+            )
+
+        details.update(
+            {
+                "quote_version": q.header.version,
+                "tee": "tdx" if q.is_tdx else "sgx",
+                "pck_ca": _ca_kind(pck_ca),
+                "pce_svn": ext.pce_svn,
+                "cpu_svn": ext.cpu_svn.hex(),
+                "pce_id": ext.pce_id.hex().upper(),
+                "sgx_type": ext.sgx_type,
+                "qe_isvsvn": qe.isv_svn,
+                "tcb_evaluation_data_number": tcb_info.tcb_evaluation_data_number,
+            }
+        )
+        claims, body_details = _claims(q.body, ext.fmspc)
+        details.update(body_details)
+        evidence = raw if raw is not None else q.signed_region
+        return VerificationResult(
+            kind=EvidenceKind.TDX_DCAP if q.is_tdx else EvidenceKind.SGX_DCAP,
+            verified_at=at,
+            claims=claims,
+            tcb_status=status,
+            advisories=advisories,
+            debug=bool(claims["debug"]),
+            simulated=self.simulated,
+            valid_until=valid_until,
+            evidence_sha256=hashlib.sha256(evidence).hexdigest(),
+            details=details,
+        )
+
+    # -- pieces ---------------------------------------------------------------------------------
+
+    def _chain(self, pem: bytes, what: str, intermediates: int, *, in_quote: bool = False) -> _Chain:
+        return self.cache.get_or_compute(
+            ("chain", pem, self.trust_root.spki, intermediates),
+            lambda: self._build_chain(pem, what, intermediates, in_quote),
+        )
+
+    def _build_chain(self, pem: bytes, what: str, intermediates: int, in_quote: bool) -> _Chain:
+        field = "signature_data.certification_data" if in_quote else f"collateral.{what}"
+        try:
+            ders = pem_chain_to_der(pem, field=field)
+            certs = [x509.load_der_x509_certificate(d) for d in ders]
+        except (ValueError, EvidenceFormatError) as exc:
+            msg = exc.message if isinstance(exc, EvidenceFormatError) else str(exc)
+            if in_quote:
+                raise EvidenceFormatError(f"{what} chain: {msg}", field=field, offset=None) from None
+            raise CollateralError(f"{what} chain in the collateral does not parse: {msg}") from None
+        # the chain may end with any issuance of the pinned root: pin by key, drop the copies
+        while certs and self.trust_root.same_key(certs[-1]):
+            certs.pop()
+            ders.pop()
+        if len(certs) != intermediates + 1:
+            raise VerificationError(
+                Reason.BAD_CHAIN,
+                f"{what} chain does not lead to the pinned root",
+                check=f"{what} chain",
+                observed=f"{len(certs)} certificate(s) below the pinned key",
+                expected=f"{intermediates + 1} ending at {self.trust_root.certificate.subject.rfc4514_string()}",
+            )
+        windows = []
+        for i, cert in enumerate(certs):
+            issuer = certs[i + 1] if i + 1 < len(certs) else self.trust_root.certificate
+            if i + 1 < len(certs):
+                _require_ca(issuer, what)
+            try:
+                cert.verify_directly_issued_by(issuer)
+            except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm) as exc:
+                raise VerificationError(
+                    Reason.BAD_CHAIN,
+                    f"{what} chain: {cert.subject.rfc4514_string()} is not issued by"
+                    f" {issuer.subject.rfc4514_string()} ({type(exc).__name__})",
+                    check=f"{what} chain",
+                ) from None
+            windows.append(
+                _Window(
+                    f"{what} certificate {cert.subject.rfc4514_string()}",
+                    cert.not_valid_before_utc,
+                    cert.not_valid_after_utc,
+                    True,
+                )
+            )
+        leaf_key = certs[0].public_key()
+        if not isinstance(leaf_key, ec.EllipticCurvePublicKey) or not isinstance(leaf_key.curve, ec.SECP256R1):
+            raise VerificationError(
+                Reason.BAD_CHAIN, f"{what} certificate key is not P-256", check=f"{what} chain"
+            )
+        return _Chain(tuple(certs), tuple(ders), tuple(windows), leaf_key)
+
+    def _crl(self, der: bytes, what: str) -> _Crl:
+        return self.cache.get_or_compute(("crl", der), lambda: _parse_crl(der, what))
+
+    def _crl_signature(self, der: bytes, crl: _Crl, key: Any, key_spki: bytes, check: str) -> None:
+        def verify() -> bool:
+            try:
+                ok = crl.crl.is_signature_valid(key)
+            except (TypeError, ValueError, UnsupportedAlgorithm):
+                ok = False
+            if not ok:
+                raise VerificationError(Reason.BAD_SIGNATURE, "CRL signature does not verify", check=check)
+            return True
+
+        self.cache.get_or_compute(("crl-sig", der, key_spki), verify)
+
+    def _signed_doc(
+        self, check: str, text: str, signature: bytes, chain: _Chain, parse: Callable[[str], _T]
+    ) -> _T:
+        def compute() -> _T:
+            if not _ecdsa_ok(chain.leaf_key, signature, text.encode()):
+                raise VerificationError(
+                    Reason.BAD_SIGNATURE, f"{check} signature does not verify", check=f"{check}.signature"
+                )
+            try:
+                return parse(text)
+            except EvidenceFormatError as exc:
+                raise CollateralError(f"signed {check} does not parse: {exc.message}") from None
+
+        return self.cache.get_or_compute((check, text, signature, chain.ders[0]), compute)
+
+    @staticmethod
+    def _check_qe_signature(qe_raw: bytes, sig: bytes, pck: _Chain) -> bool:
+        if not _ecdsa_ok(pck.leaf_key, sig, qe_raw):
+            raise VerificationError(
+                Reason.BAD_QE_REPORT, "QE report signature by the PCK key does not verify", check="qe-report.signature"
+            )
+        return True
+
+    @staticmethod
+    def _qe_identity(qe: EnclaveReport, ident: EnclaveIdentity, is_tdx: bool) -> IsvSvnLevel:
+        want_id = "TD_QE" if is_tdx else "QE"
+
+        def reject(check: str, observed: str, expected: str) -> VerificationError:
+            return VerificationError(
+                Reason.BAD_QE_REPORT,
+                "the QE report does not match the QE identity",
+                check=f"qe-identity.{check}",
+                observed=observed,
+                expected=expected,
+            )
+
+        if ident.id != want_id:
+            raise reject("id", ident.id, want_id)
+        if qe.mr_signer != ident.mrsigner:
+            raise reject("mrsigner", qe.mr_signer.hex(), ident.mrsigner.hex())
+        if qe.isv_prod_id != ident.isvprodid:
+            raise reject("isvprodid", str(qe.isv_prod_id), str(ident.isvprodid))
+        mask = ident.miscselect_mask
+        if qe.misc_select & mask != ident.miscselect & mask:
+            raise reject("miscselect", f"{qe.misc_select & mask:08x}", f"{ident.miscselect & mask:08x}")
+        got = bytes(a & m for a, m in zip(qe.attributes, ident.attributes_mask, strict=True))
+        want = bytes(a & m for a, m in zip(ident.attributes, ident.attributes_mask, strict=True))
+        if got != want:
+            raise reject("attributes", got.hex(), want.hex())
+        for level in sorted(ident.tcb_levels, key=lambda lv: lv.isvsvn, reverse=True):
+            if qe.isv_svn >= level.isvsvn:
+                return level
+        raise VerificationError(
+            Reason.TCB_LEVEL_NOT_FOUND,
+            "the QE's ISVSVN is below every QE identity TCB level",
+            check="qe-identity.tcb-level",
+            observed=str(qe.isv_svn),
+            expected=f">= {min(lv.isvsvn for lv in ident.tcb_levels)}",
+        )
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def _require_ca(cert: x509.Certificate, what: str) -> None:
+    try:
+        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        bc = None
+    if bc is None or not bc.ca:
+        raise VerificationError(
+            Reason.BAD_CHAIN,
+            f"{what} chain: issuer {cert.subject.rfc4514_string()} is not a CA certificate",
+            check=f"{what} chain",
+        )
+
+
+def _parse_crl(der: bytes, what: str) -> _Crl:
+    try:
+        crl = x509.load_der_x509_crl(der)
+        this_update = crl.last_update_utc
+        next_update = crl.next_update_utc
+        revoked = frozenset(r.serial_number for r in crl)
+    except ValueError as exc:
+        raise CollateralError(f"{what} does not parse: {exc}") from None
+    if next_update is None:
+        raise CollateralError(f"{what} has no nextUpdate")
+    return _Crl(crl, crl.issuer, _Window(what, this_update, next_update, False), revoked)
+
+
+def _attestation_key(raw: bytes) -> ec.EllipticCurvePublicKey:
+    try:
+        return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), b"\x04" + raw)
+    except ValueError:
+        raise VerificationError(
+            Reason.BAD_SIGNATURE, "attestation key is not a P-256 point", check="quote.attestation-key"
+        ) from None
+
+
+def _pck_extension(cert: x509.Certificate) -> PckExtension:
+    try:
+        ext = cert.extensions.get_extension_for_oid(_SGX_EXT_OID).value
+    except x509.ExtensionNotFound:
+        raise EvidenceFormatError(
+            "PCK certificate lacks the SGX extension", field="pck_certificate", offset=None
+        ) from None
+    if not isinstance(ext, x509.UnrecognizedExtension):
+        raise EvidenceFormatError("unexpected SGX extension type", field="pck_certificate", offset=None)
+    return parse_pck_extension(ext.value)
+
+
+def _ca_kind(ca: x509.Certificate) -> str:
+    cn = ca.subject.rfc4514_string()
+    return "platform" if "Platform" in cn else ("processor" if "Processor" in cn else "other")
+
+
+def _check_windows(windows: list[_Window], at: datetime) -> datetime:
+    earliest = windows[0].not_after
+    for w in windows:
+        if at < w.not_before:
+            raise VerificationError(
+                Reason.NOT_YET_VALID,
+                f"{w.what} is not valid yet",
+                check="validity",
+                observed=at.isoformat(),
+                expected=f">= {w.not_before.isoformat()}",
+            )
+        if at > w.not_after:
+            raise VerificationError(
+                Reason.EXPIRED if w.is_cert else Reason.EXPIRED_COLLATERAL,
+                f"{w.what} has expired",
+                check="validity",
+                observed=at.isoformat(),
+                expected=f"<= {w.not_after.isoformat()}",
+            )
+        earliest = min(earliest, w.not_after)
+    return earliest
+
+
+def _sort_key(level: TcbLevel) -> tuple[tuple[int, ...], int, tuple[int, ...]]:
+    return (level.sgx_components, level.pce_svn, level.tdx_components or ())
+
+
+def _tcb_status(
+    q: Quote, ext: PckExtension, info: TcbInfo, qe_level: IsvSvnLevel
+) -> tuple[str, tuple[str, ...], dict[str, Any]]:
+    tdx = q.is_tdx
+    want_id = "TDX" if tdx else "SGX"
+    if info.id != want_id:
+        raise VerificationError(
+            Reason.COLLATERAL_MISMATCH,
+            "TCB Info is for another TEE type",
+            check="tcb-info.id",
+            observed=info.id,
+            expected=want_id,
+        )
+    if info.fmspc != ext.fmspc:
+        raise VerificationError(
+            Reason.COLLATERAL_MISMATCH,
+            "TCB Info is for another platform",
+            check="tcb-info.fmspc",
+            observed=info.fmspc.hex().upper(),
+            expected=ext.fmspc.hex().upper(),
+        )
+    if info.pce_id != ext.pce_id:
+        raise VerificationError(
+            Reason.COLLATERAL_MISMATCH,
+            "TCB Info is for another PCE",
+            check="tcb-info.pce-id",
+            observed=info.pce_id.hex().upper(),
+            expected=ext.pce_id.hex().upper(),
+        )
+    comps = ext.tcb_components
+    tee_svn = q.body.tee_tcb_svn if isinstance(q.body, TdReport) else b""
+    start = 2 if tdx and tee_svn[1] > 0 else 0
+    matched: TcbLevel | None = None
+    # Intel orders levels highest first (QVL keeps them in a sorted set); the first match wins
+    for level in sorted(info.tcb_levels, key=_sort_key, reverse=True):
+        if ext.pce_svn < level.pce_svn or any(c < m for c, m in zip(comps, level.sgx_components, strict=True)):
+            continue
+        if tdx:
+            need = level.tdx_components or ()
+            if len(need) != 16 or any(tee_svn[i] < need[i] for i in range(start, 16)):
+                continue
+        matched = level
+        break
+    if matched is None:
+        raise VerificationError(
+            Reason.TCB_LEVEL_NOT_FOUND,
+            "no TCB level of the TCB Info matches the platform",
+            check="tcb-level",
+            observed=f"cpusvn {bytes(comps).hex()} pcesvn {ext.pce_svn}"
+            + (f" tee_tcb_svn {tee_svn.hex()}" if tdx else ""),
+            expected="a level whose every SVN is at or below the platform's",
+        )
+    status = matched.tcb_status
+    advisories = list(matched.advisory_ids)
+    details: dict[str, Any] = {"platform_tcb_status": status, "tcb_date": matched.tcb_date}
+    if tdx and isinstance(q.body, TdReport):
+        module = _tdx_module_level(q.body, info)
+        if module is not None:
+            details["tdx_module_tcb_status"] = module.tcb_status
+            status = converge_status(status, module.tcb_status)
+            advisories += [a for a in module.advisory_ids if a not in advisories]
+    details["qe_tcb_status"] = qe_level.tcb_status
+    status = converge_status(status, qe_level.tcb_status)
+    advisories += [a for a in qe_level.advisory_ids if a not in advisories]
+    return status, tuple(advisories), details
+
+
+def _tdx_module_level(td: TdReport, info: TcbInfo) -> IsvSvnLevel | None:
+    """Intel TdxModuleCheck: TEE_TCB_SVN[1] selects identity TDX_<nn>; [0] is its ISVSVN."""
+    isvsvn, version = td.tee_tcb_svn[0], td.tee_tcb_svn[1]
+
+    def mismatch(check: str, observed: str, expected: str) -> VerificationError:
+        return VerificationError(
+            Reason.TCB_LEVEL_NOT_FOUND,
+            "the TDX module is not one the TCB Info describes",
+            check=f"tdx-module.{check}",
+            observed=observed,
+            expected=expected,
+        )
+
+    def check_identity(mrsigner: bytes, attributes: bytes, mask: bytes) -> None:
+        if td.mr_signer_seam != mrsigner:
+            raise mismatch("mrsigner", td.mr_signer_seam.hex(), mrsigner.hex())
+        got = bytes(a & m for a, m in zip(td.seam_attributes, mask, strict=True))
+        want = bytes(a & m for a, m in zip(attributes, mask, strict=True))
+        if got != want:
+            raise mismatch("attributes", got.hex(), want.hex())
+
+    if version == 0:
+        if info.tdx_module is not None:
+            m = info.tdx_module
+            check_identity(m.mrsigner, m.attributes, m.attributes_mask)
+        return None
+    want = f"TDX_{version:02X}"
+    ident = next((i for i in info.tdx_module_identities if i.id.upper() == want), None)
+    if ident is None:
+        if not info.tdx_module_identities and info.tdx_module is not None:
+            m = info.tdx_module
+            check_identity(m.mrsigner, m.attributes, m.attributes_mask)
+            return None
+        raise mismatch("identity", want, ", ".join(i.id for i in info.tdx_module_identities) or "none")
+    check_identity(ident.mrsigner, ident.attributes, ident.attributes_mask)
+    for level in sorted(ident.tcb_levels, key=lambda lv: lv.isvsvn, reverse=True):
+        if isvsvn >= level.isvsvn:
+            return level
+    raise mismatch("tcb-level", str(isvsvn), f">= {min(lv.isvsvn for lv in ident.tcb_levels)}")
+
+
+def _claims(body: EnclaveReport | TdReport, fmspc: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
+    if isinstance(body, EnclaveReport):
+        claims: dict[str, Any] = {
+            "mrenclave": _hex(body.mr_enclave),
+            "mrsigner": _hex(body.mr_signer),
+            "isv_prod_id": body.isv_prod_id,
+            "isv_svn": body.isv_svn,
+            "debug": body.debug,
+            "report_data": _hex(body.report_data),
+            "attributes": _hex(body.attributes),
+            "fmspc": fmspc.hex().upper(),
+        }
+        details: dict[str, Any] = {
+            "cpu_svn_report": _hex(body.cpu_svn),
+            "misc_select": f"{body.misc_select:08x}",
+            "config_id": _hex(body.config_id),
+            "config_svn": body.config_svn,
+            "isv_family_id": _hex(body.isv_family_id),
+        }
+        return claims, details
+    claims = {
+        "mr_td": _hex(body.mr_td),
+        "rtmr0": _hex(body.rtmrs[0]),
+        "rtmr1": _hex(body.rtmrs[1]),
+        "rtmr2": _hex(body.rtmrs[2]),
+        "rtmr3": _hex(body.rtmrs[3]),
+        "report_data": _hex(body.report_data),
+        "td_attributes": _hex(body.td_attributes),
+        "debug": body.debug,
+        "mr_seam": _hex(body.mr_seam),
+        "tee_tcb_svn": _hex(body.tee_tcb_svn),
+    }
+    if body.mr_servicetd is not None:
+        claims["mr_servicetd"] = _hex(body.mr_servicetd)
+    claims["fmspc"] = fmspc.hex().upper()
+    details = {
+        "mr_signer_seam": _hex(body.mr_signer_seam),
+        "seam_attributes": _hex(body.seam_attributes),
+        "xfam": _hex(body.xfam),
+        "mr_config_id": _hex(body.mr_config_id),
+        "mr_owner": _hex(body.mr_owner),
+        "mr_owner_config": _hex(body.mr_owner_config),
+    }
+    if body.tee_tcb_svn2 is not None:
+        details["tee_tcb_svn2"] = _hex(body.tee_tcb_svn2)
+    return claims, details
+
+
+def verify_dcap(
+    quote: bytes | Quote,
+    collateral: CollateralInput,
+    *,
+    at: datetime,
+    trust_root: TrustRootInput | None = None,
+    cache: VerificationCache | None = None,
+) -> VerificationResult:
+    """Verify one SGX or TDX DCAP quote at time ``at`` against the pinned Intel root (or
+    ``trust_root``). ``cache`` shares verified work between calls; without it nothing is reused.
+
+    Raises :class:`EvidenceFormatError` (malformed quote), :class:`VerificationError` (rejected,
+    with the reason class) or :class:`CollateralError` (unusable collateral).
+    """
+    return DcapVerifier(trust_root, cache=cache).verify(quote, collateral, at=at)
