@@ -1,0 +1,130 @@
+"""HTTP client of the service for r3e-tee-cli: finds the dev token, names the URL on failure."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from r3e_tee.errors import R3ETeeError
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+_LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
+
+
+class ApiError(R3ETeeError):
+    """The service answered with an error; carries its status and typed body."""
+
+    def __init__(self, status: int, body: dict[str, Any], url: str) -> None:
+        self.status = status
+        self.body = body
+        message = str(body.get("message") or body.get("detail") or f"HTTP {status}")
+        if body.get("problems"):
+            message += ": " + "; ".join(f"{p['field']}: {p['problem']}" for p in body["problems"])
+        super().__init__(f"{url}: {message}", hint=body.get("hint"))
+        self.code = str(body.get("error", "http"))
+        self.exit_code = 2 if status in (400, 404, 422) and self.code != "rejected" else 1
+
+
+class ConnectionFailed(R3ETeeError):
+    exit_code = 3
+    code = "connection"
+
+
+def discover_local_token(server: str, env: dict[str, str] | None = None) -> str | None:
+    """The admin token a local ``--dev`` service wrote, if the server is on this machine."""
+    env = dict(os.environ) if env is None else env
+    parts = urlsplit(server)
+    if parts.hostname not in _LOCAL_HOSTS:
+        return None
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    candidates: list[Path] = []
+    state = Path(env.get("XDG_STATE_HOME") or Path(env.get("HOME", str(Path.home()))) / ".local" / "state")
+    discovery = state / "r3e-tee" / f"dev-{port}.json"
+    try:
+        candidates.append(Path(json.loads(discovery.read_text())["admin_token_file"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    if env.get("R3E_TEE_DATA_DIR"):
+        candidates.append(Path(env["R3E_TEE_DATA_DIR"]) / "admin-token")
+    candidates.append(Path(".r3e-tee") / "admin-token")
+    for path in candidates:
+        try:
+            token = path.read_text().strip().splitlines()[0].strip()
+        except (OSError, IndexError):
+            continue
+        if token:
+            return token
+    return None
+
+
+class ServiceClient:
+    def __init__(self, server: str, token: str | None, *, timeout: float = 30.0) -> None:
+        self.server = server.rstrip("/")
+        self.token = token if token else discover_local_token(self.server)
+        headers = {"User-Agent": "r3e-tee-cli"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        self._http = httpx.Client(
+            base_url=self.server, headers=headers, timeout=httpx.Timeout(timeout, connect=5.0)
+        )
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        url = f"{self.server}{path}"
+        try:
+            resp = self._http.request(method, path, **kwargs)
+        except httpx.ConnectError as exc:
+            raise ConnectionFailed(
+                f"cannot connect to {url}: {_reason(exc)}",
+                hint="is the service running? start one with `make run`, or point --server / "
+                "R3E_TEE_URL at it",
+            ) from None
+        except httpx.TimeoutException:
+            raise ConnectionFailed(
+                f"{url} did not answer in time", hint="check the service's health with /healthz"
+            ) from None
+        except httpx.HTTPError as exc:
+            raise ConnectionFailed(f"request to {url} failed: {_reason(exc)}") from None
+        if resp.status_code >= 400:
+            try:
+                body = resp.json()
+            except ValueError:
+                body = {"message": resp.text[:200] or f"HTTP {resp.status_code}"}
+            if not isinstance(body, dict):
+                body = {"message": str(body)}
+            if resp.status_code == 401 and not self.token:
+                body.setdefault(
+                    "hint",
+                    "no token: pass --token or set R3E_TEE_TOKEN (a local --dev service's token is "
+                    "found automatically)",
+                )
+            raise ApiError(resp.status_code, body, url)
+        if resp.status_code == 204 or not resp.content:
+            return None
+        ctype = resp.headers.get("content-type", "")
+        return resp.json() if "json" in ctype else resp.text
+
+    def get(self, path: str, **kwargs: Any) -> Any:
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path: str, **kwargs: Any) -> Any:
+        return self.request("POST", path, **kwargs)
+
+    def delete(self, path: str, **kwargs: Any) -> Any:
+        return self.request("DELETE", path, **kwargs)
+
+    def close(self) -> None:
+        self._http.close()
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc)
+    if "Connection refused" in text or "[Errno 111]" in text:
+        return "connection refused (nothing listens there)"
+    if "Name or service not known" in text or "nodename nor servname" in text:
+        return "unknown host name"
+    return text or type(exc).__name__

@@ -1,0 +1,53 @@
+"""Table or JSON output, and uniform error reporting with exit codes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from r3e_tee.errors import R3ETeeError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+@dataclass
+class CliState:
+    server: str
+    token: str | None
+    output: str  # "table" | "json"
+
+    @property
+    def json(self) -> bool:
+        return self.output == "json"
+
+
+def print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def print_table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    table = Table(title=title, show_lines=False)
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*("" if v is None else str(v) for v in row))
+    console.print(table)
+
+
+def report_error(exc: R3ETeeError, *, as_json: bool) -> int:
+    if as_json:
+        print_json(exc.to_dict())
+    else:
+        # soft_wrap: an error line stays one line, so it can be grepped and copied whole
+        err_console.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False, soft_wrap=True)
+        if exc.hint:
+            err_console.print(f"[yellow]fix:[/] {escape(exc.hint)}", highlight=False, soft_wrap=True)
+    return exc.exit_code
