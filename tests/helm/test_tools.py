@@ -11,7 +11,6 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-
 from tests.helm.conftest import PINNED_HELM, REPO
 
 
