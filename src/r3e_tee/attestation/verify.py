@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
+from pathlib import Path, PurePath
 from typing import Any
 
 from r3e_tee.attestation.ias import IasVerifier
@@ -185,6 +186,11 @@ class Verifier:
             return self.ias.verify(decoded.data, at=at, trust_root=anchor)
         if collateral is None and self.collateral_provider is not None:
             collateral = self.collateral_provider(kind, decoded.data)
+        if isinstance(collateral, PurePath) and kind != EvidenceKind.SEV_SNP:
+            try:
+                collateral = Path(collateral).read_bytes()
+            except OSError as exc:
+                raise CollateralError(f"cannot read collateral {collateral}: {exc.strerror}") from None
         if kind == EvidenceKind.SEV_SNP:
             return self.snp.verify(decoded.data, collateral, at=at, trust_root=anchor)
         if collateral is None:
