@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Build the Nitro Enclave image file (EIF) of the R3E enclave runtime and record its measurements.
+#
+#   deploy/nitro/build-eif.sh [TAG]
+#
+# Needs docker and nitro-cli with its blobs (/usr/share/nitro_enclaves/blobs): an EC2 instance with
+# the aws-nitro-enclaves-cli package, or any Linux host with nitro-cli installed. Writes
+#   deploy/nitro/out/r3e-tee-runtime.eif   copied into the nitro image (deploy/Dockerfile --target nitro)
+#   deploy/nitro/out/measurements.json     PCR0, PCR1, PCR2: the reference values for the attestation policy
+set -euo pipefail
+
+cd "$(dirname "$0")/../.."
+tag="${1:-$(python3 -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')}"
+out=deploy/nitro/out
+
+for tool in docker nitro-cli; do
+    command -v "$tool" >/dev/null || { echo "build-eif: $tool not found" >&2; exit 1; }
+done
+
+docker build -f deploy/Dockerfile --target runtime -t "r3e-tee:${tag}" .
+docker build -f deploy/nitro/enclave.Dockerfile --build-arg "BASE=r3e-tee:${tag}" -t "r3e-tee-enclave:${tag}" .
+
+mkdir -p "$out"
+nitro-cli build-enclave --docker-uri "r3e-tee-enclave:${tag}" --output-file "$out/r3e-tee-runtime.eif" \
+    > "$out/measurements.json"
+echo "EIF: $out/r3e-tee-runtime.eif"
+cat "$out/measurements.json"

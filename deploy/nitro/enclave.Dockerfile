@@ -1,0 +1,13 @@
+# The image that runs INSIDE a Nitro Enclave: the R3E enclave runtime on its own, no network, no
+# disk; it talks to its worker over vsock and gets evidence from /dev/nsm. nitro-cli turns it into
+# an EIF (deploy/nitro/build-eif.sh), whose PCR0-PCR2 are the reference values of the attestation
+# policy. Any change here changes PCR0: rebuild, and publish the new measurements.
+ARG BASE=r3e-tee:0.1.0
+FROM ${BASE}
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PYTHONHASHSEED=0
+USER 10001:10001
+ENTRYPOINT ["python", "-m", "r3e_tee.runtime"]
+# no HTTP endpoint inside an enclave: its worker reports its health
+HEALTHCHECK NONE
