@@ -129,6 +129,14 @@ def test_guide_worker_placement_and_limits(
     ]
     limits = container["resources"]["limits"]
     assert (limits["cpu"], limits["memory"], limits[device[0]]) == (2, "4Gi", device[1])
+    # r3e-tee-cli doctor in the worker reads the node label it was scheduled by from /etc/podinfo
+    labels = worker["spec"]["template"]["metadata"]["labels"]
+    assert {k: labels[k] for k in selector} == selector
+    podinfo = next(v for v in pod["volumes"] if v["name"] == "podinfo")
+    assert podinfo["downwardAPI"]["items"] == [
+        {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}
+    ]
+    assert {"name": "podinfo", "mountPath": "/etc/podinfo", "readOnly": True} in container["volumeMounts"]
 
 
 def test_worker_limits_are_overridable(render: Any) -> None:
