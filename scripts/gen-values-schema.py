@@ -89,6 +89,8 @@ K8S_NAME = string("a DNS-1123 name", pattern=DNS1123_SUBDOMAIN_RE, maxLength=253
 SECRET_NAME_OR_EMPTY = {"type": "string", "anyOf": [{"const": ""}, {"pattern": DNS1123_SUBDOMAIN_RE}]}
 SECRET_KEY = string("a key of the Secret", pattern=r"^[-._a-zA-Z0-9]+$", maxLength=253)
 URL = string("an http(s):// URL", pattern=r"^https?://[^\s]+$")
+ABSOLUTE_PATH = string("an absolute path", pattern=r"^/")
+ABSOLUTE_PATH_OR_EMPTY = {"type": "string", "anyOf": [{"const": ""}, ABSOLUTE_PATH]}
 LABELS = mapping(string(maxLength=63), description="Kubernetes labels")
 # labels the chart sets itself (selectors included): user labels may not repeat them
 RESERVED_LABELS = [
@@ -281,11 +283,15 @@ def values_schema() -> dict:
                     "sgx": provider(
                         {
                             "attestation": obj({"service": URL, "apiKeySecret": SECRET_REF}),
-                            "aesmd": obj({"enabled": BOOL, "hostPath": string(pattern=r"^/")}),
+                            "aesmd": obj({"enabled": BOOL, "hostPath": ABSOLUTE_PATH}),
+                            "qcnlConfigHostPath": ABSOLUTE_PATH_OR_EMPTY,
                         }
                     ),
                     "nitro": provider(
-                        {"attestation": obj({"service": string(pattern=r"^(https?|vsock)://[^\s]+$")})}
+                        {
+                            "attestation": obj({"service": string(pattern=r"^(https?|vsock)://[^\s]+$")}),
+                            "allocatorConfigHostPath": ABSOLUTE_PATH_OR_EMPTY,
+                        }
                     ),
                     "simulation": provider({}),
                 },
