@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.utils import CryptographyDeprecationWarning
 
 from r3e_tee.errors import EvidenceFormatError, Reason, VerificationError
+from r3e_tee.evidence.encoding import CERT_PARSE_ERRORS, load_der_certificate
 
 __all__ = [
     "AMD_ARKS",
@@ -387,18 +388,8 @@ class LruCache(Generic[K, V]):
 
 
 def load_certificate(data: bytes, *, field: str, offset: int | None = None) -> x509.Certificate:
-    """Parse one DER or PEM certificate; unparseable bytes are a format error naming ``field``."""
-    with warnings.catch_warnings():
-        # AMD VCEKs carry serial 0, which cryptography warns about but still parses
-        warnings.simplefilter("ignore", CryptographyDeprecationWarning)
-        try:
-            if data.lstrip().startswith(b"-----BEGIN"):
-                return x509.load_pem_x509_certificate(data)
-            return x509.load_der_x509_certificate(data)
-        except ValueError as exc:
-            raise EvidenceFormatError(
-                f"not a valid X.509 certificate ({exc})", field=field, offset=offset
-            ) from None
+    """Parse one DER or PEM certificate completely; failures are format errors naming ``field``."""
+    return load_der_certificate(data, field=field, offset=offset)
 
 
 def load_certificates(data: bytes, *, field: str) -> list[x509.Certificate]:
@@ -408,9 +399,11 @@ def load_certificates(data: bytes, *, field: str) -> list[x509.Certificate]:
             warnings.simplefilter("ignore", CryptographyDeprecationWarning)
             try:
                 certs = x509.load_pem_x509_certificates(data)
-            except ValueError as exc:
+            except CERT_PARSE_ERRORS as exc:
                 raise EvidenceFormatError(f"bad PEM certificate bundle ({exc})", field=field) from None
-        return certs
+        return [
+            load_certificate(c.public_bytes(Encoding.DER), field=f"{field}[{i}]") for i, c in enumerate(certs)
+        ]
     return [load_certificate(data, field=field)]
 
 
@@ -538,6 +531,7 @@ def _subject(cert: x509.Certificate) -> str:
     return cert.subject.rfc4514_string()
 
 
+_LINK_ERRORS: tuple[type[Exception], ...] = (InvalidSignature, *CERT_PARSE_ERRORS)
 _KNOWN_CRITICAL = {
     x509.oid.ExtensionOID.BASIC_CONSTRAINTS,
     x509.oid.ExtensionOID.KEY_USAGE,
@@ -597,7 +591,7 @@ def validate_chain(
             )
         try:
             child.verify_directly_issued_by(parent)
-        except (InvalidSignature, ValueError, TypeError) as exc:
+        except _LINK_ERRORS as exc:
             raise VerificationError(
                 Reason.BAD_CHAIN,
                 f"signature of {_subject(child)} does not verify with the key of {_subject(parent)}"

@@ -133,9 +133,9 @@ class CborReader:
             except UnicodeDecodeError as exc:
                 raise self.error(f"text is not valid UTF-8 ({exc.reason})", name, start) from None
         if major == 4:
-            return self._read_array(arg, name, depth)
+            return self._read_array(arg, name, depth, start)
         if major == 5:
-            return self._read_map(arg, name, depth)
+            return self._read_map(arg, name, depth, start)
         if major == 6:
             assert arg is not None
             return CborTag(arg, self.read_value(f"{name}<tag {arg}>", depth + 1))
@@ -175,12 +175,12 @@ class CborReader:
                 )
             chunks.append(self._take(carg, name))
 
-    def _read_array(self, arg: int | None, name: str, depth: int) -> list[Any]:
+    def _read_array(self, arg: int | None, name: str, depth: int, start: int) -> list[Any]:
         out: list[Any] = []
         if arg is not None:
             # each item needs at least one byte: refuse absurd counts before looping
             if arg > len(self.data) - self.pos:
-                raise self.error(f"array of {arg} items cannot fit in the remaining bytes", name)
+                raise self.error(f"array of {arg} items cannot fit in the remaining bytes", name, start)
             for i in range(arg):
                 self.offsets[f"{name}[{i}]"] = self.base_offset + self.pos
                 out.append(self.read_value(f"{name}[{i}]", depth + 1))
@@ -194,10 +194,10 @@ class CborReader:
             self.offsets[f"{name}[{len(out)}]"] = self.base_offset + self.pos
             out.append(self.read_value(f"{name}[{len(out)}]", depth + 1))
 
-    def _read_map(self, arg: int | None, name: str, depth: int) -> dict[Any, Any]:
+    def _read_map(self, arg: int | None, name: str, depth: int, start: int) -> dict[Any, Any]:
         out: dict[Any, Any] = {}
         if arg is not None and 2 * arg > len(self.data) - self.pos:
-            raise self.error(f"map of {arg} entries cannot fit in the remaining bytes", name)
+            raise self.error(f"map of {arg} entries cannot fit in the remaining bytes", name, start)
         i = 0
         while True:
             if arg is None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -27,6 +28,7 @@ from cryptography.x509.oid import NameOID
 from r3e_tee.errors import EvidenceFormatError
 
 __all__ = [
+    "CERT_PARSE_ERRORS",
     "KINDS",
     "RA_TLS_REPORT_OID",
     "DecodedEvidence",
@@ -36,6 +38,7 @@ __all__ = [
     "der_truncation_offset",
     "detect_binary_kind",
     "issue_certificate",
+    "load_der_certificate",
 ]
 
 # evidence kinds (same strings as r3e_tee.attestation.result.EvidenceKind values)
@@ -127,17 +130,43 @@ def _scale_compact(data: bytes, at: int) -> tuple[int, int]:
     return int.from_bytes(data[at : at + size], "little") >> 2, size
 
 
-def _load_der_cert(data: bytes) -> x509.Certificate:
+# everything cryptography raises for certificates that do not parse (some lazily, on access)
+CERT_PARSE_ERRORS: tuple[type[Exception], ...] = (
+    ValueError,
+    TypeError,
+    x509.InvalidVersion,
+    x509.DuplicateExtension,
+    UnsupportedAlgorithm,
+)
+
+
+def load_der_certificate(data: bytes, *, field: str = "x509", offset: int | None = None) -> x509.Certificate:
+    """Parse a DER (or PEM) certificate completely, so no lazy parse error surfaces later.
+
+    Names, extensions and the public key are decoded here; any failure is an
+    ``EvidenceFormatError`` naming ``field``.
+    """
     with warnings.catch_warnings():
+        # AMD VCEKs carry serial 0, which cryptography warns about but still parses
         warnings.simplefilter("ignore", CryptographyDeprecationWarning)
         try:
-            return x509.load_der_x509_certificate(data)
-        except ValueError as exc:
+            if data.lstrip().startswith(b"-----BEGIN"):
+                cert = x509.load_pem_x509_certificate(data)
+            else:
+                cert = x509.load_der_x509_certificate(data)
+            _ = (cert.subject, cert.issuer, cert.extensions, cert.public_key())
+            _ = (cert.not_valid_before_utc, cert.not_valid_after_utc)
+        except CERT_PARSE_ERRORS as exc:
             raise EvidenceFormatError(
-                f"not a parseable DER X.509 certificate ({exc})",
-                field="x509",
-                offset=der_truncation_offset(data),
+                f"not a parseable X.509 certificate ({exc})",
+                field=field,
+                offset=der_truncation_offset(data) if offset is None else offset,
             ) from None
+    return cert
+
+
+def _load_der_cert(data: bytes) -> x509.Certificate:
+    return load_der_certificate(data, field="x509")
 
 
 def der_truncation_offset(data: bytes) -> int | None:

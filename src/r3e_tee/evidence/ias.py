@@ -31,14 +31,21 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.utils import CryptographyDeprecationWarning
 
 from r3e_tee.errors import EvidenceFormatError
-from r3e_tee.evidence.encoding import RA_TLS_REPORT_OID, der_truncation_offset, issue_certificate
+from r3e_tee.evidence.encoding import (
+    CERT_PARSE_ERRORS,
+    RA_TLS_REPORT_OID,
+    issue_certificate,
+    load_der_certificate,
+)
 
 __all__ = [
     "ACCEPTABLE_QUOTE_STATUSES",
     "QUOTE_STATUSES",
+    "IasPki",
     "IasQuoteBody",
     "IasReport",
     "build_ias_json",
+    "build_ias_pki",
     "build_ias_report",
     "build_quote_body",
     "build_ra_tls_cert",
@@ -226,7 +233,7 @@ def _signing_chain(certs: bytes | str | Sequence[bytes]) -> tuple[bytes, ...]:
                 warnings.simplefilter("ignore", CryptographyDeprecationWarning)
                 try:
                     parsed = x509.load_pem_x509_certificates(text)
-                except ValueError as exc:
+                except CERT_PARSE_ERRORS as exc:
                     raise EvidenceFormatError(
                         f"signing certificate chain is not valid PEM ({exc})", field="ias.signing_cert"
                     ) from None
@@ -375,16 +382,7 @@ def _from_json_container(doc: Any, container: str) -> IasReport:
 
 def parse_ra_tls_cert(der: bytes) -> IasReport:
     """Extract and parse the IAS report an RA-TLS certificate carries (cert is not verified)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", CryptographyDeprecationWarning)
-        try:
-            cert = x509.load_der_x509_certificate(bytes(der))
-        except ValueError as exc:
-            raise EvidenceFormatError(
-                f"RA-TLS certificate does not parse ({exc})",
-                field="ias.ra_tls_cert",
-                offset=der_truncation_offset(bytes(der)),
-            ) from None
+    cert = load_der_certificate(bytes(der), field="ias.ra_tls_cert")
     try:
         ext = cert.extensions.get_extension_for_oid(RA_TLS_REPORT_OID).value
     except x509.ExtensionNotFound:
@@ -393,8 +391,6 @@ def parse_ra_tls_cert(der: bytes) -> IasReport:
             field="ias.ra_tls_cert.extensions",
             offset=0,
         ) from None
-    except ValueError as exc:  # a known extension OID with an unparseable value
-        raise EvidenceFormatError(f"bad extension ({exc})", field="ias.ra_tls_cert.extensions") from None
     raw = ext.value if isinstance(ext, x509.UnrecognizedExtension) else b""
     raw = _unwrap_der_string(raw)
     spki = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
@@ -555,3 +551,57 @@ def build_ra_tls_cert(
         hash_alg=hashes.SHA256(),
     )
     return cert.public_bytes(Encoding.DER)
+
+
+@dataclass(frozen=True)
+class IasPki:
+    """A Report Signing CA and its RSA report signing certificate (IAS-shaped, for tests)."""
+
+    ca: x509.Certificate
+    ca_key: rsa.RSAPrivateKey = field(repr=False)
+    signing_cert: x509.Certificate
+    signing_key: rsa.RSAPrivateKey = field(repr=False)
+
+    @property
+    def signing_der(self) -> bytes:
+        return self.signing_cert.public_bytes(Encoding.DER)
+
+    def report(self, quote_body: bytes, *, timestamp: datetime, **kw: Any) -> tuple[bytes, bytes]:
+        return build_ias_report(
+            quote_body=quote_body, signing_key=self.signing_key, timestamp=timestamp, **kw
+        )
+
+
+def build_ias_pki(
+    *,
+    not_before: datetime,
+    not_after: datetime,
+    signing_not_before: datetime | None = None,
+    signing_not_after: datetime | None = None,
+    rsa_bits: int = 2048,
+) -> IasPki:
+    """RSA CA and signing certificate (SHA-256), 2048-bit by default to keep tests fast."""
+    ca_key = rsa.generate_private_key(public_exponent=65537, key_size=rsa_bits)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=rsa_bits)
+    ca = issue_certificate(
+        "R3E Test Attestation Report Signing CA",
+        ca_key.public_key(),
+        issuer=None,
+        issuer_key=ca_key,
+        not_before=not_before,
+        not_after=not_after,
+        ca=True,
+        path_length=0,
+        hash_alg=hashes.SHA256(),
+    )
+    cert = issue_certificate(
+        "R3E Test Attestation Report Signing",
+        key.public_key(),
+        issuer=ca,
+        issuer_key=ca_key,
+        not_before=signing_not_before or not_before,
+        not_after=signing_not_after or not_after,
+        ca=False,
+        hash_alg=hashes.SHA256(),
+    )
+    return IasPki(ca=ca, ca_key=ca_key, signing_cert=cert, signing_key=key)

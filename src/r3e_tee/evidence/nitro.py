@@ -16,16 +16,21 @@ from types import MappingProxyType
 from typing import Any
 
 import cbor2
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from r3e_tee.errors import EvidenceFormatError
 from r3e_tee.evidence.cbor import CborReader
 from r3e_tee.evidence.cose import ALG_ES384, CoseSign1, parse_cose_sign1, sign1
+from r3e_tee.evidence.encoding import issue_certificate
 
 __all__ = [
     "DEBUG_CLAIM_PCRS",
     "NitroDocument",
+    "NitroPki",
     "build_nitro_document",
+    "build_nitro_pki",
     "parse_nitro_document",
 ]
 
@@ -220,3 +225,74 @@ def build_nitro_document(
         if value is not None or include_nulls:
             payload[key] = value
     return sign1(cbor2.dumps(payload), signing_key, alg=ALG_ES384, tagged=tagged)
+
+
+@dataclass(frozen=True)
+class NitroPki:
+    """A Nitro-shaped hierarchy: root -> regional CA -> leaf (the NSM's per-document key).
+
+    ``cabundle`` is root first, as NSM emits it; ``root`` is the anchor a verifier pins.
+    """
+
+    root: x509.Certificate
+    root_key: ec.EllipticCurvePrivateKey = field(repr=False)
+    intermediates: tuple[x509.Certificate, ...]
+    leaf: x509.Certificate
+    leaf_key: ec.EllipticCurvePrivateKey = field(repr=False)
+
+    @property
+    def cabundle(self) -> list[bytes]:
+        return [c.public_bytes(Encoding.DER) for c in (self.root, *self.intermediates)]
+
+    @property
+    def certificate(self) -> bytes:
+        return self.leaf.public_bytes(Encoding.DER)
+
+    def document(self, **fields: Any) -> bytes:
+        """``build_nitro_document`` signed by this PKI's leaf (other fields passed through)."""
+        return build_nitro_document(
+            signing_key=self.leaf_key, certificate=self.certificate, cabundle=self.cabundle, **fields
+        )
+
+
+def build_nitro_pki(
+    *,
+    not_before: datetime,
+    not_after: datetime,
+    leaf_not_before: datetime | None = None,
+    leaf_not_after: datetime | None = None,
+    root_name: str = "R3E simulated nitro-enclaves",
+) -> NitroPki:
+    """P-384/SHA-384 certificates with the CA constraints AWS uses (leaf: digitalSignature)."""
+    root_key = ec.generate_private_key(ec.SECP384R1())
+    mid_key = ec.generate_private_key(ec.SECP384R1())
+    leaf_key = ec.generate_private_key(ec.SECP384R1())
+    root = issue_certificate(
+        root_name,
+        root_key.public_key(),
+        issuer=None,
+        issuer_key=root_key,
+        not_before=not_before,
+        not_after=not_after,
+        ca=True,
+    )
+    mid = issue_certificate(
+        f"{root_name} regional",
+        mid_key.public_key(),
+        issuer=root,
+        issuer_key=root_key,
+        not_before=not_before,
+        not_after=not_after,
+        ca=True,
+        path_length=0,
+    )
+    leaf = issue_certificate(
+        "i-0123456789abcdef0-enc0123456789abcdef",
+        leaf_key.public_key(),
+        issuer=mid,
+        issuer_key=mid_key,
+        not_before=leaf_not_before or not_before,
+        not_after=leaf_not_after or not_after,
+        ca=False,
+    )
+    return NitroPki(root=root, root_key=root_key, intermediates=(mid,), leaf=leaf, leaf_key=leaf_key)
