@@ -71,7 +71,13 @@ from r3e_tee.evidence.sgx_quote import (
     TdReport,
     parse_quote,
 )
-from r3e_tee.evidence.x509_ext import SGX_EXTENSION_OID, PckExtension, parse_pck_extension, pem_chain_to_der
+from r3e_tee.evidence.x509_ext import (
+    SGX_EXTENSION_OID,
+    PckExtension,
+    der_header,
+    parse_pck_extension,
+    pem_chain_to_der,
+)
 
 __all__ = ["DcapVerifier", "VerificationCache", "converge_status", "verify_dcap"]
 
@@ -136,6 +142,8 @@ class VerificationCache:
 
 # --- verified pieces ---------------------------------------------------------------------------
 
+_OID_ECDSA_SHA256 = bytes.fromhex("2a8648ce3d040302")
+
 
 @dataclass(frozen=True, slots=True)
 class _Window:
@@ -146,25 +154,63 @@ class _Window:
 
 
 @dataclass(frozen=True, slots=True)
+class _Cert:
+    """A parsed certificate plus the raw DER pieces signature checks need (sliced, not re-encoded)."""
+
+    der: bytes
+    cert: x509.Certificate
+    tbs: bytes
+    sig_alg: bytes
+    signature: bytes
+    issuer: bytes
+    subject: bytes
+    spki: bytes
+    key: Any
+
+    def label(self) -> str:
+        return self.cert.subject.rfc4514_string()
+
+
+@dataclass(frozen=True, slots=True)
 class _Chain:
     """A chain verified up to the pinned key: certs below the root, leaf first."""
 
-    certs: tuple[x509.Certificate, ...]
-    ders: tuple[bytes, ...]
+    certs: tuple[_Cert, ...]
     windows: tuple[_Window, ...]
-    leaf_key: ec.EllipticCurvePublicKey
 
     @property
-    def leaf(self) -> x509.Certificate:
+    def leaf(self) -> _Cert:
         return self.certs[0]
 
 
 @dataclass(frozen=True, slots=True)
 class _Crl:
+    der: bytes
     crl: x509.CertificateRevocationList
-    issuer: x509.Name
+    tbs: bytes
+    sig_alg: bytes
+    signature: bytes
+    issuer: bytes
     window: _Window
-    revoked: frozenset[int]
+
+    def revokes(self, serial: int) -> bool:
+        return self.crl.get_revoked_certificate_by_serial_number(serial) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class _Context:
+    """Everything fixed by (collateral bytes, PCK chain bytes, root): verified once, reused."""
+
+    pck: _Chain
+    pck_ext: PckExtension
+    pck_ca_kind: str
+    tcb_info: TcbInfo
+    tcb_levels: tuple[TcbLevel, ...]  # Intel's order: highest first
+    qe_identity: EnclaveIdentity
+    qe_levels: tuple[IsvSvnLevel, ...]
+    windows: tuple[_Window, ...]
+    valid_until: datetime
+    revoked: tuple[str, str, str] | None  # (what, crl name, serial hex) of the first revoked cert
 
 
 def _spki(key: Any) -> bytes:
@@ -185,23 +231,92 @@ def _ecdsa_ok(key: Any, signature: bytes, data: bytes) -> bool:
     return True
 
 
-def _hex(b: bytes) -> str:
-    return b.hex()
-
-
-def _utc(at: datetime) -> datetime:
-    if not isinstance(at, datetime) or at.tzinfo is None:
-        raise InvalidRequestError("verification time must be a timezone-aware datetime")
-    return at.astimezone(UTC)
-
-
-def _load_collateral(collateral: CollateralInput) -> QuoteCollateral:
-    if isinstance(collateral, QuoteCollateral):
-        return collateral
+def _der_sig_ok(key: Any, der_sig: bytes, data: bytes) -> bool:
+    """Verify an X.509-style (DER) ECDSA-SHA256 signature with any EC key; other keys fail."""
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        return False
     try:
-        return QuoteCollateral.from_json(collateral)
-    except EvidenceFormatError as exc:
-        raise CollateralError(f"unusable DCAP collateral: {exc.message}") from None
+        key.verify(der_sig, data, _ECDSA_SHA256)
+    except InvalidSignature:
+        return False
+    return True
+
+
+def _signed_parts(der: bytes, what: str) -> tuple[bytes, bytes, bytes, int, int]:
+    """Slice an X.509 certificate or CRL: (to-be-signed TLV, signature algorithm OID content,
+    DER signature, start and end of the TBS value), so signatures are checked over exact bytes."""
+    n = len(der)
+    tag, s, e = der_header(der, 0, n, what)
+    if tag != 0x30 or e != n:
+        raise EvidenceFormatError("not a single DER SEQUENCE", field=what, offset=0)
+    t_tbs, ts, te = der_header(der, s, e, what)
+    t_alg, as_, ae = der_header(der, te, e, what)
+    t_oid, os_, oe = der_header(der, as_, ae, what)
+    t_sig, bs, be = der_header(der, ae, e, what)
+    if (
+        t_tbs != 0x30
+        or t_alg != 0x30
+        or t_oid != 0x06
+        or t_sig != 0x03
+        or be != e
+        or bs == be
+        or der[bs] != 0
+    ):
+        raise EvidenceFormatError("not a signed X.509 structure", field=what, offset=0)
+    return der[s:te], der[os_:oe], der[bs + 1 : be], ts, te
+
+
+def _tbs_fields(
+    der: bytes, start: int, end: int, count: int, *, version_tag: int, what: str
+) -> list[tuple[int, int]]:
+    """TLV spans (offset, end) of the first ``count`` TBS fields after the optional version
+    (tag ``version_tag``: [0] EXPLICIT in certificates, INTEGER in CRLs)."""
+    spans: list[tuple[int, int]] = []
+    pos = start
+    while len(spans) < count:
+        tag, _s, e = der_header(der, pos, end, what)
+        if pos != start or tag != version_tag:
+            spans.append((pos, e))
+        pos = e
+    return spans
+
+
+def _load_cert(der: bytes, what: str) -> _Cert:
+    tbs, alg, sig, ts, te = _signed_parts(der, what)
+    # serial, signature, issuer, validity, subject, subjectPublicKeyInfo
+    f = _tbs_fields(der, ts, te, 6, version_tag=0xA0, what=what)
+    cert = x509.load_der_x509_certificate(der)
+    return _Cert(
+        der=der,
+        cert=cert,
+        tbs=tbs,
+        sig_alg=alg,
+        signature=sig,
+        issuer=der[f[2][0] : f[2][1]],
+        subject=der[f[4][0] : f[4][1]],
+        spki=der[f[5][0] : f[5][1]],
+        key=cert.public_key(),
+    )
+
+
+def _load_crl(der: bytes, what: str) -> _Crl:
+    try:
+        tbs, alg, sig, ts, te = _signed_parts(der, what)
+        f = _tbs_fields(der, ts, te, 2, version_tag=0x02, what=what)  # signature, issuer
+        crl = x509.load_der_x509_crl(der)
+        this_update = crl.last_update_utc
+        next_update = crl.next_update_utc
+    except (ValueError, EvidenceFormatError) as exc:
+        raise CollateralError(f"{what} does not parse: {exc}") from None
+    if next_update is None:
+        raise CollateralError(f"{what} has no nextUpdate")
+    return _Crl(
+        der, crl, tbs, alg, sig, der[f[1][0] : f[1][1]], _Window(what, this_update, next_update, False)
+    )
+
+
+def _level_order(level: TcbLevel) -> tuple[tuple[int, ...], int, tuple[int, ...]]:
+    return (level.sgx_components, level.pce_svn, level.tdx_components or ())
 
 
 # --- the verifier ------------------------------------------------------------------------------
@@ -224,7 +339,17 @@ class DcapVerifier:
         self.trust_root = TrustRoot.load(trust_root) if trust_root is not None else intel_sgx_root()
         self.cache = cache if cache is not None else VerificationCache()
         self.simulated = simulated
-        self._anchor_key = self.trust_root.public_key
+        self._anchor = _Cert(
+            der=self.trust_root.der,
+            cert=self.trust_root.certificate,
+            tbs=b"",
+            sig_alg=b"",
+            signature=b"",
+            issuer=b"",
+            subject=self.trust_root.subject_der,
+            spki=self.trust_root.spki,
+            key=self.trust_root.public_key,
+        )
         self._anchor_window = _Window(
             "trust root certificate", self.trust_root.not_before, self.trust_root.not_after, True
         )
@@ -243,12 +368,12 @@ class DcapVerifier:
             q = parse_quote(raw)
         if q.header.qe_vendor_id != INTEL_QE_VENDOR_ID:
             raise EvidenceFormatError(
-                f"QE vendor {q.header.qe_vendor_id.hex()} is not Intel's", field="header.qe_vendor_id", offset=12
+                f"QE vendor {q.header.qe_vendor_id.hex()} is not Intel's",
+                field="header.qe_vendor_id",
+                offset=12,
             )
         coll = _load_collateral(collateral)
         sd = q.signature_data
-
-        # 2. chains
         pck_pem = q.pck_chain_pem
         if pck_pem is None:
             if not coll.pck_certificate_chain:
@@ -257,54 +382,18 @@ class DcapVerifier:
                     " the collateral must supply pck_certificate_chain"
                 )
             pck_pem = coll.pck_certificate_chain.encode()
-        pck = self._chain(pck_pem, "PCK", 1, in_quote=True)
-        tcb_chain = self._chain(coll.tcb_info_issuer_chain.encode(), "TCB Info signing", 0)
-        qe_chain = self._chain(coll.qe_identity_issuer_chain.encode(), "QE Identity signing", 0)
-        crl_chain = self._chain(coll.pck_crl_issuer_chain.encode(), "PCK CRL issuer", 0)
-        pck_ca = pck.certs[1]
 
-        # 3. CRLs
-        root_crl = self._crl(coll.root_ca_crl, "Root CA CRL")
-        if root_crl.issuer != self.trust_root.certificate.subject:
-            raise VerificationError(
-                Reason.BAD_CHAIN,
-                "the Root CA CRL is not issued by the pinned root",
-                check="root-ca-crl.issuer",
-                observed=root_crl.issuer.rfc4514_string(),
-                expected=self.trust_root.certificate.subject.rfc4514_string(),
-            )
-        self._crl_signature(coll.root_ca_crl, root_crl, self._anchor_key, self.trust_root.spki, "root-ca-crl")
-        pck_crl = self._crl(coll.pck_crl, "PCK CRL")
-        if pck_crl.issuer != pck_ca.subject:
-            raise VerificationError(
-                Reason.BAD_CHAIN,
-                "the PCK CRL is not issued by the CA that issued the PCK certificate",
-                check="pck-crl.issuer",
-                observed=pck_crl.issuer.rfc4514_string(),
-                expected=pck_ca.subject.rfc4514_string(),
-            )
-        if crl_chain.ders[0] != pck.ders[1]:
-            raise VerificationError(
-                Reason.BAD_CHAIN,
-                "the PCK CRL issuer chain does not name the PCK's issuer CA",
-                check="pck-crl-issuer-chain",
-                observed=crl_chain.leaf.subject.rfc4514_string(),
-                expected=pck_ca.subject.rfc4514_string(),
-            )
-        self._crl_signature(coll.pck_crl, pck_crl, pck_ca.public_key(), _spki(pck_ca.public_key()), "pck-crl")
-
-        # 4. signed collateral
-        tcb_info = self._signed_doc(
-            "tcb-info", coll.tcb_info, coll.tcb_info_signature, tcb_chain, parse_tcb_info
-        )
-        qe_id = self._signed_doc(
-            "qe-identity", coll.qe_identity, coll.qe_identity_signature, qe_chain, parse_enclave_identity
-        )
+        # 2-4: chains, CRLs, signed collateral (fixed by the bytes: verified once per bundle + PCK)
+        ctx_key = ("ctx", coll.digest, pck_pem, self.trust_root.spki)
+        ctx: _Context = self.cache.get_or_compute(ctx_key, lambda: self._context(coll, pck_pem))
 
         # 5. QE report
         qe = sd.qe_report
-        key = ("qe-report", qe.raw, sd.qe_report_signature, pck.ders[0])
-        self.cache.get_or_compute(key, lambda: self._check_qe_signature(qe.raw, sd.qe_report_signature, pck))
+        pck_leaf = ctx.pck.leaf
+        self.cache.get_or_compute(
+            ("qe-report", qe.raw, sd.qe_report_signature, pck_leaf.der),
+            lambda: _check_qe_signature(qe.raw, sd.qe_report_signature, pck_leaf.key),
+        )
         expected_rd = hashlib.sha256(sd.attestation_key + sd.qe_auth_data).digest() + bytes(32)
         if qe.report_data != expected_rd:
             raise VerificationError(
@@ -314,10 +403,12 @@ class DcapVerifier:
                 observed=qe.report_data[:32].hex(),
                 expected=expected_rd[:32].hex(),
             )
-        qe_status = self._qe_identity(qe, qe_id, q.is_tdx)
+        qe_level = _qe_identity(qe, ctx.qe_identity, ctx.qe_levels, q.is_tdx)
 
-        # 6. quote signature (every time: its bytes differ per quote)
-        ak = self.cache.get_or_compute(("att-key", sd.attestation_key), lambda: _attestation_key(sd.attestation_key))
+        # 6. quote signature: every time, its bytes differ per quote
+        ak = self.cache.get_or_compute(
+            ("att-key", sd.attestation_key), lambda: _attestation_key(sd.attestation_key)
+        )
         if not _ecdsa_ok(ak, sd.signature, q.signed_region):
             raise VerificationError(
                 Reason.BAD_SIGNATURE,
@@ -325,8 +416,106 @@ class DcapVerifier:
                 check="quote.signature",
             )
 
-        # 7. time
-        windows: list[_Window] = [
+        # 7. every validity window against `at`: never cached
+        _check_windows(ctx.windows, at)
+
+        # 8. revocation (a fact of the bytes, reported after the time checks)
+        if ctx.revoked is not None:
+            what, crl_name, serial = ctx.revoked
+            raise VerificationError(
+                Reason.REVOKED,
+                f"the {what} is on the {crl_name}",
+                check="revocation",
+                observed=f"serial {serial}",
+            )
+
+        # 9-10. TCB level, QE and TDX module status
+        body = q.body
+        tdx_key = (
+            body.tee_tcb_svn + body.mr_signer_seam + body.seam_attributes
+            if isinstance(body, TdReport)
+            else b""
+        )
+        status, advisories, tcb_details = self.cache.get_or_compute(
+            ("tcb", ctx_key, q.is_tdx, tdx_key, qe.isv_svn), lambda: _tcb_status(q, ctx, qe_level)
+        )
+        if status == "Revoked":
+            raise VerificationError(
+                Reason.REVOKED,
+                "the platform TCB (converged with QE and TDX module status) is revoked",
+                check="tcb-status",
+                observed=status,
+            )
+
+        claims, details = _claims(body, ctx.pck_ext.fmspc)
+        details.update(tcb_details)
+        details.update(
+            {
+                "quote_version": q.header.version,
+                "tee": "tdx" if q.is_tdx else "sgx",
+                "pck_ca": ctx.pck_ca_kind,
+                "pce_svn": ctx.pck_ext.pce_svn,
+                "cpu_svn": ctx.pck_ext.cpu_svn.hex(),
+                "pce_id": ctx.pck_ext.pce_id.hex().upper(),
+                "sgx_type": ctx.pck_ext.sgx_type,
+                "qe_isvsvn": qe.isv_svn,
+                "tcb_evaluation_data_number": ctx.tcb_info.tcb_evaluation_data_number,
+            }
+        )
+        return VerificationResult(
+            kind=EvidenceKind.TDX_DCAP if q.is_tdx else EvidenceKind.SGX_DCAP,
+            verified_at=at,
+            claims=claims,
+            tcb_status=status,
+            advisories=advisories,
+            debug=body.debug,
+            simulated=self.simulated,
+            valid_until=ctx.valid_until,
+            evidence_sha256=hashlib.sha256(raw if raw is not None else q.signed_region).hexdigest(),
+            details=details,
+        )
+
+    # -- steps 2-4 ------------------------------------------------------------------------------
+
+    def _context(self, coll: QuoteCollateral, pck_pem: bytes) -> _Context:
+        # 2. chains to the pinned key
+        pck = self._chain(pck_pem, "PCK", 1, in_quote=True)
+        tcb_chain = self._chain(coll.tcb_info_issuer_chain.encode(), "TCB Info signing", 0)
+        qe_chain = self._chain(coll.qe_identity_issuer_chain.encode(), "QE Identity signing", 0)
+        crl_chain = self._chain(coll.pck_crl_issuer_chain.encode(), "PCK CRL issuer", 0)
+        pck_ca = pck.certs[1]
+
+        # 3. CRLs: Root CA CRL by the root, PCK CRL by the PCK's own issuer
+        root_crl = self._crl(coll.root_ca_crl, "Root CA CRL")
+        self._crl_issued_by(root_crl, self._anchor, "root-ca-crl", "the pinned root")
+        pck_crl = self._crl(coll.pck_crl, "PCK CRL")
+        if pck_crl.issuer != pck_ca.subject and pck_crl.crl.issuer != pck_ca.cert.subject:
+            raise VerificationError(
+                Reason.BAD_CHAIN,
+                "the PCK CRL is not issued by the CA that issued the PCK certificate",
+                check="pck-crl.issuer",
+                observed=pck_crl.crl.issuer.rfc4514_string(),
+                expected=pck_ca.label(),
+            )
+        if crl_chain.leaf.spki != pck_ca.spki:
+            raise VerificationError(
+                Reason.BAD_CHAIN,
+                "the PCK CRL issuer chain does not name the PCK's issuer CA",
+                check="pck-crl-issuer-chain",
+                observed=crl_chain.leaf.label(),
+                expected=pck_ca.label(),
+            )
+        self._crl_issued_by(pck_crl, pck_ca, "pck-crl", "the PCK CA")
+
+        # 4. signed collateral
+        tcb_info = self._signed_doc(
+            "tcb-info", coll.tcb_info, coll.tcb_info_signature, tcb_chain, parse_tcb_info
+        )
+        qe_id = self._signed_doc(
+            "qe-identity", coll.qe_identity, coll.qe_identity_signature, qe_chain, parse_enclave_identity
+        )
+
+        windows = (
             _Window("TCB Info", tcb_info.issue_date, tcb_info.next_update, False),
             _Window("QE Identity", qe_id.issue_date, qe_id.next_update, False),
             root_crl.window,
@@ -336,66 +525,36 @@ class DcapVerifier:
             *qe_chain.windows,
             *crl_chain.windows,
             self._anchor_window,
-        ]
-        valid_until = _check_windows(windows, at)
-
-        # 8. revocation
+        )
+        revoked = None
+        seen: set[tuple[int, int]] = set()
         for cert, crl, what in (
             (pck.leaf, pck_crl, "PCK certificate"),
             (pck_ca, root_crl, "PCK CA certificate"),
             (tcb_chain.leaf, root_crl, "TCB Info signing certificate"),
             (qe_chain.leaf, root_crl, "QE Identity signing certificate"),
-            (self.trust_root.certificate, root_crl, "root certificate"),
+            (self._anchor, root_crl, "root certificate"),
         ):
-            if cert.serial_number in crl.revoked:
-                raise VerificationError(
-                    Reason.REVOKED,
-                    f"the {what} is on the {'PCK' if crl is pck_crl else 'Root CA'} CRL",
-                    check="revocation",
-                    observed=f"serial {cert.serial_number:x}",
-                )
-
-        # 9-10. TCB
-        ext = self.cache.get_or_compute(("pck-ext", pck.ders[0]), lambda: _pck_extension(pck.leaf))
-        status, advisories, details = _tcb_status(q, ext, tcb_info, qe_status)
-        if status == "Revoked":
-            raise VerificationError(
-                Reason.REVOKED,
-                "the platform TCB (converged with QE and TDX module status) is revoked",
-                check="tcb-status",
-                observed=status,
-            )
-
-        details.update(
-            {
-                "quote_version": q.header.version,
-                "tee": "tdx" if q.is_tdx else "sgx",
-                "pck_ca": _ca_kind(pck_ca),
-                "pce_svn": ext.pce_svn,
-                "cpu_svn": ext.cpu_svn.hex(),
-                "pce_id": ext.pce_id.hex().upper(),
-                "sgx_type": ext.sgx_type,
-                "qe_isvsvn": qe.isv_svn,
-                "tcb_evaluation_data_number": tcb_info.tcb_evaluation_data_number,
-            }
+            serial = cert.cert.serial_number
+            if (id(crl), serial) in seen:
+                continue
+            seen.add((id(crl), serial))
+            if crl.revokes(serial):
+                revoked = (what, "PCK CRL" if crl is pck_crl else "Root CA CRL", f"{serial:x}")
+                break
+        pck_ext = self.cache.get_or_compute(("pck-ext", pck.leaf.der), lambda: _pck_extension(pck.leaf.cert))
+        return _Context(
+            pck=pck,
+            pck_ext=pck_ext,
+            pck_ca_kind=_ca_kind(pck_ca),
+            tcb_info=tcb_info,
+            tcb_levels=tuple(sorted(tcb_info.tcb_levels, key=_level_order, reverse=True)),
+            qe_identity=qe_id,
+            qe_levels=tuple(sorted(qe_id.tcb_levels, key=lambda lv: lv.isvsvn, reverse=True)),
+            windows=windows,
+            valid_until=min(w.not_after for w in windows),
+            revoked=revoked,
         )
-        claims, body_details = _claims(q.body, ext.fmspc)
-        details.update(body_details)
-        evidence = raw if raw is not None else q.signed_region
-        return VerificationResult(
-            kind=EvidenceKind.TDX_DCAP if q.is_tdx else EvidenceKind.SGX_DCAP,
-            verified_at=at,
-            claims=claims,
-            tcb_status=status,
-            advisories=advisories,
-            debug=bool(claims["debug"]),
-            simulated=self.simulated,
-            valid_until=valid_until,
-            evidence_sha256=hashlib.sha256(evidence).hexdigest(),
-            details=details,
-        )
-
-    # -- pieces ---------------------------------------------------------------------------------
 
     def _chain(self, pem: bytes, what: str, intermediates: int, *, in_quote: bool = False) -> _Chain:
         return self.cache.get_or_compute(
@@ -404,76 +563,111 @@ class DcapVerifier:
         )
 
     def _build_chain(self, pem: bytes, what: str, intermediates: int, in_quote: bool) -> _Chain:
-        field = "signature_data.certification_data" if in_quote else f"collateral.{what}"
+        fld = "signature_data.certification_data" if in_quote else f"collateral.{what}"
         try:
-            ders = pem_chain_to_der(pem, field=field)
-            certs = [x509.load_der_x509_certificate(d) for d in ders]
+            certs = [self._cert(d, fld) for d in pem_chain_to_der(pem, field=fld)]
         except (ValueError, EvidenceFormatError) as exc:
             msg = exc.message if isinstance(exc, EvidenceFormatError) else str(exc)
             if in_quote:
-                raise EvidenceFormatError(f"{what} chain: {msg}", field=field, offset=None) from None
+                raise EvidenceFormatError(f"{what} chain: {msg}", field=fld, offset=None) from None
             raise CollateralError(f"{what} chain in the collateral does not parse: {msg}") from None
         # the chain may end with any issuance of the pinned root: pin by key, drop the copies
-        while certs and self.trust_root.same_key(certs[-1]):
+        while certs and certs[-1].spki == self._anchor.spki:
             certs.pop()
-            ders.pop()
         if len(certs) != intermediates + 1:
             raise VerificationError(
                 Reason.BAD_CHAIN,
                 f"{what} chain does not lead to the pinned root",
                 check=f"{what} chain",
                 observed=f"{len(certs)} certificate(s) below the pinned key",
-                expected=f"{intermediates + 1} ending at {self.trust_root.certificate.subject.rfc4514_string()}",
+                expected=f"{intermediates + 1} ending at {self._anchor.label()}",
             )
         windows = []
         for i, cert in enumerate(certs):
-            issuer = certs[i + 1] if i + 1 < len(certs) else self.trust_root.certificate
+            issuer = certs[i + 1] if i + 1 < len(certs) else self._anchor
             if i + 1 < len(certs):
-                _require_ca(issuer, what)
-            try:
-                cert.verify_directly_issued_by(issuer)
-            except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm) as exc:
+                _require_ca(issuer.cert, what)
+            if not self._issued_by(cert, issuer):
                 raise VerificationError(
                     Reason.BAD_CHAIN,
-                    f"{what} chain: {cert.subject.rfc4514_string()} is not issued by"
-                    f" {issuer.subject.rfc4514_string()} ({type(exc).__name__})",
+                    f"{what} chain: {cert.label()} is not issued by {issuer.label()}",
                     check=f"{what} chain",
-                ) from None
+                )
             windows.append(
                 _Window(
-                    f"{what} certificate {cert.subject.rfc4514_string()}",
-                    cert.not_valid_before_utc,
-                    cert.not_valid_after_utc,
-                    True,
+                    f"{what} certificate", cert.cert.not_valid_before_utc, cert.cert.not_valid_after_utc, True
                 )
             )
-        leaf_key = certs[0].public_key()
-        if not isinstance(leaf_key, ec.EllipticCurvePublicKey) or not isinstance(leaf_key.curve, ec.SECP256R1):
+        leaf_key = certs[0].key
+        if not isinstance(leaf_key, ec.EllipticCurvePublicKey) or not isinstance(
+            leaf_key.curve, ec.SECP256R1
+        ):
             raise VerificationError(
                 Reason.BAD_CHAIN, f"{what} certificate key is not P-256", check=f"{what} chain"
             )
-        return _Chain(tuple(certs), tuple(ders), tuple(windows), leaf_key)
+        return _Chain(tuple(certs), tuple(windows))
+
+    def _cert(self, der: bytes, fld: str) -> _Cert:
+        if der == self._anchor.der:
+            return self._anchor
+        return self.cache.get_or_compute(("cert", der), lambda: _load_cert(der, fld))
+
+    def _issued_by(self, cert: _Cert, issuer: _Cert) -> bool:
+        """Name chaining and signature; the signature result is cached per (cert, issuer key)."""
+        if cert.issuer != issuer.subject and cert.cert.issuer != issuer.cert.subject:
+            return False
+
+        def check() -> bool:
+            if cert.sig_alg == _OID_ECDSA_SHA256:
+                ok = _der_sig_ok(issuer.key, cert.signature, cert.tbs)
+            else:
+                try:
+                    cert.cert.verify_directly_issued_by(issuer.cert)
+                    ok = True
+                except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+                    ok = False
+            if not ok:
+                raise _NotIssuedError
+            return True
+
+        try:
+            self.cache.get_or_compute(("cert-sig", cert.der, issuer.spki), check)
+        except _NotIssuedError:
+            return False
+        return True
 
     def _crl(self, der: bytes, what: str) -> _Crl:
-        return self.cache.get_or_compute(("crl", der), lambda: _parse_crl(der, what))
+        return self.cache.get_or_compute(("crl", der), lambda: _load_crl(der, what))
 
-    def _crl_signature(self, der: bytes, crl: _Crl, key: Any, key_spki: bytes, check: str) -> None:
+    def _crl_issued_by(self, crl: _Crl, issuer: _Cert, check: str, issuer_name: str) -> None:
+        if crl.issuer != issuer.subject and crl.crl.issuer != issuer.cert.subject:
+            raise VerificationError(
+                Reason.BAD_CHAIN,
+                f"the {check} is not issued by {issuer_name}",
+                check=f"{check}.issuer",
+                observed=crl.crl.issuer.rfc4514_string(),
+                expected=issuer.label(),
+            )
+
         def verify() -> bool:
-            try:
-                ok = crl.crl.is_signature_valid(key)
-            except (TypeError, ValueError, UnsupportedAlgorithm):
-                ok = False
+            if crl.sig_alg == _OID_ECDSA_SHA256:
+                ok = _der_sig_ok(issuer.key, crl.signature, crl.tbs)
+            else:
+                try:
+                    ok = crl.crl.is_signature_valid(issuer.key)
+                except (TypeError, ValueError, UnsupportedAlgorithm):
+                    ok = False
             if not ok:
                 raise VerificationError(Reason.BAD_SIGNATURE, "CRL signature does not verify", check=check)
             return True
 
-        self.cache.get_or_compute(("crl-sig", der, key_spki), verify)
+        self.cache.get_or_compute(("crl-sig", crl.der, issuer.spki), verify)
 
     def _signed_doc(
         self, check: str, text: str, signature: bytes, chain: _Chain, parse: Callable[[str], _T]
     ) -> _T:
         def compute() -> _T:
-            if not _ecdsa_ok(chain.leaf_key, signature, text.encode()):
+            if not _ecdsa_ok(chain.leaf.key, signature, text.encode()):
                 raise VerificationError(
                     Reason.BAD_SIGNATURE, f"{check} signature does not verify", check=f"{check}.signature"
                 )
@@ -482,55 +676,83 @@ class DcapVerifier:
             except EvidenceFormatError as exc:
                 raise CollateralError(f"signed {check} does not parse: {exc.message}") from None
 
-        return self.cache.get_or_compute((check, text, signature, chain.ders[0]), compute)
+        return self.cache.get_or_compute((check, text, signature, chain.leaf.der), compute)
 
-    @staticmethod
-    def _check_qe_signature(qe_raw: bytes, sig: bytes, pck: _Chain) -> bool:
-        if not _ecdsa_ok(pck.leaf_key, sig, qe_raw):
-            raise VerificationError(
-                Reason.BAD_QE_REPORT, "QE report signature by the PCK key does not verify", check="qe-report.signature"
-            )
-        return True
 
-    @staticmethod
-    def _qe_identity(qe: EnclaveReport, ident: EnclaveIdentity, is_tdx: bool) -> IsvSvnLevel:
-        want_id = "TD_QE" if is_tdx else "QE"
-
-        def reject(check: str, observed: str, expected: str) -> VerificationError:
-            return VerificationError(
-                Reason.BAD_QE_REPORT,
-                "the QE report does not match the QE identity",
-                check=f"qe-identity.{check}",
-                observed=observed,
-                expected=expected,
-            )
-
-        if ident.id != want_id:
-            raise reject("id", ident.id, want_id)
-        if qe.mr_signer != ident.mrsigner:
-            raise reject("mrsigner", qe.mr_signer.hex(), ident.mrsigner.hex())
-        if qe.isv_prod_id != ident.isvprodid:
-            raise reject("isvprodid", str(qe.isv_prod_id), str(ident.isvprodid))
-        mask = ident.miscselect_mask
-        if qe.misc_select & mask != ident.miscselect & mask:
-            raise reject("miscselect", f"{qe.misc_select & mask:08x}", f"{ident.miscselect & mask:08x}")
-        got = bytes(a & m for a, m in zip(qe.attributes, ident.attributes_mask, strict=True))
-        want = bytes(a & m for a, m in zip(ident.attributes, ident.attributes_mask, strict=True))
-        if got != want:
-            raise reject("attributes", got.hex(), want.hex())
-        for level in sorted(ident.tcb_levels, key=lambda lv: lv.isvsvn, reverse=True):
-            if qe.isv_svn >= level.isvsvn:
-                return level
-        raise VerificationError(
-            Reason.TCB_LEVEL_NOT_FOUND,
-            "the QE's ISVSVN is below every QE identity TCB level",
-            check="qe-identity.tcb-level",
-            observed=str(qe.isv_svn),
-            expected=f">= {min(lv.isvsvn for lv in ident.tcb_levels)}",
-        )
+class _NotIssuedError(Exception):
+    """Internal: a certificate signature did not verify (never cached, never escapes)."""
 
 
 # --- helpers -----------------------------------------------------------------------------------
+
+
+def _hex(b: bytes) -> str:
+    return b.hex()
+
+
+def _utc(at: datetime) -> datetime:
+    if not isinstance(at, datetime) or at.tzinfo is None:
+        raise InvalidRequestError("verification time must be a timezone-aware datetime")
+    return at.astimezone(UTC)
+
+
+def _load_collateral(collateral: CollateralInput) -> QuoteCollateral:
+    if isinstance(collateral, QuoteCollateral):
+        return collateral
+    try:
+        return QuoteCollateral.from_json(collateral)
+    except EvidenceFormatError as exc:
+        raise CollateralError(f"unusable DCAP collateral: {exc.message}") from None
+
+
+def _check_qe_signature(qe_raw: bytes, sig: bytes, pck_key: Any) -> bool:
+    if not _ecdsa_ok(pck_key, sig, qe_raw):
+        raise VerificationError(
+            Reason.BAD_QE_REPORT,
+            "QE report signature by the PCK key does not verify",
+            check="qe-report.signature",
+        )
+    return True
+
+
+def _qe_identity(
+    qe: EnclaveReport, ident: EnclaveIdentity, levels: tuple[IsvSvnLevel, ...], is_tdx: bool
+) -> IsvSvnLevel:
+    want_id = "TD_QE" if is_tdx else "QE"
+
+    def reject(check: str, observed: str, expected: str) -> VerificationError:
+        return VerificationError(
+            Reason.BAD_QE_REPORT,
+            "the QE report does not match the QE identity",
+            check=f"qe-identity.{check}",
+            observed=observed,
+            expected=expected,
+        )
+
+    if ident.id != want_id:
+        raise reject("id", ident.id, want_id)
+    if qe.mr_signer != ident.mrsigner:
+        raise reject("mrsigner", qe.mr_signer.hex(), ident.mrsigner.hex())
+    if qe.isv_prod_id != ident.isvprodid:
+        raise reject("isvprodid", str(qe.isv_prod_id), str(ident.isvprodid))
+    mask = ident.miscselect_mask
+    if qe.misc_select & mask != ident.miscselect & mask:
+        raise reject("miscselect", f"{qe.misc_select & mask:08x}", f"{ident.miscselect & mask:08x}")
+    amask = int.from_bytes(ident.attributes_mask, "big")
+    got = int.from_bytes(qe.attributes, "big") & amask
+    want = int.from_bytes(ident.attributes, "big") & amask
+    if got != want:
+        raise reject("attributes", f"{got:032x}", f"{want:032x}")
+    for level in levels:
+        if qe.isv_svn >= level.isvsvn:
+            return level
+    raise VerificationError(
+        Reason.TCB_LEVEL_NOT_FOUND,
+        "the QE's ISVSVN is below every QE identity TCB level",
+        check="qe-identity.tcb-level",
+        observed=str(qe.isv_svn),
+        expected=f">= {min(lv.isvsvn for lv in levels)}",
+    )
 
 
 def _require_ca(cert: x509.Certificate, what: str) -> None:
@@ -544,19 +766,6 @@ def _require_ca(cert: x509.Certificate, what: str) -> None:
             f"{what} chain: issuer {cert.subject.rfc4514_string()} is not a CA certificate",
             check=f"{what} chain",
         )
-
-
-def _parse_crl(der: bytes, what: str) -> _Crl:
-    try:
-        crl = x509.load_der_x509_crl(der)
-        this_update = crl.last_update_utc
-        next_update = crl.next_update_utc
-        revoked = frozenset(r.serial_number for r in crl)
-    except ValueError as exc:
-        raise CollateralError(f"{what} does not parse: {exc}") from None
-    if next_update is None:
-        raise CollateralError(f"{what} has no nextUpdate")
-    return _Crl(crl, crl.issuer, _Window(what, this_update, next_update, False), revoked)
 
 
 def _attestation_key(raw: bytes) -> ec.EllipticCurvePublicKey:
@@ -580,13 +789,16 @@ def _pck_extension(cert: x509.Certificate) -> PckExtension:
     return parse_pck_extension(ext.value)
 
 
-def _ca_kind(ca: x509.Certificate) -> str:
-    cn = ca.subject.rfc4514_string()
-    return "platform" if "Platform" in cn else ("processor" if "Processor" in cn else "other")
+def _ca_kind(ca: _Cert) -> str:
+    """Intel names its PCK CAs "Intel SGX PCK Platform CA" / "... Processor CA"."""
+    return (
+        "platform"
+        if b"Platform CA" in ca.subject
+        else ("processor" if b"Processor CA" in ca.subject else "other")
+    )
 
 
-def _check_windows(windows: list[_Window], at: datetime) -> datetime:
-    earliest = windows[0].not_after
+def _check_windows(windows: tuple[_Window, ...], at: datetime) -> None:
     for w in windows:
         if at < w.not_before:
             raise VerificationError(
@@ -604,18 +816,15 @@ def _check_windows(windows: list[_Window], at: datetime) -> datetime:
                 observed=at.isoformat(),
                 expected=f"<= {w.not_after.isoformat()}",
             )
-        earliest = min(earliest, w.not_after)
-    return earliest
-
-
-def _sort_key(level: TcbLevel) -> tuple[tuple[int, ...], int, tuple[int, ...]]:
-    return (level.sgx_components, level.pce_svn, level.tdx_components or ())
 
 
 def _tcb_status(
-    q: Quote, ext: PckExtension, info: TcbInfo, qe_level: IsvSvnLevel
+    q: Quote, ctx: _Context, qe_level: IsvSvnLevel
 ) -> tuple[str, tuple[str, ...], dict[str, Any]]:
+    """Match the platform TCB level and converge it with the TDX module and QE status (Intel QVL)."""
     tdx = q.is_tdx
+    ext = ctx.pck_ext
+    info = ctx.tcb_info
     want_id = "TDX" if tdx else "SGX"
     if info.id != want_id:
         raise VerificationError(
@@ -646,8 +855,10 @@ def _tcb_status(
     start = 2 if tdx and tee_svn[1] > 0 else 0
     matched: TcbLevel | None = None
     # Intel orders levels highest first (QVL keeps them in a sorted set); the first match wins
-    for level in sorted(info.tcb_levels, key=_sort_key, reverse=True):
-        if ext.pce_svn < level.pce_svn or any(c < m for c, m in zip(comps, level.sgx_components, strict=True)):
+    for level in ctx.tcb_levels:
+        if ext.pce_svn < level.pce_svn or any(
+            c < m for c, m in zip(comps, level.sgx_components, strict=True)
+        ):
             continue
         if tdx:
             need = level.tdx_components or ()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 from cryptography import x509
@@ -54,6 +54,11 @@ class TrustRoot:
     @property
     def public_key(self) -> CertificateIssuerPublicKeyTypes:
         return self.certificate.public_key()  # type: ignore[return-value]
+
+    @cached_property
+    def subject_der(self) -> bytes:
+        """The subject Name exactly as encoded (compared with issuer names byte for byte)."""
+        return self.certificate.subject.public_bytes()
 
     @property
     def spki_sha256(self) -> str:

@@ -33,7 +33,10 @@ TCB_STATUSES = (
     "OutOfDateConfigurationNeeded",
     "Revoked",
 )
-_STATUS_ALIASES = {"SwHardeningNeeded": "SWHardeningNeeded", "ConfigurationAndSwHardeningNeeded": "ConfigurationAndSWHardeningNeeded"}
+_STATUS_ALIASES = {
+    "SwHardeningNeeded": "SWHardeningNeeded",
+    "ConfigurationAndSwHardeningNeeded": "ConfigurationAndSWHardeningNeeded",
+}
 
 
 # --- data model --------------------------------------------------------------------------------
@@ -220,9 +223,21 @@ def _components(j: _J, raw: Any, path: str) -> tuple[int, ...]:
 
 
 def parse_tcb_info(text: str | bytes) -> TcbInfo:
-    """Parse the ``tcbInfo`` JSON text (not the PCS response wrapper); versions 2 and 3."""
+    """Parse the ``tcbInfo`` JSON text (not the PCS response wrapper); versions 2 and 3.
+
+    A fast path handles well-formed documents; anything it does not like is re-parsed by the
+    checking parser, which names the JSON path of the problem.
+    """
+    doc = _load_json(text, "tcb_info")
+    try:
+        return _tcb_info_fast(doc)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return _tcb_info_checked(doc)
+
+
+def _tcb_info_checked(doc: Any) -> TcbInfo:
     j = _J("tcb_info")
-    o = j.obj(_load_json(text, "tcb_info"), "")
+    o = j.obj(doc, "")
     version = j.int_(o, "version", "")
     if version not in (2, 3):
         raise j.fail("version", f"unsupported TCB Info version {version}")
@@ -294,8 +309,16 @@ def parse_tcb_info(text: str | bytes) -> TcbInfo:
 
 def parse_enclave_identity(text: str | bytes) -> EnclaveIdentity:
     """Parse the ``enclaveIdentity`` JSON text (QE or TD_QE identity, version 2)."""
+    doc = _load_json(text, "qe_identity")
+    try:
+        return _identity_fast(doc)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return _identity_checked(doc)
+
+
+def _identity_checked(doc: Any) -> EnclaveIdentity:
     j = _J("qe_identity")
-    o = j.obj(_load_json(text, "qe_identity"), "")
+    o = j.obj(doc, "")
     version = j.int_(o, "version", "")
     if version != 2:
         raise j.fail("version", f"unsupported enclave identity version {version}")
@@ -315,6 +338,179 @@ def parse_enclave_identity(text: str | bytes) -> EnclaveIdentity:
     )
 
 
+# --- fast paths (same acceptance as the checked parsers; any doubt falls back to them) --------
+
+_STATUS_SET = frozenset(TCB_STATUSES)
+
+
+def _f_int(v: Any, hi: int) -> int:
+    if type(v) is not int or not 0 <= v <= hi:
+        raise ValueError
+    return v
+
+
+def _f_str(v: Any) -> str:
+    if type(v) is not str:
+        raise ValueError
+    return v
+
+
+def _f_hex(v: Any, size: int) -> bytes:
+    raw = bytes.fromhex(_f_str(v))
+    if len(raw) != size:
+        raise ValueError
+    return raw
+
+
+def _f_time(v: Any) -> datetime:
+    t = datetime.fromisoformat(_f_str(v))
+    if t.tzinfo is None:
+        raise ValueError
+    return t.astimezone(UTC)
+
+
+def _f_status(lvl: Mapping[str, Any]) -> str:
+    st = lvl["tcbStatus"]
+    st = _STATUS_ALIASES.get(st, st)
+    if st not in _STATUS_SET:
+        raise ValueError
+    return str(st)
+
+
+def _f_advisories(lvl: Mapping[str, Any]) -> tuple[str, ...]:
+    adv = lvl.get("advisoryIDs", ())
+    if type(adv) is not list and adv != ():
+        raise ValueError
+    out = tuple(adv)
+    for a in out:
+        if type(a) is not str:
+            raise ValueError
+    return out
+
+
+def _f_components(v: Any) -> tuple[int, ...]:
+    if type(v) is not list or len(v) != 16:
+        raise ValueError
+    out = tuple([c["svn"] for c in v])
+    _f_svns(out)
+    return out
+
+
+def _f_svns(out: tuple[Any, ...]) -> None:
+    """All plain ints (JSON true/false are not SVNs) in 0..255, checked at C speed."""
+    if set(map(type, out)) != {int}:
+        raise ValueError
+    bytes(out)
+
+
+def _f_isv_levels(v: Any) -> tuple[IsvSvnLevel, ...]:
+    if type(v) is not list or not v:
+        raise ValueError
+    return tuple(
+        IsvSvnLevel(
+            _f_int(lvl["tcb"]["isvsvn"], 0xFFFF),
+            _f_status(lvl),
+            str(lvl.get("tcbDate", "")),
+            _f_advisories(lvl),
+        )
+        for lvl in v
+    )
+
+
+_V2_KEYS = tuple(f"sgxtcbcomp{k:02d}svn" for k in range(1, 17))
+
+
+def _tcb_info_fast(o: Any) -> TcbInfo:
+    if type(o) is not dict:
+        raise ValueError
+    version = _f_int(o["version"], 2**32 - 1)
+    if version == 3 or "id" in o:
+        tcb_id = _f_str(o["id"])
+    elif version == 2:
+        tcb_id = "SGX"
+    else:
+        raise ValueError
+    if version not in (2, 3) or tcb_id not in ("SGX", "TDX") or (tcb_id == "TDX" and version < 3):
+        raise ValueError
+    raw_levels = o["tcbLevels"]
+    if type(raw_levels) is not list or not raw_levels:
+        raise ValueError
+    levels = []
+    for lvl in raw_levels:
+        tcb = lvl["tcb"]
+        tdx = None
+        if version == 2:
+            sgx = tuple([tcb[k] for k in _V2_KEYS])
+            _f_svns(sgx)
+        else:
+            sgx = _f_components(tcb["sgxtcbcomponents"])
+            if tcb_id == "TDX":
+                tdx = _f_components(tcb["tdxtcbcomponents"])
+        levels.append(
+            TcbLevel(
+                sgx,
+                _f_int(tcb["pcesvn"], 0xFFFF),
+                _f_status(lvl),
+                str(lvl.get("tcbDate", "")),
+                _f_advisories(lvl),
+                tdx,
+            )
+        )
+    module = None
+    identities: list[TdxModuleIdentity] = []
+    if tcb_id == "TDX":
+        m = o.get("tdxModule")
+        if m is not None:
+            module = TdxModule(
+                _f_hex(m["mrsigner"], 48), _f_hex(m["attributes"], 8), _f_hex(m["attributesMask"], 8)
+            )
+        ids = o.get("tdxModuleIdentities", [])
+        if type(ids) is not list:
+            raise ValueError
+        for m in ids:
+            identities.append(
+                TdxModuleIdentity(
+                    _f_str(m["id"]),
+                    _f_hex(m["mrsigner"], 48),
+                    _f_hex(m["attributes"], 8),
+                    _f_hex(m["attributesMask"], 8),
+                    _f_isv_levels(m["tcbLevels"]),
+                )
+            )
+    return TcbInfo(
+        id=tcb_id,
+        version=version,
+        issue_date=_f_time(o["issueDate"]),
+        next_update=_f_time(o["nextUpdate"]),
+        fmspc=_f_hex(o["fmspc"], 6),
+        pce_id=_f_hex(o["pceId"], 2),
+        tcb_type=_f_int(o["tcbType"], 2**32 - 1),
+        tcb_evaluation_data_number=_f_int(o["tcbEvaluationDataNumber"], 2**32 - 1),
+        tcb_levels=tuple(levels),
+        tdx_module=module,
+        tdx_module_identities=tuple(identities),
+    )
+
+
+def _identity_fast(o: Any) -> EnclaveIdentity:
+    if type(o) is not dict or _f_int(o["version"], 2**32 - 1) != 2:
+        raise ValueError
+    return EnclaveIdentity(
+        id=_f_str(o["id"]),
+        version=2,
+        issue_date=_f_time(o["issueDate"]),
+        next_update=_f_time(o["nextUpdate"]),
+        tcb_evaluation_data_number=_f_int(o["tcbEvaluationDataNumber"], 2**32 - 1),
+        miscselect=int.from_bytes(_f_hex(o["miscselect"], 4), "big"),
+        miscselect_mask=int.from_bytes(_f_hex(o["miscselectMask"], 4), "big"),
+        attributes=_f_hex(o["attributes"], 16),
+        attributes_mask=_f_hex(o["attributesMask"], 16),
+        mrsigner=_f_hex(o["mrsigner"], 32),
+        isvprodid=_f_int(o["isvprodid"], 0xFFFF),
+        tcb_levels=_f_isv_levels(o["tcbLevels"]),
+    )
+
+
 # --- serialising (builders) --------------------------------------------------------------------
 
 
@@ -329,7 +525,11 @@ def _dumps(obj: Any) -> str:
 def _isv_levels_json(levels: Sequence[IsvSvnLevel]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for lvl in levels:
-        d: dict[str, Any] = {"tcb": {"isvsvn": lvl.isvsvn}, "tcbDate": lvl.tcb_date, "tcbStatus": lvl.tcb_status}
+        d: dict[str, Any] = {
+            "tcb": {"isvsvn": lvl.isvsvn},
+            "tcbDate": lvl.tcb_date,
+            "tcbStatus": lvl.tcb_status,
+        }
         if lvl.advisory_ids:
             d["advisoryIDs"] = list(lvl.advisory_ids)
         out.append(d)
@@ -493,7 +693,13 @@ def decode_issuer_chain_header(value: str) -> str:
 # --- the bundle --------------------------------------------------------------------------------
 
 _HEX_FIELDS = ("root_ca_crl", "pck_crl", "tcb_info_signature", "qe_identity_signature")
-_TEXT_FIELDS = ("pck_crl_issuer_chain", "tcb_info_issuer_chain", "tcb_info", "qe_identity_issuer_chain", "qe_identity")
+_TEXT_FIELDS = (
+    "pck_crl_issuer_chain",
+    "tcb_info_issuer_chain",
+    "tcb_info",
+    "qe_identity_issuer_chain",
+    "qe_identity",
+)
 
 
 def _bytes_field(v: Any, name: str) -> bytes:
@@ -502,7 +708,9 @@ def _bytes_field(v: Any, name: str) -> bytes:
             return bytes.fromhex(v.strip().removeprefix("0x"))
         except ValueError:
             raise EvidenceFormatError("expected hex", field=f"collateral.{name}") from None
-    if isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 256 for x in v):
+    if isinstance(v, list) and all(
+        isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 256 for x in v
+    ):
         return bytes(v)
     if isinstance(v, bytes | bytearray):
         return bytes(v)

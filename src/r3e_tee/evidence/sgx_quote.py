@@ -239,7 +239,9 @@ def parse_td_report(data: bytes, offset: int, size: int, *, field: str = "td_rep
         raise EvidenceFormatError(f"unsupported TD report size {size}", field=field, offset=offset)
     if offset + size > len(data):
         raise EvidenceFormatError(
-            f"TD report needs {size} bytes, only {max(0, len(data) - offset)} left", field=field, offset=offset
+            f"TD report needs {size} bytes, only {max(0, len(data) - offset)} left",
+            field=field,
+            offset=offset,
         )
     raw = data[offset : offset + size]
     return TdReport(
@@ -285,7 +287,9 @@ def _parse_cert_data(r: _Reader, field: str, depth: int = 0) -> CertificationDat
             )
         qe_cert = QeReportCertificationData(qe_report, qe_sig, auth, nested)
     elif not 1 <= cert_type <= 7:
-        raise EvidenceFormatError(f"unknown certification data type {cert_type}", field=f"{field}.type", offset=start - 6)
+        raise EvidenceFormatError(
+            f"unknown certification data type {cert_type}", field=f"{field}.type", offset=start - 6
+        )
     return CertificationData(cert_type, payload, start, qe_cert)
 
 
@@ -298,7 +302,9 @@ def parse_quote(data: bytes) -> Quote:
     header = parse_header(data)
     r.pos = HEADER_LEN
     if header.version not in (3, 4, 5):
-        raise EvidenceFormatError(f"unsupported quote version {header.version}", field="header.version", offset=0)
+        raise EvidenceFormatError(
+            f"unsupported quote version {header.version}", field="header.version", offset=0
+        )
     if header.att_key_type != ATT_KEY_TYPE_ECDSA_P256:
         raise EvidenceFormatError(
             f"unsupported attestation key type {header.att_key_type} (only 2 = ECDSA-256-with-P-256)",
@@ -306,7 +312,9 @@ def parse_quote(data: bytes) -> Quote:
             offset=2,
         )
     if header.tee_type not in (TEE_TYPE_SGX, TEE_TYPE_TDX):
-        raise EvidenceFormatError(f"unknown TEE type 0x{header.tee_type:x}", field="header.tee_type", offset=4)
+        raise EvidenceFormatError(
+            f"unknown TEE type 0x{header.tee_type:x}", field="header.tee_type", offset=4
+        )
     if header.version == 3 and header.tee_type != TEE_TYPE_SGX:
         raise EvidenceFormatError("quote v3 is SGX only", field="header.tee_type", offset=4)
 
@@ -314,7 +322,9 @@ def parse_quote(data: bytes) -> Quote:
     if header.version == 5:
         body_type = r.u16("body.type")
         body_size = r.u32("body.size")
-        expected = {BODY_SGX: SGX_REPORT_LEN, BODY_TD10: TD10_REPORT_LEN, BODY_TD15: TD15_REPORT_LEN}.get(body_type)
+        expected = {BODY_SGX: SGX_REPORT_LEN, BODY_TD10: TD10_REPORT_LEN, BODY_TD15: TD15_REPORT_LEN}.get(
+            body_type
+        )
         if expected is None:
             raise EvidenceFormatError(f"unknown body type {body_type}", field="body.type", offset=HEADER_LEN)
         if body_size != expected:
@@ -324,7 +334,9 @@ def parse_quote(data: bytes) -> Quote:
                 offset=HEADER_LEN + 2,
             )
         if (body_type == BODY_SGX) != (header.tee_type == TEE_TYPE_SGX):
-            raise EvidenceFormatError("body type does not match TEE type", field="body.type", offset=HEADER_LEN)
+            raise EvidenceFormatError(
+                "body type does not match TEE type", field="body.type", offset=HEADER_LEN
+            )
     else:
         body_type = BODY_SGX if header.tee_type == TEE_TYPE_SGX else BODY_TD10
         body_size = SGX_REPORT_LEN if body_type == BODY_SGX else TD10_REPORT_LEN
@@ -484,7 +496,9 @@ def encode_cert_data(cert_type: int, data: bytes) -> bytes:
     return _U16.pack(cert_type) + _U32.pack(len(data)) + data
 
 
-def encode_qe_report_cert_data(qe_report: bytes, qe_report_signature: bytes, qe_auth_data: bytes, inner: bytes) -> bytes:
+def encode_qe_report_cert_data(
+    qe_report: bytes, qe_report_signature: bytes, qe_auth_data: bytes, inner: bytes
+) -> bytes:
     """Type-6 payload: QE report, its signature, auth data, then the (type-5) certification data."""
     return (
         _fixed(qe_report, SGX_REPORT_LEN, "qe_report")
@@ -499,7 +513,9 @@ def signed_region(header: bytes, body: bytes, *, version: int, body_type: int | 
     """The bytes the attestation key signs: header || [v5: body type, size] || body."""
     if version == 5:
         if body_type is None:
-            body_type = {SGX_REPORT_LEN: BODY_SGX, TD10_REPORT_LEN: BODY_TD10, TD15_REPORT_LEN: BODY_TD15}[len(body)]
+            body_type = {SGX_REPORT_LEN: BODY_SGX, TD10_REPORT_LEN: BODY_TD10, TD15_REPORT_LEN: BODY_TD15}[
+                len(body)
+            ]
         return header + _U16.pack(body_type) + _U32.pack(len(body)) + body
     return header + body
 

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import re
-from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from r3e_tee.errors import EvidenceFormatError
 
@@ -41,9 +40,8 @@ _OID_CPUSVN = _OID_TCB + ".18"
 # --- decoding ----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class DerNode:
-    """One TLV: ``tag``, and the value's span ``[start, end)`` inside ``data``."""
+class DerNode(NamedTuple):
+    """One TLV: ``tag``, header ``offset``, and the value's span ``[start, end)`` in ``data``."""
 
     tag: int
     offset: int
@@ -54,6 +52,11 @@ class DerNode:
     @property
     def value(self) -> bytes:
         return self.data[self.start : self.end]
+
+    @property
+    def encoded(self) -> bytes:
+        """The whole TLV (header and value)."""
+        return self.data[self.offset : self.end]
 
 
 def der_read(data: bytes, offset: int, limit: int | None = None, *, field: str = "der") -> DerNode:
@@ -85,13 +88,43 @@ def der_read(data: bytes, offset: int, limit: int | None = None, *, field: str =
     return DerNode(tag, offset, pos, pos + length, data)
 
 
-def der_children(node: DerNode, *, field: str = "der") -> Iterator[DerNode]:
+def der_header(data: bytes, pos: int, end: int, field: str = "der") -> tuple[int, int, int]:
+    """Fast TLV header read: (tag, value start, value end) of the TLV at ``pos``, within ``end``.
+
+    Same strictness as :func:`der_read` (definite, minimal lengths) without building a node; the
+    hot paths (certificate slicing, the PCK extension) use it.
+    """
+    if pos + 2 > end:
+        raise EvidenceFormatError("truncated DER header", field=field, offset=pos)
+    tag = data[pos]
+    n = data[pos + 1]
+    start = pos + 2
+    if tag & 0x1F == 0x1F:
+        raise EvidenceFormatError(f"multi-byte DER tag 0x{tag:02x} not supported", field=field, offset=pos)
+    if n >= 0x80:
+        k = n & 0x7F
+        if k == 0 or k > 4 or start + k > end:
+            raise EvidenceFormatError("bad DER length", field=field, offset=pos + 1)
+        n = int.from_bytes(data[start : start + k], "big")
+        if n < 0x80 or data[start] == 0:
+            raise EvidenceFormatError("non-minimal DER length", field=field, offset=pos + 1)
+        start += k
+    if start + n > end:
+        raise EvidenceFormatError(f"DER value of {n} bytes runs past the end", field=field, offset=pos)
+    return tag, start, start + n
+
+
+def der_children(node: DerNode, *, field: str = "der") -> list[DerNode]:
     """The TLVs inside a constructed node, which must exactly fill it."""
+    out = []
     pos = node.start
-    while pos < node.end:
-        child = der_read(node.data, pos, node.end, field=field)
-        yield child
+    data = node.data
+    end = node.end
+    while pos < end:
+        child = der_read(data, pos, end, field=field)
+        out.append(child)
         pos = child.end
+    return out
 
 
 def _expect(node: DerNode, tag: int, field: str) -> DerNode:
@@ -102,17 +135,15 @@ def _expect(node: DerNode, tag: int, field: str) -> DerNode:
     return node
 
 
-def der_oid(node: DerNode, field: str = "oid") -> str:
-    """Decode an OBJECT IDENTIFIER to dotted form."""
-    _expect(node, TAG_OID, field)
-    raw = node.value
+def oid_to_dotted(raw: bytes) -> str:
+    """Decode OID content octets (no tag/length) to dotted form; raises ValueError if malformed."""
     if not raw or raw[-1] & 0x80:
-        raise EvidenceFormatError("malformed OID", field=field, offset=node.offset)
+        raise ValueError("malformed OID")
     arcs: list[int] = []
     acc = 0
-    for i, b in enumerate(raw):
+    for b in raw:
         if acc == 0 and b == 0x80:
-            raise EvidenceFormatError("non-minimal OID arc", field=field, offset=node.start + i)
+            raise ValueError("non-minimal OID arc")
         acc = (acc << 7) | (b & 0x7F)
         if not b & 0x80:
             arcs.append(acc)
@@ -122,10 +153,19 @@ def der_oid(node: DerNode, field: str = "oid") -> str:
     return ".".join(str(a) for a in head + arcs[1:])
 
 
+def der_oid(node: DerNode, field: str = "oid") -> str:
+    """Decode an OBJECT IDENTIFIER node to dotted form."""
+    _expect(node, TAG_OID, field)
+    try:
+        return oid_to_dotted(node.value)
+    except ValueError as exc:
+        raise EvidenceFormatError(str(exc), field=field, offset=node.offset) from None
+
+
 def der_uint(node: DerNode, field: str, *, tag: int = TAG_INTEGER, max_bytes: int = 8) -> int:
     """Decode a non-negative INTEGER/ENUMERATED with minimal encoding."""
     _expect(node, tag, field)
-    raw = node.value
+    raw = node.data[node.start : node.end]
     if not raw or len(raw) > max_bytes + 1:
         raise EvidenceFormatError("bad integer length", field=field, offset=node.offset)
     if raw[0] & 0x80:
@@ -137,7 +177,7 @@ def der_uint(node: DerNode, field: str, *, tag: int = TAG_INTEGER, max_bytes: in
 
 def der_octets(node: DerNode, field: str, size: int | None = None) -> bytes:
     _expect(node, TAG_OCTET_STRING, field)
-    raw = node.value
+    raw = node.data[node.start : node.end]
     if size is not None and len(raw) != size:
         raise EvidenceFormatError(f"expected {size} bytes, found {len(raw)}", field=field, offset=node.offset)
     return raw
@@ -145,9 +185,9 @@ def der_octets(node: DerNode, field: str, size: int | None = None) -> bytes:
 
 def der_bool(node: DerNode, field: str) -> bool:
     _expect(node, TAG_BOOLEAN, field)
-    if node.end - node.start != 1 or node.value[0] not in (0x00, 0xFF):
+    if node.end - node.start != 1 or node.data[node.start] not in (0x00, 0xFF):
         raise EvidenceFormatError("malformed BOOLEAN", field=field, offset=node.offset)
-    return node.value[0] == 0xFF
+    return node.data[node.start] == 0xFF
 
 
 # --- encoding ----------------------------------------------------------------------------------
@@ -164,12 +204,12 @@ def der_tlv(tag: int, content: bytes) -> bytes:
 def enc_oid(dotted: str) -> bytes:
     arcs = [int(a) for a in dotted.split(".")]
     out = bytearray()
-    for arc in [arcs[0] * 40 + arcs[1], *arcs[2:]]:
-        chunk = [arc & 0x7F]
-        arc >>= 7
-        while arc:
-            chunk.append(0x80 | (arc & 0x7F))
-            arc >>= 7
+    for value in [arcs[0] * 40 + arcs[1], *arcs[2:]]:
+        chunk = [value & 0x7F]
+        rest = value >> 7
+        while rest:
+            chunk.append(0x80 | (rest & 0x7F))
+            rest >>= 7
         out += bytes(reversed(chunk))
     return der_tlv(TAG_OID, bytes(out))
 
@@ -193,23 +233,38 @@ def enc_bool(value: bool) -> bytes:
 
 # --- PEM chains --------------------------------------------------------------------------------
 
-_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", re.S)
+_PEM_BEGIN = b"-----BEGIN CERTIFICATE-----"
+_PEM_END = b"-----END CERTIFICATE-----"
+_B64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/= \t\r\n"
 
 
 def pem_chain_to_der(pem: bytes | str, *, field: str = "pem_chain") -> list[bytes]:
     """Split a concatenated PEM certificate chain into DER blobs, leaf first, as given.
 
-    Bytes outside the armour (newlines, a trailing NUL as in DCAP certification data) are ignored.
+    Bytes outside the armour (newlines, a trailing NUL as in DCAP certification data) are ignored;
+    inside it only base64 and whitespace are allowed.
     """
     raw = pem.encode() if isinstance(pem, str) else pem
     out: list[bytes] = []
-    for m in _PEM_CERT.finditer(raw):
+    pos = 0
+    while True:
+        begin = raw.find(_PEM_BEGIN, pos)
+        if begin < 0:
+            break
+        start = begin + len(_PEM_BEGIN)
+        end = raw.find(_PEM_END, start)
+        if end < 0:
+            raise EvidenceFormatError("PEM certificate without END line", field=field, offset=begin)
+        body = raw[start:end]
+        if body.translate(None, _B64_ALPHABET):
+            raise EvidenceFormatError("non-base64 byte in PEM certificate", field=field, offset=start)
         try:
-            out.append(base64.b64decode(b"".join(m.group(1).split()), validate=True))
-        except (binascii.Error, ValueError) as exc:
+            out.append(binascii.a2b_base64(body))
+        except binascii.Error as exc:
             raise EvidenceFormatError(
-                f"bad base64 in PEM certificate: {exc}", field=field, offset=m.start()
+                f"bad base64 in PEM certificate: {exc}", field=field, offset=start
             ) from None
+        pos = end + len(_PEM_END)
     if not out:
         raise EvidenceFormatError("no PEM certificate found", field=field, offset=0)
     return out
@@ -241,72 +296,104 @@ class PckExtension:
     smt_enabled: bool | None = None
 
 
+def _oid_content(dotted: str) -> bytes:
+    enc = enc_oid(dotted)
+    return enc[2:]
+
+
+_Node = tuple[int, int, int, int]  # tag, value start, value end, header offset
+
+
+def _pairs(data: bytes, node: _Node, field: str) -> dict[bytes, _Node]:
+    """SEQUENCE OF SEQUENCE {OID, value} -> {raw OID content: value}; duplicates rejected."""
+    tag, start, end, off = node
+    if tag != TAG_SEQUENCE:
+        raise EvidenceFormatError("expected a SEQUENCE", field=field, offset=off)
+    out: dict[bytes, _Node] = {}
+    pos = start
+    while pos < end:
+        t, s, e = der_header(data, pos, end, field)
+        if t != TAG_SEQUENCE:
+            raise EvidenceFormatError("entry is not a SEQUENCE", field=field, offset=pos)
+        t1, os_, oe = der_header(data, s, e, field)
+        t2, vs, ve = der_header(data, oe, e, field) if t1 == TAG_OID else (0, 0, 0)
+        if t1 != TAG_OID or ve != e:
+            raise EvidenceFormatError("entry is not {OID, value}", field=field, offset=pos)
+        oid = data[os_:oe]
+        if oid in out:
+            raise EvidenceFormatError("duplicate entry", field=field, offset=pos)
+        out[oid] = (t2, vs, ve, oe)
+        pos = e
+    return out
+
+
+def _uint(data: bytes, node: _Node, field: str, *, tag: int = TAG_INTEGER, hi: int = 0xFFFF) -> int:
+    t, s, e, off = node
+    raw = data[s:e]
+    if t != tag or not raw or len(raw) > 3:
+        raise EvidenceFormatError("expected a small non-negative integer", field=field, offset=off)
+    if raw[0] & 0x80 or (len(raw) > 1 and raw[0] == 0 and not raw[1] & 0x80):
+        raise EvidenceFormatError("negative or non-minimal integer", field=field, offset=off)
+    value = int.from_bytes(raw, "big")
+    if value > hi:
+        raise EvidenceFormatError(f"value above {hi}", field=field, offset=off)
+    return value
+
+
+def _octets(data: bytes, node: _Node, field: str, size: int) -> bytes:
+    t, s, e, off = node
+    if t != TAG_OCTET_STRING or e - s != size:
+        raise EvidenceFormatError(f"expected an OCTET STRING of {size} bytes", field=field, offset=off)
+    return data[s:e]
+
+
+def _boolean(data: bytes, node: _Node, field: str) -> bool:
+    t, s, e, off = node
+    if t != TAG_BOOLEAN or e - s != 1 or data[s] not in (0x00, 0xFF):
+        raise EvidenceFormatError("malformed BOOLEAN", field=field, offset=off)
+    return data[s] == 0xFF
+
+
 def parse_pck_extension(value: bytes) -> PckExtension:
     """Decode the extension value (the DER SEQUENCE inside the extension's OCTET STRING)."""
     f = "pck_extension"
-    root = _expect(der_read(value, 0, field=f), TAG_SEQUENCE, f)
-    if root.end != len(value):
-        raise EvidenceFormatError("trailing bytes after extension", field=f, offset=root.end)
-    found: dict[str, DerNode] = {}
-    for entry in der_children(root, field=f):
-        _expect(entry, TAG_SEQUENCE, f)
-        kids = list(der_children(entry, field=f))
-        if len(kids) != 2:
-            raise EvidenceFormatError("extension entry is not {OID, value}", field=f, offset=entry.offset)
-        oid = der_oid(kids[0], f)
-        if oid in found:
-            raise EvidenceFormatError(f"duplicate entry {oid}", field=f, offset=entry.offset)
-        found[oid] = kids[1]
+    tag, start, end = der_header(value, 0, len(value), f)
+    if end != len(value):
+        raise EvidenceFormatError("trailing bytes after extension", field=f, offset=end)
+    found = _pairs(value, (tag, start, end, 0), f)
 
-    def need(oid: str, name: str) -> DerNode:
-        node = found.get(oid)
+    def need(key: str, name: str) -> _Node:
+        node = found.get(_RAW[key])
         if node is None:
-            raise EvidenceFormatError(f"missing {name} ({oid})", field=f"{f}.{name}", offset=0)
+            raise EvidenceFormatError(f"missing {name} ({key})", field=f"{f}.{name}", offset=0)
         return node
 
-    ppid = der_octets(need(_OID_PPID, "ppid"), f"{f}.ppid", 16)
-    tcb_node = _expect(need(_OID_TCB, "tcb"), TAG_SEQUENCE, f"{f}.tcb")
-    comps: dict[str, DerNode] = {}
-    for entry in der_children(tcb_node, field=f"{f}.tcb"):
-        _expect(entry, TAG_SEQUENCE, f"{f}.tcb")
-        kids = list(der_children(entry, field=f"{f}.tcb"))
-        if len(kids) != 2:
-            raise EvidenceFormatError("TCB entry is not {OID, value}", field=f"{f}.tcb", offset=entry.offset)
-        comps[der_oid(kids[0], f"{f}.tcb")] = kids[1]
+    ppid = _octets(value, need(_OID_PPID, "ppid"), f"{f}.ppid", 16)
+    tcb_node = need(_OID_TCB, "tcb")
+    comps = _pairs(value, tcb_node, f"{f}.tcb")
     svns: list[int] = []
-    for i in range(1, 17):
-        node = comps.get(f"{_OID_TCB}.{i}")
-        name = f"{f}.tcb.comp{i:02d}"
+    for i, raw_oid in enumerate(_RAW_COMPS):
+        node = comps.get(raw_oid)
+        name = f"{f}.tcb.comp{i + 1:02d}"
         if node is None:
-            raise EvidenceFormatError("missing TCB component", field=name, offset=tcb_node.offset)
-        svn = der_uint(node, name)
-        if svn > 255:
-            raise EvidenceFormatError("component SVN above 255", field=name, offset=node.offset)
-        svns.append(svn)
-    pce_node = comps.get(_OID_PCESVN)
-    cpu_node = comps.get(_OID_CPUSVN)
+            raise EvidenceFormatError("missing TCB component", field=name, offset=tcb_node[3])
+        svns.append(_uint(value, node, name, hi=255))
+    pce_node = comps.get(_RAW[_OID_PCESVN])
+    cpu_node = comps.get(_RAW[_OID_CPUSVN])
     if pce_node is None or cpu_node is None:
-        raise EvidenceFormatError("missing PCESVN or CPUSVN", field=f"{f}.tcb", offset=tcb_node.offset)
-    pce_svn = der_uint(pce_node, f"{f}.tcb.pcesvn")
-    if pce_svn > 0xFFFF:
-        raise EvidenceFormatError("PCESVN above 65535", field=f"{f}.tcb.pcesvn", offset=pce_node.offset)
-    cpu_svn = der_octets(cpu_node, f"{f}.tcb.cpusvn", 16)
-    pce_id = der_octets(need(_OID_PCEID, "pce_id"), f"{f}.pce_id", 2)
-    fmspc = der_octets(need(_OID_FMSPC, "fmspc"), f"{f}.fmspc", 6)
-    sgx_type = der_uint(need(_OID_SGX_TYPE, "sgx_type"), f"{f}.sgx_type", tag=TAG_ENUMERATED, max_bytes=1)
-    pid_node = found.get(_OID_PLATFORM_INSTANCE_ID)
-    pid = der_octets(pid_node, f"{f}.platform_instance_id", 16) if pid_node is not None else None
-    flags: dict[str, bool] = {}
-    cfg = found.get(_OID_CONFIGURATION)
+        raise EvidenceFormatError("missing PCESVN or CPUSVN", field=f"{f}.tcb", offset=tcb_node[3])
+    pce_svn = _uint(value, pce_node, f"{f}.tcb.pcesvn")
+    cpu_svn = _octets(value, cpu_node, f"{f}.tcb.cpusvn", 16)
+    pce_id = _octets(value, need(_OID_PCEID, "pce_id"), f"{f}.pce_id", 2)
+    fmspc = _octets(value, need(_OID_FMSPC, "fmspc"), f"{f}.fmspc", 6)
+    sgx_type = _uint(value, need(_OID_SGX_TYPE, "sgx_type"), f"{f}.sgx_type", tag=TAG_ENUMERATED, hi=255)
+    pid_node = found.get(_RAW[_OID_PLATFORM_INSTANCE_ID])
+    pid = _octets(value, pid_node, f"{f}.platform_instance_id", 16) if pid_node is not None else None
+    flags: dict[bytes, bool] = {}
+    cfg = found.get(_RAW[_OID_CONFIGURATION])
     if cfg is not None:
-        _expect(cfg, TAG_SEQUENCE, f"{f}.configuration")
-        for entry in der_children(cfg, field=f"{f}.configuration"):
-            kids = list(der_children(_expect(entry, TAG_SEQUENCE, f"{f}.configuration")))
-            if len(kids) != 2:
-                raise EvidenceFormatError(
-                    "bad configuration entry", field=f"{f}.configuration", offset=entry.offset
-                )
-            flags[der_oid(kids[0], f"{f}.configuration")] = der_bool(kids[1], f"{f}.configuration")
+        for oid, node in _pairs(value, cfg, f"{f}.configuration").items():
+            flags[oid] = _boolean(value, node, f"{f}.configuration")
     return PckExtension(
         ppid=ppid,
         tcb_components=tuple(svns),
@@ -316,9 +403,9 @@ def parse_pck_extension(value: bytes) -> PckExtension:
         fmspc=fmspc,
         sgx_type=sgx_type,
         platform_instance_id=pid,
-        dynamic_platform=flags.get(_OID_CONFIGURATION + ".1"),
-        cached_keys=flags.get(_OID_CONFIGURATION + ".2"),
-        smt_enabled=flags.get(_OID_CONFIGURATION + ".3"),
+        dynamic_platform=flags.get(_RAW[_OID_CONFIGURATION + ".1"]),
+        cached_keys=flags.get(_RAW[_OID_CONFIGURATION + ".2"]),
+        smt_enabled=flags.get(_RAW[_OID_CONFIGURATION + ".3"]),
     )
 
 
@@ -348,3 +435,23 @@ def encode_pck_extension(ext: PckExtension) -> bytes:
     if cfg:
         items.append(enc_seq(enc_oid(_OID_CONFIGURATION), enc_seq(*cfg)))
     return enc_seq(*items)
+
+
+_RAW: dict[str, bytes] = {
+    k: _oid_content(k)
+    for k in (
+        _OID_PPID,
+        _OID_TCB,
+        _OID_PCEID,
+        _OID_FMSPC,
+        _OID_SGX_TYPE,
+        _OID_PLATFORM_INSTANCE_ID,
+        _OID_CONFIGURATION,
+        _OID_PCESVN,
+        _OID_CPUSVN,
+        _OID_CONFIGURATION + ".1",
+        _OID_CONFIGURATION + ".2",
+        _OID_CONFIGURATION + ".3",
+    )
+}
+_RAW_COMPS: tuple[bytes, ...] = tuple(_oid_content(f"{_OID_TCB}.{i}") for i in range(1, 17))
