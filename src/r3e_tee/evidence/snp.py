@@ -195,6 +195,14 @@ def parse_snp_report(data: bytes) -> SnpReport:
     (launch_tcb,) = struct.unpack_from("<Q", raw, 0x1F0)
     r = raw[SIG_R : SIG_R + SIG_FIELD]
     s = raw[SIG_S : SIG_S + SIG_FIELD]
+    # the unsigned tail: P-384 R and S use 48 of their 72 bytes, the rest of the 512-byte
+    # signature field is reserved; non-zero bytes there mean the report was altered
+    for name, start, end in (("signature.r", SIG_R + 48, SIG_R + SIG_FIELD),
+                             ("signature.s", SIG_S + 48, SIG_S + SIG_FIELD),
+                             ("signature.reserved", SIG_S + SIG_FIELD, REPORT_SIZE)):  # fmt: skip
+        if any(raw[start:end]):
+            nz = start + next(i for i, b in enumerate(raw[start:end]) if b)
+            raise _fail("reserved bytes of the signature field must be zero", name, nz)
     return SnpReport(
         version=version,
         guest_svn=guest_svn,
