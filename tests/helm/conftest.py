@@ -167,7 +167,7 @@ class Scenario:
 
 
 HERE = Path(__file__).resolve().parent
-SCENARIO_NAMES = ("default", "guide", "all-features", "production")
+SCENARIO_NAMES = ("default", "guide", "all-features", "production", "minimal")
 
 
 @pytest.fixture(scope="session")
@@ -188,6 +188,21 @@ def scenarios(pem_keys: dict[str, Path]) -> dict[str, Scenario]:
                 f"tee.attestationKeys.nitroKey={pem_keys['nitro-key.pem']}",
             ),
             operator_secrets=frozenset(base | {"tee-sgx-api-key"}),
+        ),
+        # everything optional switched off: a development cluster without TEE hardware
+        "minimal": Scenario(
+            "minimal",
+            sets=(
+                "serviceAccount.create=false",
+                "rbac.create=false",
+                "tee.attestationService.enabled=false",
+                "tee.service.pdb.enabled=false",
+                "tee.providers.simulation.enabled=true",
+                "tee.providers.simulation.pdb.enabled=false",
+                "tee.attestation.allowSimulation=true",
+                "tee.keys.kekProvider=pkcs11",
+            ),
+            operator_secrets=frozenset({"r3e-tee-admin-token", "r3e-tee-pkcs11-pin"}),
         ),
         "production": Scenario(
             "production",
