@@ -6,7 +6,8 @@ labels and resource limits, types its values, so that an unknown key or an ill-t
 ``helm install``/``helm template`` before anything reaches a cluster. Values that are passed through
 to Kubernetes unchanged (affinity, tolerations, extra environment variables, NetworkPolicy peers)
 are checked against the Kubernetes 1.29 definitions shipped by kubernetes-validate (strict flavour,
-which closes every object too), the oldest Kubernetes version the chart supports.
+which closes every object too), the oldest Kubernetes version the chart supports. The schema is
+draft-07, which every Helm since 3.0 validates (Helm 3.18+ and 4 also read 2020-12).
 
     scripts/gen-values-schema.py            # write the file
     scripts/gen-values-schema.py --check    # exit 1 when the committed file differs
@@ -309,7 +310,7 @@ def values_schema() -> dict:
         }
     )
     schema: dict[str, Any] = {
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$schema": "http://json-schema.org/draft-07/schema#",
         "title": "r3e-faas chart values",
         **obj(
             {

@@ -263,7 +263,10 @@ def test_default_values_follow_the_schema() -> None:
 
     schema = json.loads((CHART / "values.schema.json").read_text())
     for path in (CHART / "values.yaml", CHART / "examples" / "production-values.yaml"):
-        jsonschema.Draft202012Validator(schema).validate(yaml.safe_load(path.read_text()))
+        validator = jsonschema.validators.validator_for(schema)
+        assert validator is jsonschema.Draft7Validator, "keep draft-07: Helm 3 before 3.18 reads only that"
+        validator.check_schema(schema)
+        validator(schema).validate(yaml.safe_load(path.read_text()))
 
 
 # --- tee-config.yaml as r3e-tee reads it ----------------------------------------------------------
