@@ -162,16 +162,17 @@ class CollateralConfig(_Model):
 
 
 class AttestationConfig(_Model):
+    # the "iss" of attestation tokens; relying parties check it
+    issuer: str = "r3e-tee-service"
     policy_file: Path | None = None
     # UNSAFE outside development: accept evidence from the simulation provider
     allow_simulation: bool = False
     allow_debug: bool = False
     token_ttl: float = 300.0
     nonce_ttl: float = 60.0
-    max_evidence_age: float = 300.0
     collateral: CollateralConfig = CollateralConfig()
 
-    _dur = field_validator("token_ttl", "nonce_ttl", "max_evidence_age", mode="before")(parse_duration)
+    _dur = field_validator("token_ttl", "nonce_ttl", mode="before")(parse_duration)
 
 
 class WorkersConfig(_Model):

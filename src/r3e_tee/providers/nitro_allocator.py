@@ -24,7 +24,8 @@ def read_allocator(path: Path) -> tuple[int, int]:
             lo, _, hi = part.strip().partition("-")
             cpus += (int(hi) - int(lo) + 1) if hi else 1
     else:
-        cpus = data.get("cpu_count")
-        if not isinstance(cpus, int) or cpus <= 0:
+        count = data.get("cpu_count")
+        if not isinstance(count, int) or count <= 0:
             raise ValueError("cpu_count must be a positive integer (or give cpu_pool)")
+        cpus = count
     return memory, cpus

@@ -122,11 +122,18 @@ class RequestContextMiddleware:
 def create_app(ctx: ServiceContext) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        for start in ctx.components.get("startup", []):
+            await start()
         log.info("service started", extra={"version": __version__, "dev": ctx.dev})
         try:
             yield
         finally:
             log.info("service stopping: draining done, closing the store")
+            for stop in reversed(ctx.components.get("shutdown", [])):
+                try:
+                    await stop()
+                except R3ETeeError as exc:
+                    log.warning("shutdown step failed", extra={"error": str(exc)})
             for hook in reversed(ctx.on_shutdown):
                 try:
                     hook()

@@ -49,6 +49,68 @@ MIGRATIONS: list[Migration] = [
         CREATE INDEX cache_expires ON cache (expires_at)
         """,
     ),
+    Migration(
+        2,
+        "enclaves: nonces, attestations, enclaves, workers",
+        """
+        CREATE TABLE nonces (
+            nonce TEXT PRIMARY KEY,
+            created_at DOUBLE PRECISION NOT NULL,
+            expires_at DOUBLE PRECISION NOT NULL
+        );
+        CREATE INDEX nonces_expires ON nonces (expires_at);
+        CREATE TABLE attestations (
+            id TEXT PRIMARY KEY,
+            enclave_id TEXT,
+            provider TEXT NOT NULL,
+            kind TEXT,
+            verdict TEXT NOT NULL,
+            reason TEXT,
+            detail TEXT,
+            claims TEXT,
+            evidence {blob} NOT NULL,
+            evidence_sha256 TEXT NOT NULL,
+            collateral TEXT,
+            nonce TEXT,
+            public_keys TEXT,
+            token_kid TEXT,
+            token_expires_at DOUBLE PRECISION,
+            revoked_at DOUBLE PRECISION,
+            created_at DOUBLE PRECISION NOT NULL
+        );
+        CREATE INDEX attestations_enclave ON attestations (enclave_id);
+        CREATE TABLE workers (
+            id TEXT PRIMARY KEY,
+            url TEXT,
+            providers TEXT NOT NULL,
+            capacity TEXT NOT NULL,
+            load TEXT NOT NULL,
+            started_at DOUBLE PRECISION NOT NULL,
+            last_heartbeat DOUBLE PRECISION NOT NULL
+        );
+        CREATE TABLE enclaves (
+            id TEXT PRIMARY KEY,
+            provider TEXT NOT NULL,
+            size_bytes BIGINT NOT NULL,
+            debug INTEGER NOT NULL,
+            evidence_format TEXT NOT NULL,
+            state TEXT NOT NULL,
+            reason TEXT,
+            measurement TEXT,
+            attestation_id TEXT,
+            worker_id TEXT,
+            pid INTEGER,
+            public_keys TEXT,
+            function_name TEXT,
+            created_at DOUBLE PRECISION NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL,
+            ready_at DOUBLE PRECISION,
+            terminated_at DOUBLE PRECISION
+        );
+        CREATE INDEX enclaves_state ON enclaves (state);
+        CREATE INDEX enclaves_worker ON enclaves (worker_id)
+        """,
+    ),
 ]
 
 LATEST_VERSION = MIGRATIONS[-1].version

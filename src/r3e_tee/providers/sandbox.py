@@ -1,0 +1,207 @@
+"""OS isolation for simulated enclaves and function sandboxes: real kernel mechanisms.
+
+Applied inside a freshly forked child before it runs untrusted or enclave code:
+- its own session (``setsid``), killed with its parent (``PR_SET_PDEATHSIG``);
+- not dumpable (``PR_SET_DUMPABLE`` 0): other processes of the same user cannot ptrace it or
+  read ``/proc/<pid>/mem``;
+- rlimits: data segment (the enclave size), CPU seconds, no core files;
+- a seccomp filter (x86_64) that refuses ptrace, process_vm_*, mounts, namespaces, kernel
+  modules, BPF, perf, keyrings, and IPv4/IPv6/packet sockets.
+Bubblewrap (no network, read-only root) wraps the whole zygote where it is installed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import platform
+import resource
+import shutil
+import signal
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
+PR_SET_SECCOMP = 22
+PR_SET_NO_NEW_PRIVS = 38
+SECCOMP_MODE_FILTER = 2
+
+_BPF_LD_W_ABS = 0x20
+_BPF_JEQ_K = 0x15
+_BPF_JGE_K = 0x35
+_BPF_RET_K = 0x06
+_RET_KILL_PROCESS = 0x80000000
+_RET_ERRNO = 0x00050000
+_RET_ALLOW = 0x7FFF0000
+_AUDIT_ARCH_X86_64 = 0xC000003E
+
+# x86_64 syscall numbers refused inside enclaves and function sandboxes
+DENIED_SYSCALLS_X86_64: dict[str, int] = {
+    "ptrace": 101,
+    "process_vm_readv": 310,
+    "process_vm_writev": 311,
+    "mount": 165,
+    "umount2": 166,
+    "pivot_root": 155,
+    "chroot": 161,
+    "swapon": 167,
+    "swapoff": 168,
+    "reboot": 169,
+    "acct": 163,
+    "settimeofday": 164,
+    "clock_settime": 227,
+    "iopl": 172,
+    "ioperm": 173,
+    "init_module": 175,
+    "delete_module": 176,
+    "finit_module": 313,
+    "kexec_load": 246,
+    "kexec_file_load": 320,
+    "add_key": 248,
+    "request_key": 249,
+    "keyctl": 250,
+    "unshare": 272,
+    "setns": 308,
+    "perf_event_open": 298,
+    "bpf": 321,
+    "userfaultfd": 323,
+    "name_to_handle_at": 303,
+    "open_by_handle_at": 304,
+}
+_SYS_SOCKET_X86_64 = 41
+DENIED_SOCKET_FAMILIES = {"AF_INET": 2, "AF_INET6": 10, "AF_PACKET": 17}
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    memory_bytes: int | None = None  # RLIMIT_DATA: heap and anonymous mappings
+    cpu_seconds: int | None = None
+    open_files: int = 1024
+    deny_network: bool = True
+    seccomp: bool = True
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def _prctl(option: int, arg2: int | ctypes.c_void_p = 0) -> None:
+    libc = _libc()
+    if libc.prctl(option, arg2, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl({option}) failed: {os.strerror(err)}")
+
+
+def seccomp_supported() -> tuple[bool, str]:
+    if platform.system() != "Linux":
+        return False, "seccomp needs Linux"
+    if platform.machine() != "x86_64":
+        return False, f"the seccomp filter is written for x86_64, not {platform.machine()}"
+    return True, "seccomp filter available (x86_64)"
+
+
+def build_seccomp_program(denied: Sequence[int], *, deny_network: bool) -> bytes:
+    """A classic-BPF seccomp program; denied calls fail with EPERM, a foreign arch is killed."""
+
+    def stmt(code: int, k: int) -> bytes:
+        return struct.pack("HBBI", code, 0, 0, k)
+
+    def jump(code: int, k: int, jt: int, jf: int) -> bytes:
+        return struct.pack("HBBI", code, jt, jf, k)
+
+    eperm = _RET_ERRNO | errno.EPERM
+    prog = [
+        stmt(_BPF_LD_W_ABS, 4),  # seccomp_data.arch
+        jump(_BPF_JEQ_K, _AUDIT_ARCH_X86_64, 1, 0),
+        stmt(_BPF_RET_K, _RET_KILL_PROCESS),
+        stmt(_BPF_LD_W_ABS, 0),  # seccomp_data.nr
+        jump(_BPF_JGE_K, 0x40000000, 0, 1),  # the x32 ABI
+        stmt(_BPF_RET_K, eperm),
+    ]
+    for nr in denied:
+        prog += [jump(_BPF_JEQ_K, nr, 0, 1), stmt(_BPF_RET_K, eperm)]
+    if deny_network:
+        families = sorted(DENIED_SOCKET_FAMILIES.values())
+        n = len(families)
+        # jeq socket -> [ld arg0, jeq fam_i..., ret allow, ret EAFNOSUPPORT]; else skip the block
+        prog.append(jump(_BPF_JEQ_K, _SYS_SOCKET_X86_64, 0, n + 3))
+        prog.append(stmt(_BPF_LD_W_ABS, 16))  # args[0], low 32 bits
+        for i, fam in enumerate(families):
+            prog.append(jump(_BPF_JEQ_K, fam, n - i, 0))
+        prog.append(stmt(_BPF_RET_K, _RET_ALLOW))
+        prog.append(stmt(_BPF_RET_K, _RET_ERRNO | errno.EAFNOSUPPORT))
+    prog.append(stmt(_BPF_RET_K, _RET_ALLOW))
+    return b"".join(prog)
+
+
+def install_seccomp(*, deny_network: bool = True) -> None:
+    ok, why = seccomp_supported()
+    if not ok:
+        raise OSError(errno.ENOSYS, why)
+    program = build_seccomp_program(list(DENIED_SYSCALLS_X86_64.values()), deny_network=deny_network)
+    buf = ctypes.create_string_buffer(program, len(program))
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    fprog = SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    _prctl(PR_SET_NO_NEW_PRIVS, 1)
+    libc = _libc()
+    if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"installing the seccomp filter failed: {os.strerror(err)}")
+
+
+def apply_in_child(limits: SandboxLimits, *, new_session: bool = True) -> list[str]:
+    """Confine the calling (freshly forked) process. Returns what could not be applied."""
+    missing: list[str] = []
+    if new_session:
+        try:
+            os.setsid()
+        except OSError:
+            missing.append("setsid")
+    try:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        _prctl(PR_SET_DUMPABLE, 0)
+    except OSError as exc:
+        missing.append(f"prctl: {exc.strerror}")
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limits.open_files, limits.open_files))
+    if limits.memory_bytes is not None:
+        resource.setrlimit(resource.RLIMIT_DATA, (limits.memory_bytes, limits.memory_bytes))
+    if limits.cpu_seconds is not None:
+        resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 5))
+    if limits.seccomp:
+        try:
+            install_seccomp(deny_network=limits.deny_network)
+        except OSError as exc:
+            missing.append(f"seccomp: {exc.strerror}")
+    return missing
+
+
+def bubblewrap_argv(*, writable: Sequence[str] = ()) -> list[str] | None:
+    """The bwrap prefix for a network-less, read-only-root process tree, or None without bwrap."""
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        return None
+    argv = [
+        bwrap,
+        "--ro-bind", "/", "/",
+        "--dev", "/dev",
+        "--proc", "/proc",
+        "--tmpfs", "/tmp",  # noqa: S108 - a private tmpfs, not the host /tmp
+        "--unshare-net",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--die-with-parent",
+        "--new-session",
+    ]  # fmt: skip
+    if os.getuid() != 0:
+        argv.append("--unshare-user")
+    for path in writable:
+        argv += ["--bind", path, path]
+    return argv

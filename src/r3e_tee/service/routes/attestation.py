@@ -1,0 +1,102 @@
+"""Attestation endpoints: nonce, verify, stored reports, JWKS."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Annotated, Any
+
+import anyio
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel, Field
+
+from r3e_tee.attestation.service import AttestationService
+from r3e_tee.errors import InvalidRequestError
+from r3e_tee.service.app import ServiceContext
+from r3e_tee.service.auth import Principal, Scope
+from r3e_tee.service.deps import get_ctx, require
+
+router = APIRouter(tags=["attestation"])
+Ctx = Annotated[ServiceContext, Depends(get_ctx)]
+
+
+def attestation(ctx: ServiceContext) -> AttestationService:
+    svc: AttestationService = ctx.components["attestation"]
+    return svc
+
+
+class NonceResponse(BaseModel):
+    nonce: str = Field(description="hex; single use")
+    expires_at: float
+
+
+class PublicKeys(BaseModel):
+    x25519: str = Field(description="base64 raw X25519 public key (32 bytes)")
+    p256: str = Field(description="base64 uncompressed P-256 point (65 bytes)")
+
+
+class VerifyRequest(BaseModel):
+    evidence: str = Field(description="base64 evidence (DCAP quote or Nitro document)")
+    nonce: str
+    public_keys: PublicKeys
+    provider: str = Field(description="the provider that launched the enclave")
+    enclave_id: str | None = None
+
+
+class VerifyResponse(BaseModel):
+    attestation_id: str
+    token: str
+    expires_at: int
+    measurement: str | None
+    result: dict[str, Any]
+
+
+def _b64(value: str, name: str) -> bytes:
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequestError(f"{name} is not valid base64") from None
+
+
+@router.post("/v1/attestation/nonce", summary="A fresh single-use nonce for evidence")
+def nonce(ctx: Ctx, _: Annotated[Principal, Depends(require(Scope.ENCLAVE))]) -> NonceResponse:
+    value, expires = attestation(ctx).new_nonce()
+    return NonceResponse(nonce=value, expires_at=expires)
+
+
+@router.post(
+    "/v1/attestation/verify", summary="Verify evidence bound to a nonce and keys; returns a signed result"
+)
+async def verify(
+    body: VerifyRequest, ctx: Ctx, _: Annotated[Principal, Depends(require(Scope.ENCLAVE))]
+) -> VerifyResponse:
+    evidence = _b64(body.evidence, "evidence")
+    keys = {"x25519": _b64(body.public_keys.x25519, "x25519"), "p256": _b64(body.public_keys.p256, "p256")}
+    outcome = await anyio.to_thread.run_sync(
+        lambda: attestation(ctx).verify(
+            evidence=evidence,
+            nonce=body.nonce,
+            public_keys=keys,
+            provider=body.provider,
+            enclave_id=body.enclave_id,
+        )
+    )
+    return VerifyResponse(
+        attestation_id=outcome.id,
+        token=outcome.token.token,
+        expires_at=outcome.token.expires_at,
+        measurement=outcome.measurement,
+        result=outcome.result.to_json(),
+    )
+
+
+@router.get("/v1/attestations/{attestation_id}", summary="A stored attestation report")
+def get_attestation(
+    attestation_id: str, ctx: Ctx, _: Annotated[Principal, Depends(require(Scope.READ))]
+) -> dict[str, Any]:
+    return attestation(ctx).get(attestation_id)
+
+
+@router.get("/.well-known/jwks.json", summary="Public keys that sign attestation tokens")
+def jwks(ctx: Ctx) -> dict[str, Any]:
+    return attestation(ctx).issuer.jwks()
