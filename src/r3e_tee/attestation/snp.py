@@ -155,6 +155,7 @@ class SnpVerifier:
         self.anchor = TrustAnchor.load(trust_root) if trust_root is not None else None
         self._reports: LruCache[bytes, SnpReport] = LruCache(cache_size)
         self._chains: LruCache[_ChainKey, ValidatedChain] = LruCache(cache_size)
+        self._certs: LruCache[bytes, x509.Certificate] = LruCache(cache_size)
 
     def parse(self, data: bytes) -> SnpReport:
         data = bytes(data)
@@ -182,7 +183,9 @@ class SnpVerifier:
                 "report is not signed (SIGNING_KEY = none)",
                 check="snp.report-signature",
             )
-        vcek = load_certificate(coll.vcek, field="snp.collateral.vcek")
+        vcek = self._certs.get_or_set(
+            coll.vcek, lambda: load_certificate(coll.vcek, field="snp.collateral.vcek")
+        )
         cn = " ".join(str(a.value) for a in vcek.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME))
         if rep.signing_key not in cn:
             raise VerificationError(
