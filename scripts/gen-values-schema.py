@@ -257,11 +257,11 @@ def values_schema() -> dict:
             ),
             "attestation": obj(
                 {
+                    "issuer": string("the iss claim of attestation tokens", minLength=1),
                     "allowSimulation": BOOL,
                     "allowDebug": BOOL,
                     "tokenTtl": DURATION,
                     "nonceTtl": DURATION,
-                    "maxEvidenceAge": DURATION,
                     "collateral": obj(
                         {
                             "pcsUrl": URL,
