@@ -8,6 +8,6 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PYTHONHASHSEED=0
 USER 10001:10001
-ENTRYPOINT ["python", "-m", "r3e_tee.runtime"]
+ENTRYPOINT ["python", "-m", "r3e_tee.runtime.enclave"]
 # no HTTP endpoint inside an enclave: its worker reports its health
 HEALTHCHECK NONE

@@ -198,7 +198,7 @@ def test_generated_enclave_files_come_from_the_eif_recipe() -> None:
         assert Path(generated).name in script
     subprocess.run(["bash", "-n", str(REPO / "deploy" / "nitro" / "build-eif.sh")], check=True)
     enclave = (REPO / "deploy" / "nitro" / "enclave.Dockerfile").read_text()
-    assert '"r3e_tee.runtime"' in enclave
+    assert '"r3e_tee.runtime.enclave"' in enclave
 
 
 def test_gramine_manifest_template_renders_to_valid_toml() -> None:
@@ -216,6 +216,7 @@ def test_gramine_manifest_template_renders_to_valid_toml() -> None:
         "log_level": "error",
         "isvprodid": "1",
         "isvsvn": "1",
+        "channel": "/run/r3e-tee/enclave-1.sock",
     }
     used = set(re.findall(r"\{\{\s*(.+?)\s*\}\}", template))
     assert used <= set(params), f"undocumented template parameters: {used - set(params)}"
@@ -224,7 +225,7 @@ def test_gramine_manifest_template_renders_to_valid_toml() -> None:
     assert sgx["remote_attestation"] == "dcap"
     assert sgx["debug"] is False and sgx["enclave_size"] == "128M" and sgx["max_threads"] == 16
     assert "file:/opt/r3e-tee/lib/" in sgx["trusted_files"]
-    assert manifest["loader"]["argv"][1:] == ["-m", "r3e_tee.runtime"]
+    assert manifest["loader"]["argv"][1:5] == ["-m", "r3e_tee.runtime.enclave", "--device", "gramine"]
     # the documented render command names every parameter
     for name in used - {"gramine.libos", "gramine.runtimedir()"}:
         assert f"-D{name}=" in template
