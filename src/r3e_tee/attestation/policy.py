@@ -219,10 +219,11 @@ def _duration(value: Any, key: str) -> float:
 
 
 _KIND_VALUES = tuple(k.value for k in EvidenceKind)
+_KIND_ALIASES = {"sgx": "sgx-dcap", "tdx": "tdx-dcap", "ias": "sgx-ias", "snp": "sev-snp"}
 _CONVERTERS: dict[str, Callable[[Any, str], Any]] = {
     "allow_debug": _bool,
     "allow_simulation": _bool,
-    "kinds": _strings(_KIND_VALUES),
+    "kinds": _strings(_KIND_VALUES, lambda k: _KIND_ALIASES.get(k.lower(), k.lower())),
     "tcb_statuses": _strings(TCB_STATUSES, canonical_tcb_status),
     "allowed_advisories": _strings(None, str.upper),
     "denied_advisories": _strings(None, str.upper),
@@ -383,10 +384,10 @@ class Policy:
     ) -> Policy:
         """The CLI's ``--allow-debug`` (an explicit UNSAFE override) and ``--pcr`` additions."""
         p = self
+        if pcrs:
+            p = p.merge(Policy(expected_pcrs=_pcrs(dict(pcrs), "expected_pcrs"), allow_debug=p.allow_debug))
         if allow_debug is not None:
             p = replace(p, allow_debug=allow_debug)
-        if pcrs:
-            p = p.merge(Policy(expected_pcrs=_pcrs(dict(pcrs), "expected_pcrs")))
         return p
 
     # -- checking -------------------------------------------------------------------------------
