@@ -79,7 +79,7 @@ from r3e_tee.evidence.x509_ext import (
     pem_chain_to_der,
 )
 
-__all__ = ["DcapVerifier", "VerificationCache", "converge_status", "verify_dcap"]
+__all__ = ["DcapVerifier", "VerificationCache", "converge_status", "quote_claims", "verify_dcap"]
 
 _ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
 _SGX_EXT_OID = x509.ObjectIdentifier(SGX_EXTENSION_OID)
@@ -977,6 +977,26 @@ def _claims(body: EnclaveReport | TdReport, fmspc: bytes) -> tuple[dict[str, Any
     if body.tee_tcb_svn2 is not None:
         details["tee_tcb_svn2"] = _hex(body.tee_tcb_svn2)
     return claims, details
+
+
+def quote_claims(quote: bytes | Quote) -> dict[str, Any]:
+    """The claims a quote *states* (same keys as a verified result), WITHOUT verifying anything.
+
+    For error reports and diagnostics only: never base a trust decision on these.
+    """
+    q = quote if isinstance(quote, Quote) else parse_quote(quote)
+    pem = q.pck_chain_pem
+    fmspc = b""
+    if pem is not None:
+        try:
+            leaf = x509.load_der_x509_certificate(pem_chain_to_der(pem)[0])
+            fmspc = _pck_extension(leaf).fmspc
+        except (ValueError, EvidenceFormatError):
+            fmspc = b""
+    claims, _ = _claims(q.body, fmspc)
+    if not fmspc:
+        claims.pop("fmspc", None)
+    return claims
 
 
 def verify_dcap(

@@ -1,0 +1,449 @@
+"""DCAP verifier on builder-made evidence: one test per rejection class, each next to an accepted
+variant, plus TCB-status convergence. Times are fixed (conftest.NOW)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from datetime import timedelta
+
+import dcap_qvl
+import pytest
+from dcap_vectors import NOW
+
+from r3e_tee.attestation.dcap import DcapVerifier, VerificationCache, converge_status, verify_dcap
+from r3e_tee.errors import CollateralError, EvidenceFormatError, InvalidRequestError, VerificationError
+from r3e_tee.evidence.dcap_builder import (
+    DcapPlatform,
+    build_collateral,
+    build_sgx_quote,
+    build_tdx_quote,
+    build_test_platform,
+    default_qe_identity,
+    default_tcb_info,
+    sign_p256_raw,
+)
+from r3e_tee.evidence.dcap_collateral import QuoteCollateral, TcbLevel
+from r3e_tee.evidence.sgx_quote import assemble_quote, parse_quote
+
+Platform = tuple[DcapPlatform, QuoteCollateral]
+DAY = timedelta(days=1)
+
+
+def ok(platform: DcapPlatform, quote: bytes, coll: QuoteCollateral, at=NOW):  # type: ignore[no-untyped-def]
+    return verify_dcap(quote, coll, at=at, trust_root=platform.root_cert_pem)
+
+
+def rejects(
+    reason: str, platform: DcapPlatform, quote: bytes, coll: QuoteCollateral, at=NOW, root=None
+) -> VerificationError:  # type: ignore[no-untyped-def]
+    with pytest.raises(VerificationError) as info:
+        verify_dcap(quote, coll, at=at, trust_root=root or platform.root_cert_pem)
+    assert info.value.reason.value == reason, str(info.value)
+    return info.value
+
+
+# --- acceptance and statuses -------------------------------------------------------------------
+
+
+def test_quote_versions_accepted(sgx_platform: Platform, tdx_platform: Platform) -> None:
+    p, c = sgx_platform
+    for v in (3, 4, 5):
+        res = ok(p, build_sgx_quote(p, version=v, report_data=b"\x11" * 64), c)
+        assert res.kind.value == "sgx-dcap" and res.tcb_status == "UpToDate" and not res.debug
+        assert res.claims["report_data"] == "11" * 64 and res.claims["fmspc"] == "00906ED50000"
+    t, tc = tdx_platform
+    for v, td15 in ((4, False), (5, False), (5, True)):
+        res = ok(t, build_tdx_quote(t, version=v, td15=td15, mr_td=b"\x22" * 48), tc)
+        assert res.kind.value == "tdx-dcap" and res.tcb_status == "UpToDate"
+        assert res.claims["mr_td"] == "22" * 48 and ("mr_servicetd" in res.claims) == td15
+        assert res.details["tdx_module_tcb_status"] == "UpToDate"
+    assert res.valid_until == NOW + 30 * DAY
+
+
+@pytest.mark.parametrize(
+    ("status", "advisories"),
+    [
+        ("UpToDate", ()),
+        ("SWHardeningNeeded", ("INTEL-SA-00615",)),
+        ("ConfigurationNeeded", ("INTEL-SA-00289",)),
+        ("ConfigurationAndSWHardeningNeeded", ("INTEL-SA-00289", "INTEL-SA-00615")),
+        ("OutOfDate", ("INTEL-SA-00837",)),
+        ("OutOfDateConfigurationNeeded", ("INTEL-SA-00837", "INTEL-SA-00289")),
+    ],
+)
+def test_each_tcb_status_is_accepted_and_reported(status: str, advisories: tuple[str, ...]) -> None:
+    p, c = build_test_platform(now=NOW, tcb_status=status, advisory_ids=advisories)
+    res = ok(p, build_sgx_quote(p), c)
+    assert res.tcb_status == status and set(res.advisories) == set(advisories)
+    # the same platform under a Revoked TCB level is rejected
+    p2, c2 = build_test_platform(now=NOW, tcb_status="Revoked")
+    rejects("revoked", p2, build_sgx_quote(p2), c2)
+
+
+def test_tcb_info_v2_accepted() -> None:
+    p, c = build_test_platform(now=NOW, tcb_info_version=2, tcb_status="SWHardeningNeeded")
+    assert '"sgxtcbcomp01svn"' in c.tcb_info and '"id"' not in c.tcb_info
+    assert ok(p, build_sgx_quote(p), c).tcb_status == "SWHardeningNeeded"
+
+
+def test_qe_and_tdx_module_status_converge() -> None:
+    assert converge_status("ConfigurationNeeded", "OutOfDate") == "OutOfDateConfigurationNeeded"
+    assert converge_status("SWHardeningNeeded", "OutOfDate") == "OutOfDate"
+    assert converge_status("UpToDate", "ConfigurationNeeded") == "UpToDate"
+    assert converge_status("OutOfDate", "Revoked") == "Revoked"
+    p, c = build_test_platform(
+        now=NOW,
+        tcb_status="ConfigurationNeeded",
+        advisory_ids=("INTEL-SA-00289",),
+        qe_tcb_status="OutOfDate",
+        qe_advisory_ids=("INTEL-SA-00477",),
+    )
+    res = ok(p, build_sgx_quote(p), c)
+    assert res.tcb_status == "OutOfDateConfigurationNeeded"
+    assert set(res.advisories) == {"INTEL-SA-00289", "INTEL-SA-00477"}
+    assert (
+        res.details["platform_tcb_status"] == "ConfigurationNeeded"
+        and res.details["qe_tcb_status"] == "OutOfDate"
+    )
+    t, tc = build_test_platform(tee="tdx", now=NOW, tdx_module_status="OutOfDate")
+    res = ok(t, build_tdx_quote(t), tc)
+    assert res.tcb_status == "OutOfDate" and res.details["tdx_module_tcb_status"] == "OutOfDate"
+    q, qc = build_test_platform(now=NOW, qe_tcb_status="Revoked")
+    rejects("revoked", q, build_sgx_quote(q), qc)
+
+
+def test_debug_is_a_claim_not_a_rejection(sgx_platform: Platform, tdx_platform: Platform) -> None:
+    p, c = sgx_platform
+    res = ok(p, build_sgx_quote(p, attributes=bytes.fromhex("07000000000000000700000000000000")), c)
+    assert res.debug and res.claims["debug"] is True
+    t, tc = tdx_platform
+    res = ok(t, build_tdx_quote(t, td_attributes=bytes.fromhex("0100001000000000")), tc)
+    assert res.debug and res.claims["td_attributes"] == "0100001000000000"
+
+
+# --- time --------------------------------------------------------------------------------------
+
+
+def test_expired_and_not_yet_valid_collateral(sgx_platform: Platform) -> None:
+    p, c = sgx_platform
+    quote = build_sgx_quote(p)
+    ok(p, quote, c, at=NOW + 29 * DAY)
+    rejects("expired-collateral", p, quote, c, at=NOW + 31 * DAY)
+    rejects("not-yet-valid", p, quote, c, at=NOW - 2 * DAY)
+    # only the QE identity stale: still caught
+    ident = default_qe_identity(p, issued=NOW - 40 * DAY, next_update=NOW - DAY)
+    rejects("expired-collateral", p, quote, build_collateral(p, qe_identity=ident))
+
+
+def test_expired_and_not_yet_valid_certificates() -> None:
+    p, c = build_test_platform(now=NOW, cert_not_after=NOW + 10 * DAY)
+    quote = build_sgx_quote(p)
+    ok(p, quote, c, at=NOW + 9 * DAY)
+    rejects("expired", p, quote, c, at=NOW + 11 * DAY)
+    p2, c2 = build_test_platform(now=NOW, cert_not_before=NOW + DAY, collateral_issued=NOW - DAY)
+    rejects("not-yet-valid", p2, build_sgx_quote(p2), c2)
+    ok(p2, build_sgx_quote(p2), c2, at=NOW + 2 * DAY)
+
+
+def test_warm_verifier_still_checks_time(sgx_platform: Platform) -> None:
+    p, c = sgx_platform
+    quote = build_sgx_quote(p)
+    v = DcapVerifier(p.root_cert_pem)
+    for _ in range(3):
+        assert v.verify(quote, c, at=NOW).tcb_status == "UpToDate"
+        with pytest.raises(VerificationError, match="expired-collateral"):
+            v.verify(quote, c, at=NOW + 60 * DAY)
+
+
+# --- chains, CRLs, revocation ------------------------------------------------------------------
+
+
+def test_wrong_root(sgx_platform: Platform) -> None:
+    p, c = sgx_platform
+    other, _ = build_test_platform(now=NOW)
+    quote = build_sgx_quote(p)
+    ok(p, quote, c)
+    rejects("bad-chain", p, quote, c, root=other.root_cert_pem)
+
+
+def test_revoked_pck_and_pck_ca() -> None:
+    p, c = build_test_platform(now=NOW, revoke_pck=True)
+    rejects("revoked", p, build_sgx_quote(p), c)
+    ok(p, build_sgx_quote(p), build_collateral(replace(p, spec=replace(p.spec, revoke_pck=False))))
+    p2, c2 = build_test_platform(now=NOW, revoke_pck_ca=True)
+    err = rejects("revoked", p2, build_sgx_quote(p2), c2)
+    assert "PCK CA" in str(err)
+
+
+def test_pck_crl_from_the_wrong_ca(sgx_platform: Platform) -> None:
+    p, c = sgx_platform
+    other, _ = build_test_platform(now=NOW, ca="platform", root_key=p.root_key)  # same root, other CA
+    coll = build_collateral(p, pck_crl_issuer=(other.pck_ca_cert, other.pck_ca_key))
+    ok(p, build_sgx_quote(p), c)
+    err = rejects("bad-chain", p, build_sgx_quote(p), coll)
+    assert err.check == "pck-crl.issuer"
+
+
+def test_tampered_collateral_signatures(sgx_platform: Platform) -> None:
+    p, c = sgx_platform
+    quote = build_sgx_quote(p)
+    rejects(
+        "bad-signature",
+        p,
+        quote,
+        replace(
+            c, tcb_info=c.tcb_info.replace('"tcbEvaluationDataNumber":17', '"tcbEvaluationDataNumber":18')
+        ),
+    )
+    rejects(
+        "bad-signature",
+        p,
+        quote,
+        replace(c, qe_identity=c.qe_identity.replace('"isvprodid":1', '"isvprodid":2')),
+    )
+    sig = bytearray(c.root_ca_crl)
+    sig[-5] ^= 1
+    rejects("bad-signature", p, quote, replace(c, root_ca_crl=bytes(sig)))
+
+
+# --- QE, quote signature -----------------------------------------------------------------------
+
+
+def test_bad_qe_identity() -> None:
+    p, c = build_test_platform(now=NOW)
+    quote = build_sgx_quote(p)
+    ok(p, quote, c)
+    p1, c1 = build_test_platform(now=NOW, identity_mrsigner=b"\x01" * 32)
+    assert rejects("bad-qe-report", p1, build_sgx_quote(p1), c1).check == "qe-identity.mrsigner"
+    p2, c2 = build_test_platform(now=NOW, identity_isvprodid=7)
+    assert rejects("bad-qe-report", p2, build_sgx_quote(p2), c2).check == "qe-identity.isvprodid"
+    ident = default_qe_identity(p, issued=NOW - DAY, next_update=NOW + DAY)
+    bad_attr = replace(ident, attributes=bytes.fromhex("13000000000000000000000000000000"))
+    assert (
+        rejects("bad-qe-report", p, quote, build_collateral(p, qe_identity=bad_attr)).check
+        == "qe-identity.attributes"
+    )
+    # a bit outside the mask does not matter
+    masked = replace(ident, attributes=bytes.fromhex("11000000000000000000000000000001"))
+    ok(p, quote, build_collateral(p, qe_identity=masked))
+    bad_misc = replace(ident, miscselect=1)
+    assert (
+        rejects("bad-qe-report", p, quote, build_collateral(p, qe_identity=bad_misc)).check
+        == "qe-identity.miscselect"
+    )
+    tdx_ident = replace(ident, id="TD_QE")
+    assert (
+        rejects("bad-qe-report", p, quote, build_collateral(p, qe_identity=tdx_ident)).check
+        == "qe-identity.id"
+    )
+
+
+def test_qe_report_binding_and_signatures(sgx_platform: Platform) -> None:
+    p, c = sgx_platform
+    good = parse_quote(build_sgx_quote(p))
+    signed = good.signed_region
+    sd = good.signature_data
+
+    def rebuild(**kw: bytes) -> bytes:
+        parts = {
+            "signature": sd.signature,
+            "attestation_key": sd.attestation_key,
+            "qe_report": sd.qe_report.raw,
+            "qe_report_signature": sd.qe_report_signature,
+            "qe_auth_data": sd.qe_auth_data,
+        } | kw
+        return assemble_quote(signed, version=3, pck_chain_pem=p.pck_chain_pem, **parts)
+
+    ok(p, rebuild(), c)
+    assert rejects("bad-qe-report", p, rebuild(qe_auth_data=bytes(32)), c).check == "qe-report.report-data"
+    assert (
+        rejects(
+            "bad-qe-report", p, rebuild(qe_report_signature=sign_p256_raw(p.pck_ca_key, sd.qe_report.raw)), c
+        ).check
+        == "qe-report.signature"
+    )
+    assert (
+        rejects("bad-signature", p, rebuild(signature=sign_p256_raw(p.pck_key, signed)), c).check
+        == "quote.signature"
+    )
+
+
+# --- TCB matching ------------------------------------------------------------------------------
+
+
+def test_wrong_fmspc_and_pce_id(sgx_platform: Platform) -> None:
+    p, c = sgx_platform
+    quote = build_sgx_quote(p)
+    info = default_tcb_info(p, issued=NOW - DAY, next_update=NOW + DAY)
+    assert (
+        rejects(
+            "collateral-mismatch", p, quote, build_collateral(p, tcb_info=replace(info, fmspc=bytes(6)))
+        ).check
+        == "tcb-info.fmspc"
+    )
+    assert (
+        rejects(
+            "collateral-mismatch", p, quote, build_collateral(p, tcb_info=replace(info, pce_id=b"\x00\x01"))
+        ).check
+        == "tcb-info.pce-id"
+    )
+    # FMSPC compares case-insensitively: lower-case hex in the TCB Info is the same platform
+    coll = build_collateral(p, tcb_info=info)
+    lower = coll.tcb_info.replace('"fmspc":"00906ED50000"', '"fmspc":"00906ed50000"')
+    assert lower != coll.tcb_info
+    ok(
+        p,
+        quote,
+        replace(coll, tcb_info=lower, tcb_info_signature=sign_p256_raw(p.tcb_signing_key, lower.encode())),
+    )
+
+
+def test_tcb_info_of_another_tee(sgx_platform: Platform, tdx_platform: Platform) -> None:
+    p, c = sgx_platform
+    t, _ = tdx_platform
+    tdx_info = replace(default_tcb_info(t, issued=NOW - DAY, next_update=NOW + DAY), fmspc=p.spec.fmspc)
+    assert (
+        rejects("collateral-mismatch", p, build_sgx_quote(p), build_collateral(p, tcb_info=tdx_info)).check
+        == "tcb-info.id"
+    )
+
+
+def test_tcb_level_not_found_sgx(sgx_platform: Platform) -> None:
+    p, _ = sgx_platform
+    quote = build_sgx_quote(p)
+    comps = list(p.spec.tcb_components)
+    comps[7] += 1  # one component above the platform
+    higher = TcbLevel(tuple(comps), p.spec.pce_svn, "UpToDate")
+    pce_higher = TcbLevel(p.spec.tcb_components, p.spec.pce_svn + 1, "UpToDate")
+    lower = TcbLevel(p.spec.tcb_components, p.spec.pce_svn - 1, "OutOfDate", advisory_ids=("INTEL-SA-00001",))
+    info = default_tcb_info(p, issued=NOW - DAY, next_update=NOW + DAY)
+    rejects(
+        "tcb-level-not-found",
+        p,
+        quote,
+        build_collateral(p, tcb_info=replace(info, tcb_levels=(higher, pce_higher))),
+    )
+    # levels are matched highest first whatever their order in the JSON
+    res = ok(p, quote, build_collateral(p, tcb_info=replace(info, tcb_levels=(lower, higher, pce_higher))))
+    assert res.tcb_status == "OutOfDate" and res.advisories == ("INTEL-SA-00001",)
+
+
+def test_tcb_level_not_found_tdx(tdx_platform: Platform) -> None:
+    t, tc = tdx_platform
+    quote = build_tdx_quote(t)
+    ok(t, quote, tc)
+    info = default_tcb_info(t, issued=NOW - DAY, next_update=NOW + DAY)
+    lvl = info.tcb_levels[0]
+    assert lvl.tdx_components is not None
+    need = list(lvl.tdx_components)
+    need[2] += 1  # TEE_TCB_SVN[2] (e.g. microcode) below the level
+    rejects(
+        "tcb-level-not-found",
+        t,
+        quote,
+        build_collateral(t, tcb_info=replace(info, tcb_levels=(replace(lvl, tdx_components=tuple(need)),))),
+    )
+    # bytes 0 and 1 belong to the TDX module identity when byte 1 (module version) is set
+    need = list(lvl.tdx_components)
+    need[0] += 9
+    ok(
+        t,
+        quote,
+        build_collateral(t, tcb_info=replace(info, tcb_levels=(replace(lvl, tdx_components=tuple(need)),))),
+    )
+    # ... whose own levels and signer are checked
+    mod = info.tdx_module_identities[0]
+    no_mod = replace(info, tdx_module_identities=(replace(mod, id="TDX_03"),))
+    assert (
+        rejects("tcb-level-not-found", t, quote, build_collateral(t, tcb_info=no_mod)).check
+        == "tdx-module.identity"
+    )
+    signer = replace(info, tdx_module_identities=(replace(mod, mrsigner=b"\x01" * 48),))
+    assert (
+        rejects("tcb-level-not-found", t, quote, build_collateral(t, tcb_info=signer)).check
+        == "tdx-module.mrsigner"
+    )
+    too_new = replace(mod, tcb_levels=tuple(replace(x, isvsvn=x.isvsvn + 50) for x in mod.tcb_levels))
+    assert (
+        rejects(
+            "tcb-level-not-found",
+            t,
+            quote,
+            build_collateral(t, tcb_info=replace(info, tdx_module_identities=(too_new,))),
+        ).check
+        == "tdx-module.tcb-level"
+    )
+
+
+def test_qe_isvsvn_below_every_level() -> None:
+    p, c = build_test_platform(now=NOW, qe_isvsvn=3)
+    ok(p, build_sgx_quote(p), c)
+    ident = default_qe_identity(p, issued=NOW - DAY, next_update=NOW + DAY)
+    raised = replace(ident, tcb_levels=tuple(replace(lv, isvsvn=lv.isvsvn + 5) for lv in ident.tcb_levels))
+    rejects("tcb-level-not-found", p, build_sgx_quote(p), build_collateral(p, qe_identity=raised))
+
+
+# --- inputs, caches, interop -------------------------------------------------------------------
+
+
+def test_inputs(sgx_platform: Platform) -> None:
+    p, c = sgx_platform
+    quote = build_sgx_quote(p)
+    assert (
+        verify_dcap(quote, json.dumps(c.to_json()), at=NOW, trust_root=p.root_cert_der).tcb_status
+        == "UpToDate"
+    )
+    assert (
+        verify_dcap(parse_quote(quote), c.to_json(), at=NOW, trust_root=p.root_cert).tcb_status == "UpToDate"
+    )
+    with pytest.raises(InvalidRequestError):
+        verify_dcap(quote, c, at=NOW.replace(tzinfo=None), trust_root=p.root_cert_pem)
+    with pytest.raises(CollateralError):
+        verify_dcap(quote, {"tcb_info": "x"}, at=NOW, trust_root=p.root_cert_pem)
+    with pytest.raises(CollateralError):
+        verify_dcap(
+            quote, replace(c, root_ca_crl=b"\x30\x03\x02\x01\x00"), at=NOW, trust_root=p.root_cert_pem
+        )
+    with pytest.raises(EvidenceFormatError):
+        verify_dcap(quote[:100], c, at=NOW, trust_root=p.root_cert_pem)
+    bad_vendor = bytearray(quote)
+    bad_vendor[12] ^= 1
+    with pytest.raises(EvidenceFormatError, match="vendor"):
+        verify_dcap(bytes(bad_vendor), c, at=NOW, trust_root=p.root_cert_pem)
+
+
+def test_failures_are_not_cached(sgx_platform: Platform) -> None:
+    p, c = sgx_platform
+    quote = build_sgx_quote(p)
+    cache = VerificationCache()
+    v = DcapVerifier(p.root_cert_pem, cache=cache)
+    bad = replace(c, tcb_info_signature=bytes(64))
+    for _ in range(2):
+        with pytest.raises(VerificationError, match="bad-signature"):
+            v.verify(quote, bad, at=NOW)
+        assert v.verify(quote, c, at=NOW).tcb_status == "UpToDate"
+    n = len(cache)
+    v.verify(build_sgx_quote(p, report_data=b"\x01" * 64), c, at=NOW)  # a new quote of a known platform
+    assert len(cache) == n  # nothing new to cache: only the quote signature was checked
+
+
+def test_dcap_qvl_accepts_builder_evidence() -> None:
+    """An independent verifier (dcap-qvl) agrees with ours on builder-made quotes."""
+    for tee, status, adv in (("sgx", "SWHardeningNeeded", ("INTEL-SA-00615",)), ("tdx", "UpToDate", ())):
+        p, c = build_test_platform(tee=tee, now=NOW, tcb_status=status, advisory_ids=adv)
+        quotes = (
+            [build_sgx_quote(p)]
+            if tee == "sgx"
+            else [build_tdx_quote(p, version=4), build_tdx_quote(p, version=5)]
+        )
+        for quote in quotes:
+            theirs = dcap_qvl.verify_with_root_ca(
+                quote,
+                dcap_qvl.QuoteCollateralV3.from_json(json.dumps(c.to_json())),
+                p.root_cert_der,
+                int(NOW.timestamp()),
+            )
+            ours = ok(p, quote, c)
+            assert theirs.status == ours.tcb_status == status
+            assert list(theirs.advisory_ids) == list(ours.advisories)
