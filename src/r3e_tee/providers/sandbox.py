@@ -85,8 +85,20 @@ class SandboxLimits:
     seccomp: bool = True
 
 
+_LIBC: ctypes.CDLL | None = None
+
+
 def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    """libc, loaded once: find_library runs ldconfig, far too slow for every fork."""
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    return _LIBC
+
+
+def warm() -> None:
+    """Load what apply_in_child needs before forking (the zygote calls this once)."""
+    _libc()
 
 
 def _prctl(option: int, arg2: int | ctypes.c_void_p = 0) -> None:

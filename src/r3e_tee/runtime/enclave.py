@@ -95,6 +95,15 @@ async def serve(sock: socket.socket, device_factory: DeviceFactory) -> None:
     await runtime.run()
 
 
+def warm() -> None:
+    """First use of OpenSSL's curves costs tens of ms; pay it once in the zygote, not per fork."""
+    keys = EnclaveKeys()
+    keys.sign(b"warm-up")
+    keys.report_data(bytes(32))
+    keys.zeroize()
+    asyncio.new_event_loop().close()
+
+
 def run_in_child(sock: socket.socket) -> None:
     """Entry of a simulated enclave process (forked by the zygote)."""
     asyncio.run(serve(sock, HostQuotingDevice))

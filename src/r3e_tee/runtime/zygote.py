@@ -25,8 +25,12 @@ from typing import Any
 import cbor2
 
 # imported before any fork so every child starts warm
+from r3e_tee.providers import sandbox
 from r3e_tee.providers.sandbox import SandboxLimits, apply_in_child
 from r3e_tee.runtime import enclave as _enclave
+
+sandbox.warm()
+_enclave.warm()
 
 _LEN = struct.Struct(">I")
 

@@ -187,6 +187,22 @@ class EnclaveRegistry:
             sql += " WHERE state <> 'terminated'"
         return [row_to_enclave(r) for r in self.store.fetchall(sql + " ORDER BY created_at", params)]
 
+    async def attest(self, enclave_id: str) -> dict[str, Any]:
+        """A fresh round trip for a running enclave: new nonce, new evidence, new token."""
+        enclave = self.get(enclave_id)
+        if enclave["state"] != "ready" or self.manager is None:
+            raise InvalidRequestError(
+                f"enclave {enclave_id} is {enclave['state']}, not ready", hint="only ready enclaves re-attest"
+            )
+        grant = await self.manager.reattest(enclave_id)
+        return {
+            "enclave_id": enclave_id,
+            "attestation_id": grant.attestation_id,
+            "token": grant.token,
+            "expires_at": grant.expires_at,
+            "measurement": grant.measurement,
+        }
+
     async def destroy(self, enclave_id: str) -> dict[str, Any]:
         enclave = self.get(enclave_id)
         if enclave["state"] in ("terminated",):

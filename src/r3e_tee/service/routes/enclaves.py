@@ -64,3 +64,10 @@ def get_enclave(enclave_id: str, ctx: Ctx, _: Reader) -> dict[str, Any]:
 @router.delete("/{enclave_id}", summary="Destroy an enclave (its keys are zeroized, its tokens revoked)")
 async def destroy(enclave_id: str, ctx: Ctx, _: Admin) -> dict[str, Any]:
     return await registry(ctx).destroy(enclave_id)
+
+
+@router.post("/{enclave_id}/attest", summary="Re-attest a ready enclave now; returns the signed result")
+async def attest(enclave_id: str, ctx: Ctx, _: Admin) -> dict[str, Any]:
+    """The token is a signed statement about the enclave, not a capability: secrets are sealed
+    to the enclave's attested key, which never leaves it."""
+    return await registry(ctx).attest(enclave_id)
