@@ -251,3 +251,13 @@ def test_age_needs_a_timestamp() -> None:
     Policy(max_age=30).check(nitro, at=AT)
     rejects(Policy(max_age=5), nitro, Reason.EVIDENCE_TOO_OLD, "policy.max_age")
     rejects(Policy(max_age=5), sgx(), Reason.KIND_NOT_ALLOWED, "policy.max_age")
+
+
+def test_yaml_hex_that_looks_like_a_number_stays_hex() -> None:
+    """YAML would read 0404... as an octal integer and 1234... as a decimal one."""
+    digits = "0404" * 16
+    p = Policy.from_yaml(
+        f"mrenclave: {digits}\nexpected_pcrs:\n  8: {'12' * 48}\nisv_prod_id: 0\nmin_isv_svn: 3\n"
+    )
+    assert p.mrenclave == {digits} and p.expected_pcrs == {8: "12" * 48}
+    assert (p.isv_prod_id, p.min_isv_svn) == (0, 3)

@@ -157,6 +157,8 @@ def _bool(value: Any, key: str) -> bool:
 
 
 def _uint(value: Any, key: str) -> int:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise PolicyError(f"policy key {key!r} must be a non-negative integer, not {value!r}")
     return value
@@ -217,6 +219,19 @@ def _duration(value: Any, key: str) -> float:
         raise PolicyError(f"policy key {key!r} must be positive")
     return seconds
 
+
+class _TextNumbersLoader(yaml.SafeLoader):
+    """SafeLoader without the int/float resolvers: measurements are hex, never numbers."""
+
+
+_TextNumbersLoader.yaml_implicit_resolvers = {
+    first: [
+        (tag, regexp)
+        for tag, regexp in resolvers
+        if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+    ]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
 
 _KIND_VALUES = tuple(k.value for k in EvidenceKind)
 _KIND_ALIASES = {"sgx": "sgx-dcap", "tdx": "tdx-dcap", "ias": "sgx-ias", "snp": "sev-snp"}
@@ -330,8 +345,9 @@ class Policy:
 
     @classmethod
     def from_yaml(cls, text: str, *, source: str = "policy") -> Policy:
+        """YAML numbers stay text, so hex such as ``0404...`` is not read as an (octal) integer."""
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_TextNumbersLoader)  # noqa: S506 (a SafeLoader subclass)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f":{mark.line + 1}" if mark is not None else ""
