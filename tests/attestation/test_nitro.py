@@ -130,6 +130,7 @@ def test_pinned_aws_root_is_the_published_one() -> None:
         ({"timestamp": 0}, "timestamp"),
         ({"timestamp": -5}, "timestamp"),
         ({"timestamp": "now"}, "timestamp"),
+        ({"timestamp": 2**63}, "timestamp"),
         ({"pcrs": {}}, "pcrs"),
         ({"pcrs": {32: b"\x00" * 48}}, "pcrs"),
         ({"pcrs": {"0": b"\x00" * 48}}, "pcrs"),

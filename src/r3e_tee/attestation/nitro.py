@@ -13,7 +13,11 @@ validity window re-checked on every call.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
+from types import MappingProxyType
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -41,17 +45,50 @@ _ES384 = ec.ECDSA(hashes.SHA384())
 _ChainKey = tuple[bytes, bytes, tuple[bytes, ...]]
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """Everything about one exact document that cannot change: parse, signed bytes, claims."""
+
+    doc: NitroDocument
+    to_be_signed: bytes
+    der_signature: bytes
+    claims: Mapping[str, Any]
+    details: Mapping[str, Any]
+    sha256: str
+
+    @classmethod
+    def of(cls, data: bytes) -> _Prepared:
+        doc = parse_nitro_document(data)
+        return cls(
+            doc=doc,
+            to_be_signed=doc.cose.to_be_signed(),
+            der_signature=ecdsa_raw_to_der(doc.cose.signature, 48),
+            claims=MappingProxyType(doc.claims()),
+            details=MappingProxyType(
+                {
+                    "pcrs": {str(i): v.hex() for i, v in sorted(doc.pcrs.items())},
+                    "issued_at": doc.issued_at.isoformat().replace("+00:00", "Z"),
+                    "tagged": doc.cose.tagged,
+                }
+            ),
+            sha256=hashlib.sha256(doc.raw).hexdigest(),
+        )
+
+
 class NitroVerifier:
     """Verifies Nitro documents against one trust anchor, caching parse and chain work."""
 
     def __init__(self, trust_root: AnchorLike | None = None, *, cache_size: int = 256) -> None:
         self.anchor = TrustAnchor.load(trust_root) if trust_root is not None else AWS_NITRO_ROOT_G1
-        self._docs: LruCache[bytes, NitroDocument] = LruCache(cache_size)
+        self._docs: LruCache[bytes, _Prepared] = LruCache(cache_size)
         self._chains: LruCache[_ChainKey, ValidatedChain] = LruCache(cache_size)
 
+    def _prepare(self, data: bytes) -> _Prepared:
+        data = data if type(data) is bytes else bytes(data)
+        return self._docs.get_or_set(data, lambda: _Prepared.of(data))
+
     def parse(self, data: bytes) -> NitroDocument:
-        data = bytes(data)
-        return self._docs.get_or_set(data, lambda: parse_nitro_document(data))
+        return self._prepare(data).doc
 
     def verify(
         self,
@@ -63,7 +100,8 @@ class NitroVerifier:
         """Verify one document at ``at`` (default now); raises on any failed check."""
         when = as_utc(at)
         anchor = TrustAnchor.load(trust_root) if trust_root is not None else self.anchor
-        doc = document if isinstance(document, NitroDocument) else self.parse(document)
+        prep = self._prepare(document.raw if isinstance(document, NitroDocument) else document)
+        doc = prep.doc
         key: _ChainKey = (anchor.der, doc.certificate, doc.cabundle)
         chain = self._chains.get(key)
 
@@ -79,7 +117,7 @@ class NitroVerifier:
                 check="nitro.cose-signature",
             )
         try:
-            leaf_key.verify(ecdsa_raw_to_der(doc.cose.signature, 48), doc.cose.to_be_signed(), _ES384)
+            leaf_key.verify(prep.der_signature, prep.to_be_signed, _ES384)
         except InvalidSignature:
             raise VerificationError(
                 Reason.BAD_SIGNATURE,
@@ -97,17 +135,15 @@ class NitroVerifier:
         return VerificationResult(
             kind=EvidenceKind.NITRO,
             verified_at=when,
-            claims=doc.claims(),
+            claims=dict(prep.claims),
             debug=doc.debug,
             simulated=anchor.simulated,
             valid_until=chain.not_after,
-            evidence_sha256=hashlib.sha256(doc.raw).hexdigest(),
+            evidence_sha256=prep.sha256,
             details={
-                "pcrs": {str(i): v.hex() for i, v in sorted(doc.pcrs.items())},
-                "issued_at": doc.issued_at.isoformat().replace("+00:00", "Z"),
-                "certificate_subject": chain.leaf.subject.rfc4514_string(),
+                **prep.details,
+                "certificate_subject": chain.leaf_subject,
                 "trust_root": anchor.label,
-                "tagged": doc.cose.tagged,
             },
         )
 

@@ -431,7 +431,7 @@ class TrustAnchor:
     def der(self) -> bytes:
         return self.certificate.public_bytes(Encoding.DER)
 
-    @property
+    @cached_property
     def label(self) -> str:
         return self.name or self.certificate.subject.rfc4514_string()
 
@@ -498,7 +498,11 @@ class ValidatedChain:
     def leaf_public_key(self) -> object:
         return self.leaf.public_key()
 
-    @property
+    @cached_property
+    def leaf_subject(self) -> str:
+        return _subject(self.leaf)
+
+    @cached_property
     def not_after(self) -> datetime:
         return min(w.not_after for w in self.windows)
 

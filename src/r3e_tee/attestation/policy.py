@@ -41,6 +41,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Protocol
@@ -365,6 +366,10 @@ class Policy:
 
     def to_dict(self) -> dict[str, Any]:
         """Stable JSON form: only the keys that are set (defaults left out)."""
+        return dict(self._as_dict)
+
+    @cached_property
+    def _as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
@@ -379,7 +384,11 @@ class Policy:
 
     def unsafe_choices(self) -> list[str]:
         """Human explanations of every unsafe option this policy enables (for loud output)."""
-        return [f"{k}: {why}" for k, why in _UNSAFE.items() if getattr(self, k)]
+        return list(self._unsafe)
+
+    @cached_property
+    def _unsafe(self) -> tuple[str, ...]:
+        return tuple(f"{k}: {why}" for k, why in _UNSAFE.items() if getattr(self, k))
 
     # -- composition ----------------------------------------------------------------------------
 

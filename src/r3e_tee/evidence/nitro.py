@@ -39,6 +39,7 @@ MAX_CERT = 1024
 MAX_USER_DATA = 1024
 PCR_SIZES = (32, 48, 64)
 MAX_PCRS = 32
+MAX_TIMESTAMP_MS = 253402300799999  # 9999-12-31T23:59:59.999Z, the last instant a datetime holds
 # PCRs reported in claims even when zero: the image, kernel, application and signing-cert
 # measurements (all zero is how a debug-mode enclave shows itself). Others only when extended.
 DEBUG_CLAIM_PCRS = (0, 1, 2, 8)
@@ -142,6 +143,8 @@ def parse_nitro_document(data: bytes) -> NitroDocument:
     timestamp = doc["timestamp"]
     if not isinstance(timestamp, int) or isinstance(timestamp, bool) or not 0 < timestamp < 1 << 64:
         raise fail("timestamp", "must be an unsigned integer > 0 (milliseconds since the epoch)")
+    if timestamp > MAX_TIMESTAMP_MS:
+        raise fail("timestamp", f"{timestamp} ms is after the year 9999")
 
     raw_pcrs = doc["pcrs"]
     if not isinstance(raw_pcrs, dict) or not 1 <= len(raw_pcrs) <= MAX_PCRS:
