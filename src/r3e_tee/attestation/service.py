@@ -14,7 +14,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +49,11 @@ def b64u(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
+def _is_dcap(evidence: bytes) -> bool:
+    """Quote versions 3-5 start with a little-endian u16 version (raw evidence from a provider)."""
+    return len(evidence) > 2 and evidence[1] == 0 and evidence[0] in (3, 4, 5)
+
+
 def measurement_of(result: VerificationResult) -> str | None:
     """The one value that names the code: MRENCLAVE, MR_TD, PCR0 or the SNP measurement."""
     c = result.claims
@@ -71,6 +76,7 @@ class AttestationService:
         *,
         policy: Policy,
         verifiers: Mapping[str, Verifier],
+        simulation_verifier: Callable[[str | None], Verifier | None] | None = None,
     ) -> None:
         """``verifiers``: per provider, a verifier holding that provider's trust anchors (the
         pinned vendor roots, or the installation's simulated roots) and collateral source."""
@@ -79,6 +85,8 @@ class AttestationService:
         self.nonces = nonces
         self.policy = policy
         self.verifiers: dict[str, Verifier] = dict(verifiers)
+        # remote workers' simulated roots, looked up by the enclave's worker
+        self.simulation_verifier = simulation_verifier
 
     def new_nonce(self) -> tuple[str, float]:
         return self.nonces.issue()
@@ -92,6 +100,7 @@ class AttestationService:
         provider: str,
         enclave_id: str | None = None,
         policy: Policy | None = None,
+        collateral: Any = None,
     ) -> AttestationOutcome:
         """Consume the nonce, verify the evidence and its binding, store, sign. Raises on rejection."""
         att_id = uuid.uuid4().hex
@@ -106,6 +115,8 @@ class AttestationService:
         except ValueError as exc:
             raise InvalidRequestError(str(exc)) from None
         verifier = self.verifiers.get(provider)
+        if verifier is None and provider == "simulation" and self.simulation_verifier is not None:
+            verifier = self.simulation_verifier(enclave_id)
         if verifier is None:
             raise InvalidRequestError(
                 f"no verifier for provider {provider!r}",
@@ -113,10 +124,16 @@ class AttestationService:
             )
         try:
             self.nonces.consume(nonce)
-            result = verifier.verify(evidence, policy=policy or self.policy)
+            if collateral is None and verifier.collateral_provider is not None and _is_dcap(evidence):
+                # resolved here so the stored report says exactly which collateral was used
+                collateral = verifier.collateral_provider(EvidenceKind.SGX_DCAP, evidence)
+            # collateral from the caller is safe to use: it is verified against the same roots
+            result = verifier.verify(evidence, collateral=collateral, policy=policy or self.policy)
             self._check_binding(result, expected_rd, nonce_bytes, x25519_pub, p256_pub)
         except (VerificationError, EvidenceFormatError) as exc:
-            self._record(att_id, enclave_id, provider, None, evidence, nonce, public_keys, exc)
+            self._record(
+                att_id, enclave_id, provider, None, evidence, nonce, public_keys, exc, collateral=collateral
+            )
             raise
         measurement = measurement_of(result)
         claims = {
@@ -133,7 +150,18 @@ class AttestationService:
             "tee": dict(result.claims),
         }
         token = self.issuer.issue(provider, claims, subject=enclave_id or att_id, jti=att_id)
-        self._record(att_id, enclave_id, provider, result, evidence, nonce, public_keys, None, token)
+        self._record(
+            att_id,
+            enclave_id,
+            provider,
+            result,
+            evidence,
+            nonce,
+            public_keys,
+            None,
+            token,
+            collateral=collateral,
+        )
         log.info(
             "attestation accepted",
             extra={
@@ -188,6 +216,8 @@ class AttestationService:
         public_keys: Mapping[str, bytes],
         error: R3ETeeError | None,
         token: IssuedToken | None = None,
+        *,
+        collateral: Any = None,
     ) -> None:
         reason = None
         if isinstance(error, VerificationError):
@@ -209,7 +239,7 @@ class AttestationService:
                 json.dumps(result.to_json()) if result else None,
                 evidence,
                 hashlib.sha256(evidence).hexdigest(),
-                json.dumps(self._collateral_summary(result)) if result else None,
+                json.dumps(self._collateral_record(result, collateral)),
                 nonce,
                 json.dumps({k: b64u(v) for k, v in public_keys.items()}),
                 token.kid if token else None,
@@ -229,10 +259,13 @@ class AttestationService:
             )
 
     @staticmethod
-    def _collateral_summary(result: VerificationResult) -> dict[str, Any]:
+    def _collateral_record(result: VerificationResult | None, collateral: Any) -> dict[str, Any]:
+        """The collateral used (dcap-qvl JSON) and how long the verdict relied on it."""
+        to_json = getattr(collateral, "to_json", None)
         return {
-            "valid_until": result.valid_until.isoformat() if result.valid_until else None,
-            "details": {k: v for k, v in result.details.items() if k != "policy"},
+            "bundle": to_json() if callable(to_json) else None,
+            "valid_until": result.valid_until.isoformat() if result and result.valid_until else None,
+            "details": {k: v for k, v in result.details.items() if k != "policy"} if result else {},
         }
 
     def get(self, att_id: str) -> dict[str, Any]:

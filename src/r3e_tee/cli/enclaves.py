@@ -217,6 +217,7 @@ def attestation_test(
             "nonce": report["nonce"],
             "public_keys": _keys_b64(report["public_keys"]),
             "provider": provider,
+            "enclave_id": report["enclave_id"],
         }
         return _expect_rejection(c, body, {"nonce-mismatch"})
 
@@ -229,6 +230,8 @@ def attestation_test(
             "nonce": nonce,
             "public_keys": _keys_b64(report["public_keys"]),
             "provider": provider,
+            "enclave_id": report["enclave_id"],
+            "collateral": (report.get("collateral") or {}).get("bundle"),
         }
         return f"bit flipped at byte {offset}: " + _expect_rejection(
             c, body, {"bad-signature", "bad-qe-report", "malformed"}

@@ -127,6 +127,7 @@ def _simulated_anchor(root: Any) -> Any:
 
 def install_components(ctx: ServiceContext) -> None:
     from r3e_tee.service.enclaves import EnclaveRegistry, StoreSink
+    from r3e_tee.service.workers import LocalWorker, WorkerDirectory
     from r3e_tee.worker.local import LocalAttestation
     from r3e_tee.worker.manager import EnclaveManager
 
@@ -150,6 +151,8 @@ def install_components(ctx: ServiceContext) -> None:
         policy=base_policy(config),
         verifiers=build_verifiers(config, providers),
     )
+    directory = WorkerDirectory(ctx.store, heartbeat_timeout=config.workers.heartbeat_timeout)
+    attestation.simulation_verifier = directory.simulation_verifier
     ctx.components["attestation"] = attestation
 
     manager = None
@@ -165,15 +168,24 @@ def install_components(ctx: ServiceContext) -> None:
         )
         ctx.components["startup"].append(manager.start)
         ctx.components["shutdown"].append(manager.stop)
-    registry = EnclaveRegistry(config, ctx.store, manager, on_destroy=attestation.revoke_enclave)
+    registry = EnclaveRegistry(
+        config,
+        ctx.store,
+        LocalWorker(manager) if manager is not None else None,
+        directory,
+        on_destroy=attestation.revoke_enclave,
+    )
     ctx.components["enclaves"] = registry
     ctx.components["manager"] = manager
+    ctx.components["workers"] = directory
 
     def routes(app: FastAPI) -> None:
         from r3e_tee.service.routes import attestation as attestation_routes
         from r3e_tee.service.routes import enclaves as enclave_routes
+        from r3e_tee.service.routes import workers as worker_routes
 
         app.include_router(attestation_routes.router)
         app.include_router(enclave_routes.router)
+        app.include_router(worker_routes.router)
 
     ctx.components["routers"].append(routes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -12,8 +13,9 @@ from r3e_tee.config import KNOWN_PROVIDERS, TeeConfig, parse_size
 from r3e_tee.errors import InvalidRequestError, NotFoundError, ProviderUnavailableError
 from r3e_tee.providers.base import EVIDENCE_FORMATS, EnclaveSpec
 from r3e_tee.providers.hardware import probe_provider
+from r3e_tee.service.workers import WorkerClient, WorkerDirectory
 from r3e_tee.store import Store
-from r3e_tee.worker.manager import EnclaveManager, StateSink
+from r3e_tee.worker.manager import StateSink
 
 _COLUMNS = (
     "id, provider, size_bytes, debug, evidence_format, state, reason, measurement, attestation_id, "
@@ -80,43 +82,54 @@ class StoreSink(StateSink):
 
 
 class EnclaveRegistry:
+    """Validates requests, places enclaves on a worker (embedded first, then registered remote
+    workers) and reads state from the store, which every worker writes to."""
+
     def __init__(
         self,
         config: TeeConfig,
         store: Store,
-        manager: EnclaveManager | None,
+        local: WorkerClient | None,
+        directory: WorkerDirectory | None = None,
         *,
         on_destroy: Callable[[str], object] | None = None,
     ) -> None:
         self.config = config
         self.store = store
-        self.manager = manager
+        self.local = local
+        self.directory = directory
         self.on_destroy = on_destroy
 
-    def _check_provider(self, provider: str) -> None:
+    def _place(self, provider: str, size: int) -> WorkerClient:
         enabled = self.config.enabled_providers
         if provider not in KNOWN_PROVIDERS:
             raise InvalidRequestError(
-                f"unknown provider {provider!r}",
-                hint=f"enabled providers: {', '.join(enabled) or '(none)'}",
+                f"unknown provider {provider!r}", hint=f"enabled providers: {', '.join(enabled) or '(none)'}"
             )
-        if provider in ("sgx", "nitro"):
-            probe = probe_provider(provider)
-            if not probe.available:
-                raise ProviderUnavailableError(
-                    probe.explanation(),
-                    hint=f"run `r3e-tee-cli doctor` for details; enabled here: {', '.join(enabled)}",
-                )
+        local_probe = probe_provider(provider) if provider in ("sgx", "nitro") else None
         if provider not in enabled:
-            raise InvalidRequestError(
-                f"provider {provider!r} is not enabled",
-                hint=f"enabled providers: {', '.join(enabled) or '(none)'}",
-            )
-        if self.manager is None or provider not in self.manager.providers:
+            why = f"provider {provider!r} is not enabled"
+            if local_probe is not None and not local_probe.available:
+                why += "; " + local_probe.explanation()
             raise ProviderUnavailableError(
-                f"no worker serves provider {provider!r}",
-                hint="start r3e-tee-worker on a node with this hardware, or enable the embedded worker",
+                why, hint=f"enabled providers: {', '.join(enabled) or '(none)'}; details: r3e-tee-cli doctor"
             )
+        if self.local is not None and self.local.serves(provider):
+            return self.local
+        if self.directory is not None:
+            try:
+                return self.directory.choose(provider, size)
+            except ProviderUnavailableError as exc:
+                if local_probe is not None and not local_probe.available:
+                    raise ProviderUnavailableError(
+                        f"{exc.message}, and {local_probe.explanation()}", hint=exc.hint
+                    ) from None
+                raise
+        raise ProviderUnavailableError(
+            f"no worker serves provider {provider!r}"
+            + (f"; {local_probe.explanation()}" if local_probe and not local_probe.available else ""),
+            hint="start r3e-tee-worker on a node with this hardware, or enable the embedded worker",
+        )
 
     async def create(
         self,
@@ -132,15 +145,14 @@ class EnclaveRegistry:
             size_bytes = parse_size(size)
         except ValueError as exc:
             raise InvalidRequestError(f"size: {exc}", hint="write sizes as 128M, 512Mi or 2G") from None
-        self._check_provider(provider)
         fmt = evidence_format or ("nitro" if provider == "nitro" else "sgx-dcap")
         if fmt not in EVIDENCE_FORMATS:
             raise InvalidRequestError(
                 f"unknown evidence format {fmt!r}", hint=f"use one of {', '.join(EVIDENCE_FORMATS)}"
             )
-        if provider == "sgx" and fmt != "sgx-dcap" or provider == "nitro" and fmt != "nitro":
+        if (provider == "sgx" and fmt != "sgx-dcap") or (provider == "nitro" and fmt != "nitro"):
             raise InvalidRequestError(f"provider {provider!r} cannot produce {fmt!r} evidence")
-        assert self.manager is not None
+        worker = self._place(provider, size_bytes)
         spec = EnclaveSpec(
             id=uuid.uuid4().hex,
             size_bytes=size_bytes,
@@ -152,22 +164,41 @@ class EnclaveRegistry:
         self.store.execute(
             "INSERT INTO enclaves (id, provider, size_bytes, debug, evidence_format, state, worker_id, "
             "function_name, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'creating', ?, ?, ?, ?)",
-            (spec.id, provider, size_bytes, int(debug), fmt, self.manager.worker_id, function_name, now, now),
+            (spec.id, provider, size_bytes, int(debug), fmt, worker.worker_id, function_name, now, now),
         )
         try:
-            self.manager.launch(provider, spec)
+            await worker.launch(provider, spec)
         except BaseException:
             self.store.execute("DELETE FROM enclaves WHERE id = ?", (spec.id,))
             raise
         return self.get(spec.id)
 
-    async def wait(self, enclave_id: str, timeout: float) -> dict[str, Any]:
-        if self.manager is not None:
+    def _worker_of(self, enclave: Mapping[str, Any]) -> WorkerClient | None:
+        wid = enclave.get("worker_id")
+        if self.local is not None and wid == self.local.worker_id:
+            return self.local
+        if self.directory is not None and wid:
             try:
-                await self.manager.wait_ready(enclave_id, timeout)
+                return self.directory.client(str(wid))
+            except NotFoundError:
+                return None
+        return None
+
+    async def wait(self, enclave_id: str, timeout: float) -> dict[str, Any]:
+        """Until ready, failed or terminated, or ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        enclave = self.get(enclave_id)
+        worker = self._worker_of(enclave)
+        if worker is not None:
+            try:
+                await worker.wait_ready(enclave_id, timeout)
             except TimeoutError:
                 pass
-        return self.get(enclave_id)
+        enclave = self.get(enclave_id)
+        while enclave["state"] in ("creating", "attesting") and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            enclave = self.get(enclave_id)
+        return enclave
 
     def get(self, enclave_id: str) -> dict[str, Any]:
         row = self.store.fetchone(f"SELECT {_COLUMNS} FROM enclaves WHERE id = ?", (enclave_id,))  # noqa: S608
@@ -190,11 +221,12 @@ class EnclaveRegistry:
     async def attest(self, enclave_id: str) -> dict[str, Any]:
         """A fresh round trip for a running enclave: new nonce, new evidence, new token."""
         enclave = self.get(enclave_id)
-        if enclave["state"] != "ready" or self.manager is None:
+        worker = self._worker_of(enclave)
+        if enclave["state"] != "ready" or worker is None:
             raise InvalidRequestError(
                 f"enclave {enclave_id} is {enclave['state']}, not ready", hint="only ready enclaves re-attest"
             )
-        grant = await self.manager.reattest(enclave_id)
+        grant = await worker.reattest(enclave_id)
         return {
             "enclave_id": enclave_id,
             "attestation_id": grant.attestation_id,
@@ -205,10 +237,11 @@ class EnclaveRegistry:
 
     async def destroy(self, enclave_id: str) -> dict[str, Any]:
         enclave = self.get(enclave_id)
-        if enclave["state"] in ("terminated",):
+        if enclave["state"] == "terminated":
             return enclave
-        if self.manager is not None:
-            await self.manager.destroy(enclave_id)
+        worker = self._worker_of(enclave)
+        if worker is not None and enclave["state"] != "failed":
+            await worker.destroy(enclave_id)
         else:
             StoreSink(self.store).update_sync(enclave_id, state="terminated", terminated_at=time.time())
         if self.on_destroy is not None:

@@ -84,7 +84,8 @@ MIGRATIONS: list[Migration] = [
             url TEXT,
             providers TEXT NOT NULL,
             capacity TEXT NOT NULL,
-            load TEXT NOT NULL,
+            secret TEXT NOT NULL,
+            simulation_roots TEXT,
             started_at DOUBLE PRECISION NOT NULL,
             last_heartbeat DOUBLE PRECISION NOT NULL
         );

@@ -41,6 +41,9 @@ class VerifyRequest(BaseModel):
     public_keys: PublicKeys
     provider: str = Field(description="the provider that launched the enclave")
     enclave_id: str | None = None
+    collateral: dict[str, Any] | None = Field(
+        None, description="DCAP collateral (dcap-qvl QuoteCollateralV3 JSON); verified like any other"
+    )
 
 
 class VerifyResponse(BaseModel):
@@ -72,6 +75,11 @@ async def verify(
 ) -> VerifyResponse:
     evidence = _b64(body.evidence, "evidence")
     keys = {"x25519": _b64(body.public_keys.x25519, "x25519"), "p256": _b64(body.public_keys.p256, "p256")}
+    collateral = None
+    if body.collateral is not None:
+        from r3e_tee.evidence.dcap_collateral import QuoteCollateral
+
+        collateral = QuoteCollateral.from_json(body.collateral)
     outcome = await anyio.to_thread.run_sync(
         lambda: attestation(ctx).verify(
             evidence=evidence,
@@ -79,6 +87,7 @@ async def verify(
             public_keys=keys,
             provider=body.provider,
             enclave_id=body.enclave_id,
+            collateral=collateral,
         )
     )
     return VerifyResponse(

@@ -1,0 +1,81 @@
+"""Worker registration, heartbeats and the enclave state reports of remote workers."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel, Field
+
+from r3e_tee.service.app import ServiceContext
+from r3e_tee.service.auth import Principal, Scope
+from r3e_tee.service.deps import get_ctx, require
+from r3e_tee.service.enclaves import StoreSink
+from r3e_tee.service.workers import WorkerDirectory
+
+router = APIRouter(prefix="/v1/workers", tags=["workers"])
+Ctx = Annotated[ServiceContext, Depends(get_ctx)]
+Worker = Annotated[Principal, Depends(require(Scope.ENCLAVE))]
+Reader = Annotated[Principal, Depends(require(Scope.READ))]
+
+
+def directory(ctx: ServiceContext) -> WorkerDirectory:
+    d: WorkerDirectory = ctx.components["workers"]
+    return d
+
+
+class Registration(BaseModel):
+    id: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._-]+$")
+    url: str = Field(description="where the service reaches the worker's API")
+    providers: list[str]
+    capacity: dict[str, Any]
+    simulation_roots: dict[str, str] | None = Field(
+        None, description="PEM roots of the worker's simulation provider, by evidence kind"
+    )
+
+
+class Heartbeat(BaseModel):
+    capacity: dict[str, Any]
+
+
+class StateReport(BaseModel):
+    state: str | None = None
+    reason: str | None = None
+    measurement: str | None = None
+    attestation_id: str | None = None
+    pid: int | None = None
+    public_keys: dict[str, str] | None = None
+    ready_at: float | None = None
+    terminated_at: float | None = None
+    worker_id: str | None = None
+
+
+@router.post("", summary="Register a worker; returns the secret the service calls it with")
+def register(body: Registration, ctx: Ctx, _: Worker) -> dict[str, str]:
+    secret = directory(ctx).register(body.id, body.url, body.providers, body.capacity, body.simulation_roots)
+    return {"worker_id": body.id, "secret": secret}
+
+
+@router.get("", summary="Registered workers with their capacity")
+def list_workers(ctx: Ctx, _: Reader) -> list[dict[str, Any]]:
+    return directory(ctx).list()
+
+
+@router.post("/{worker_id}/heartbeat", status_code=204, summary="Capacity and liveness")
+def heartbeat(worker_id: str, body: Heartbeat, ctx: Ctx, _: Worker) -> None:
+    directory(ctx).heartbeat(worker_id, body.capacity)
+
+
+@router.get("/{worker_id}/enclaves", summary="Enclaves the store assigns to a worker (reconciliation)")
+async def owned(worker_id: str, ctx: Ctx, _: Worker) -> list[dict[str, Any]]:
+    return await StoreSink(ctx.store).owned(worker_id)
+
+
+@router.post("/{worker_id}/enclaves/{enclave_id}", status_code=204, summary="A worker reports enclave state")
+def report(worker_id: str, enclave_id: str, body: StateReport, ctx: Ctx, _: Worker) -> None:
+    directory(ctx).check_owner(worker_id, enclave_id)
+    fields = body.model_dump(exclude_unset=True)
+    fields.pop("worker_id", None)
+    StoreSink(ctx.store).update_sync(enclave_id, **fields)
+    if fields.get("state") in ("terminated", "failed"):
+        ctx.components["attestation"].revoke_enclave(enclave_id)

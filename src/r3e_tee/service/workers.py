@@ -1,0 +1,246 @@
+"""Workers as the service sees them: the embedded one, and remote ``r3e-tee-worker`` processes
+that register, heartbeat their capacity and accept enclave commands over HTTP."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import json
+import secrets
+import threading
+import time
+from typing import Any
+
+import httpx
+
+from r3e_tee.attestation.verify import Verifier
+from r3e_tee.errors import CapacityError, ConflictError, EnclaveError, NotFoundError, ProviderUnavailableError
+from r3e_tee.providers.base import EnclaveSpec
+from r3e_tee.store import Store
+from r3e_tee.worker.manager import AttestationGrant, EnclaveManager
+
+
+class WorkerClient(abc.ABC):
+    worker_id: str
+
+    @abc.abstractmethod
+    def serves(self, provider: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def launch(self, provider: str, spec: EnclaveSpec) -> None: ...
+
+    @abc.abstractmethod
+    async def destroy(self, enclave_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def reattest(self, enclave_id: str) -> AttestationGrant: ...
+
+    async def wait_ready(self, enclave_id: str, timeout: float) -> None:  # noqa: B027 - optional
+        """Return early when the worker can tell; the registry polls the store otherwise."""
+
+
+class LocalWorker(WorkerClient):
+    def __init__(self, manager: EnclaveManager) -> None:
+        self.manager = manager
+        self.worker_id = manager.worker_id
+
+    def serves(self, provider: str) -> bool:
+        return provider in self.manager.providers
+
+    async def launch(self, provider: str, spec: EnclaveSpec) -> None:
+        self.manager.launch(provider, spec)
+
+    async def destroy(self, enclave_id: str) -> None:
+        await self.manager.destroy(enclave_id)
+
+    async def reattest(self, enclave_id: str) -> AttestationGrant:
+        return await self.manager.reattest(enclave_id)
+
+    async def wait_ready(self, enclave_id: str, timeout: float) -> None:
+        await self.manager.wait_ready(enclave_id, timeout)
+
+
+class RemoteWorker(WorkerClient):
+    """Commands to a registered worker's own HTTP API, authenticated with its registration secret."""
+
+    def __init__(self, worker_id: str, url: str, secret: str, providers: list[str]) -> None:
+        self.worker_id = worker_id
+        self.url = url.rstrip("/")
+        self._secret = secret
+        self.providers = providers
+
+    def serves(self, provider: str) -> bool:
+        return provider in self.providers
+
+    async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            async with httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=3.0)) as client:
+                resp = await client.request(
+                    method, f"{self.url}{path}", headers={"Authorization": f"Bearer {self._secret}"}, **kwargs
+                )
+        except httpx.HTTPError as exc:
+            raise EnclaveError(
+                f"worker {self.worker_id} at {self.url} unreachable: {exc or type(exc).__name__}",
+                hint="check the worker pod and the network policy between service and workers",
+            ) from None
+        if resp.status_code >= 400:
+            try:
+                body = resp.json()
+            except ValueError:
+                body = {"message": resp.text[:200]}
+            message = f"worker {self.worker_id}: {body.get('message', resp.status_code)}"
+            if resp.status_code == 409:
+                raise CapacityError(message, hint=body.get("hint"))
+            if resp.status_code == 404:
+                raise NotFoundError(message)
+            raise EnclaveError(message, hint=body.get("hint"))
+        return resp.json() if resp.content else None
+
+    async def launch(self, provider: str, spec: EnclaveSpec) -> None:
+        await self._call("POST", "/enclaves", json={"provider": provider, "spec": dataclasses.asdict(spec)})
+
+    async def destroy(self, enclave_id: str) -> None:
+        await self._call("DELETE", f"/enclaves/{enclave_id}")
+
+    async def reattest(self, enclave_id: str) -> AttestationGrant:
+        reply = await self._call("POST", f"/enclaves/{enclave_id}/attest")
+        return AttestationGrant(**reply)
+
+
+class WorkerDirectory:
+    """Registered remote workers (in the store, so every service replica sees them)."""
+
+    def __init__(self, store: Store, *, heartbeat_timeout: float) -> None:
+        self.store = store
+        self.heartbeat_timeout = heartbeat_timeout
+        self._sim_verifiers: dict[str, Verifier] = {}
+        self._lock = threading.Lock()
+
+    def register(
+        self,
+        worker_id: str,
+        url: str,
+        providers: list[str],
+        capacity: dict[str, Any],
+        simulation_roots: dict[str, str] | None = None,
+    ) -> str:
+        """(Re)register; returns the secret the service will use to call the worker.
+
+        ``simulation_roots`` (PEM by evidence kind) are trusted for the worker's simulated
+        enclaves only, and what they sign is always marked simulated."""
+        secret = secrets.token_urlsafe(32)
+        now = time.time()
+        with self.store.transaction() as tx:
+            tx.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
+            tx.execute(
+                "INSERT INTO workers (id, url, providers, capacity, secret, simulation_roots, started_at, "
+                "last_heartbeat) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    worker_id,
+                    url,
+                    json.dumps(providers),
+                    json.dumps(capacity),
+                    secret,
+                    json.dumps(simulation_roots) if simulation_roots else None,
+                    now,
+                    now,
+                ),
+            )
+        return secret
+
+    def heartbeat(self, worker_id: str, capacity: dict[str, Any]) -> None:
+        if (
+            self.store.execute(
+                "UPDATE workers SET capacity = ?, last_heartbeat = ? WHERE id = ?",
+                (json.dumps(capacity), time.time(), worker_id),
+            )
+            == 0
+        ):
+            raise NotFoundError(
+                f"worker {worker_id} is not registered", hint="the worker re-registers by itself"
+            )
+
+    def list(self) -> list[dict[str, Any]]:
+        out = []
+        now = time.time()
+        for row in self.store.fetchall(
+            "SELECT id, url, providers, capacity, started_at, last_heartbeat FROM workers"
+        ):
+            out.append(
+                {
+                    "id": row["id"],
+                    "url": row["url"],
+                    "providers": json.loads(row["providers"]),
+                    "capacity": json.loads(row["capacity"]),
+                    "started_at": row["started_at"],
+                    "last_heartbeat": row["last_heartbeat"],
+                    "alive": now - float(row["last_heartbeat"]) < self.heartbeat_timeout,
+                }
+            )
+        return out
+
+    def client(self, worker_id: str) -> RemoteWorker:
+        row = self.store.fetchone("SELECT id, url, providers, secret FROM workers WHERE id = ?", (worker_id,))
+        if row is None:
+            raise NotFoundError(f"worker {worker_id} is not registered")
+        return RemoteWorker(row["id"], row["url"], row["secret"], json.loads(row["providers"]))
+
+    def choose(self, provider: str, size: int) -> RemoteWorker:
+        """The live worker of ``provider`` with the most free memory for it."""
+        best: tuple[int, str] | None = None
+        alive_any = False
+        for w in self.list():
+            if not w["alive"] or provider not in w["providers"]:
+                continue
+            alive_any = True
+            free = int(w["capacity"].get(provider, {}).get("free_bytes", 0))
+            if free >= size and (best is None or free > best[0]):
+                best = (free, w["id"])
+        if best is None:
+            if alive_any:
+                raise CapacityError(
+                    f"no {provider} worker has {size // (1024 * 1024)} MiB free",
+                    hint="add nodes or destroy enclaves",
+                )
+            raise ProviderUnavailableError(
+                f"no live worker serves provider {provider!r}",
+                hint="start r3e-tee-worker on a node with this hardware (see r3e-tee-cli doctor there)",
+            )
+        return self.client(best[1])
+
+    def simulation_verifier(self, enclave_id: str | None) -> Verifier | None:
+        """A verifier trusting the simulated roots the enclave's worker registered."""
+        if not enclave_id:
+            return None
+        row = self.store.fetchone(
+            "SELECT w.simulation_roots AS roots FROM enclaves e JOIN workers w ON w.id = e.worker_id "
+            "WHERE e.id = ?",
+            (enclave_id,),
+        )
+        if row is None or not row["roots"]:
+            return None
+        text = str(row["roots"])
+        with self._lock:
+            verifier = self._sim_verifiers.get(text)
+            if verifier is None:
+                from r3e_tee.attestation.pinned_roots_nitro_ias import TrustAnchor
+                from r3e_tee.attestation.result import EvidenceKind
+
+                roots = json.loads(text)
+                verifier = Verifier(
+                    trust_roots={
+                        EvidenceKind(kind): TrustAnchor.load(
+                            pem.encode(), simulated=True, name="worker simulated root"
+                        )
+                        for kind, pem in roots.items()
+                    }
+                )
+                self._sim_verifiers[text] = verifier
+        return verifier
+
+    def check_owner(self, worker_id: str, enclave_id: str) -> None:
+        row = self.store.fetchone("SELECT worker_id FROM enclaves WHERE id = ?", (enclave_id,))
+        if row is None:
+            raise NotFoundError(f"no enclave {enclave_id}")
+        if row["worker_id"] != worker_id:
+            raise ConflictError(f"enclave {enclave_id} belongs to worker {row['worker_id']}, not {worker_id}")
