@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from r3e_tee.attestation.ias import IasClient, IasVerifier, verify_ias
 from r3e_tee.attestation.pinned_roots_nitro_ias import AWS_NITRO_ROOT_G1
@@ -429,3 +431,23 @@ def test_client_unreachable_and_timeouts_never_hang(fake_ias: FakeIas) -> None:
             IasClient(fake_ias.url, "test-key", timeout=0.5).report(_epid_quote())
         assert time.monotonic() - t < 2.5, mode
     assert time.monotonic() - start < 8
+
+
+@given(st.data())
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_fuzzed_ias_evidence_never_crashes(ias_pki: IasPki, t0: datetime, data: st.DataObject) -> None:
+    forms = _FUZZ.setdefault(
+        "forms", [make_cert(ias_pki, t0), build_ias_json(*make_report(ias_pki, t0), [ias_pki.signing_der])]
+    )
+    raw = bytearray(data.draw(st.sampled_from(forms)))
+    for _ in range(data.draw(st.integers(1, 4))):
+        raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+    if data.draw(st.booleans()):
+        raw = raw[: data.draw(st.integers(0, len(raw)))]
+    try:
+        verify_evidence(bytes(raw), at=t0, trust_root=ias_pki.ca)
+    except (VerificationError, EvidenceFormatError):
+        pass
+
+
+_FUZZ: dict[str, list[bytes]] = {}

@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from r3e_tee.attestation.snp import SnpCollateral, SnpVerifier, verify_snp
 from r3e_tee.attestation.verify import verify_evidence
@@ -254,3 +256,21 @@ def test_sweep_real_reports(snp_case: dict[str, Any] | None, vectors_dir: Path, 
     verifier.verify(raw, c, at=vec.at(snp_case), trust_root=root)
     outcomes = _sweep(verifier, raw, c, vec.at(snp_case), root)
     assert sum(outcomes.values()) == SIGNED_SIZE + 144
+
+
+@given(st.data())
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_fuzzed_reports_never_crash(snp_pki: SnpPki, t0: datetime, data: st.DataObject) -> None:
+    c = _FUZZ.setdefault("c", SnpCollateral.load(coll(snp_pki)))
+    raw = bytearray(_FUZZ.setdefault("r", report(snp_pki)))
+    for _ in range(data.draw(st.integers(1, 4))):
+        raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+    if data.draw(st.booleans()):
+        raw = raw[: data.draw(st.integers(0, len(raw)))]
+    try:
+        verify_snp(bytes(raw), c, at=t0, trust_root=snp_pki.ark)
+    except (VerificationError, EvidenceFormatError):
+        pass
+
+
+_FUZZ: dict[str, Any] = {}
