@@ -451,3 +451,12 @@ def test_fuzzed_ias_evidence_never_crashes(ias_pki: IasPki, t0: datetime, data: 
 
 
 _FUZZ: dict[str, list[bytes]] = {}
+
+
+def test_client_from_provider_config(fake_ias: FakeIas) -> None:
+    from r3e_tee.config import ProviderAttestation
+
+    cfg = ProviderAttestation.model_validate({"service": fake_ias.url, "apiKey": "test-key"})
+    client = IasClient.from_provider(cfg, timeout=5)
+    assert client.report(_epid_quote()).quote.mrenclave == MRENCLAVE
+    assert "test-key" not in repr(client)

@@ -176,6 +176,17 @@ class IasClient:
         self.timeout = timeout
         self.verify_tls = verify_tls
 
+    @classmethod
+    def from_provider(cls, attestation: object, *, timeout: float = 10.0) -> IasClient:
+        """From a provider's ``attestation`` block of tee-config.yaml (``service``, ``apiKey``)."""
+        url = getattr(attestation, "service", None) or DEFAULT_IAS_URL
+        key = getattr(attestation, "api_key", None)
+        getter = getattr(key, "get_secret_value", None)
+        secret = getter() if callable(getter) else (key or "")
+        if not isinstance(url, str) or not isinstance(secret, str):
+            raise ValueError("attestation.service and attestation.apiKey must be strings")
+        return cls(url, secret, timeout=timeout)
+
     def __repr__(self) -> str:
         return f"IasClient({self.base_url!r}, api_key=***)"
 
