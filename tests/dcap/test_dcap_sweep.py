@@ -53,3 +53,48 @@ def test_single_byte_sweep(valid_cases: list[Case]) -> None:
                     continue
                 raise AssertionError(f"{case.id}: change at {off} ({name}) was accepted")
     assert total > 5000
+
+
+def test_fuzz_whole_quote_including_certification_data(valid_cases: list[Case]) -> None:
+    """Mutations anywhere (also the unsigned PEM chain and length fields) give typed errors only."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from r3e_tee.errors import CollateralError
+
+    case = next(c for c in valid_cases if c.id == "sgx-dcap/phala/sgx_quote")
+    verifier = DcapVerifier(case.root)
+
+    @settings(max_examples=400, deadline=None)
+    @given(
+        st.lists(st.tuples(st.integers(0, len(case.quote) - 1), st.integers(0, 255)), min_size=1, max_size=4)
+    )
+    def run(edits: list[tuple[int, int]]) -> None:
+        mutated = bytearray(case.quote)
+        for off, val in edits:
+            mutated[off] = val
+        try:
+            verifier.verify(bytes(mutated), case.collateral, at=case.at)
+        except (VerificationError, EvidenceFormatError, CollateralError):
+            pass
+
+    run()
+
+
+def test_sweep_certification_data(valid_cases: list[Case]) -> None:
+    """Every byte of the PCK chain PEM of one quote, with a stride: typed errors or acceptance
+    (bytes outside the base64 armour do not matter), never a crash."""
+    from r3e_tee.errors import CollateralError
+
+    case = next(c for c in valid_cases if c.id == "tdx-dcap/phala/tdx_quote")
+    q = parse_quote(case.quote)
+    pck = q.signature_data.certification.pck_chain
+    assert pck is not None
+    verifier = DcapVerifier(case.root)
+    for off in range(pck.offset, pck.offset + len(pck.data), 3):
+        mutated = bytearray(case.quote)
+        mutated[off] ^= 0x21
+        try:
+            verifier.verify(bytes(mutated), case.collateral, at=case.at)
+        except (VerificationError, EvidenceFormatError, CollateralError):
+            pass

@@ -107,6 +107,9 @@ def converge_status(platform: str, component: str) -> str:
 # --- cache -------------------------------------------------------------------------------------
 
 
+_MISSING = object()
+
+
 class VerificationCache:
     """Bounded in-process map of immutable facts keyed by the exact bytes they derive from.
 
@@ -123,10 +126,9 @@ class VerificationCache:
         return len(self._data)
 
     def get_or_compute(self, key: Hashable, compute: Callable[[], _T]) -> _T:
-        try:
-            return self._data[key]  # type: ignore[no-any-return]
-        except KeyError:
-            pass
+        value = self._data.get(key, _MISSING)
+        if value is not _MISSING:
+            return value  # type: ignore[no-any-return]
         value = compute()
         with self._lock:
             if len(self._data) >= self._max:
@@ -166,9 +168,16 @@ class _Cert:
     subject: bytes
     spki: bytes
     key: Any
+    issuer_name: x509.Name
+    subject_name: x509.Name
+    not_before: datetime
+    not_after: datetime
+    serial: int
+    is_ca: bool
+    sgx_extension: bytes | None
 
     def label(self) -> str:
-        return self.cert.subject.rfc4514_string()
+        return self.subject_name.rfc4514_string()
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,10 +200,14 @@ class _Crl:
     sig_alg: bytes
     signature: bytes
     issuer: bytes
+    issuer_name: x509.Name
     window: _Window
 
     def revokes(self, serial: int) -> bool:
-        return self.crl.get_revoked_certificate_by_serial_number(serial) is not None
+        try:
+            return self.crl.get_revoked_certificate_by_serial_number(serial) is not None
+        except ValueError as exc:
+            raise CollateralError(f"{self.window.what} entries do not parse: {exc}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +224,7 @@ class _Context:
     windows: tuple[_Window, ...]
     valid_until: datetime
     revoked: tuple[str, str, str] | None  # (what, crl name, serial hex) of the first revoked cert
+    details: dict[str, Any]  # result details fixed by the context (copied into each result)
 
 
 def _spki(key: Any) -> bytes:
@@ -282,21 +296,48 @@ def _tbs_fields(
 
 
 def _load_cert(der: bytes, what: str) -> _Cert:
+    """Parse everything needed up front: cryptography parses lazily, and a malformed field must
+    surface here as a format error, not later as a stray ValueError."""
     tbs, alg, sig, ts, te = _signed_parts(der, what)
     # serial, signature, issuer, validity, subject, subjectPublicKeyInfo
     f = _tbs_fields(der, ts, te, 6, version_tag=0xA0, what=what)
-    cert = x509.load_der_x509_certificate(der)
-    return _Cert(
-        der=der,
-        cert=cert,
-        tbs=tbs,
-        sig_alg=alg,
-        signature=sig,
-        issuer=der[f[2][0] : f[2][1]],
-        subject=der[f[4][0] : f[4][1]],
-        spki=der[f[5][0] : f[5][1]],
-        key=cert.public_key(),
-    )
+    tag, vs, ve = der_header(der, f[0][0], f[0][1], what)
+    if tag != 0x02 or ve == vs or der[vs] & 0x80 or der[vs:ve].strip(b"\0") == b"":
+        raise EvidenceFormatError(
+            "certificate serial number is not a positive INTEGER", field=what, offset=f[0][0]
+        )
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        exts = cert.extensions
+        try:
+            is_ca = bool(exts.get_extension_for_class(x509.BasicConstraints).value.ca)
+        except x509.ExtensionNotFound:
+            is_ca = False
+        try:
+            ext = exts.get_extension_for_oid(_SGX_EXT_OID).value
+            sgx = ext.value if isinstance(ext, x509.UnrecognizedExtension) else None
+        except x509.ExtensionNotFound:
+            sgx = None
+        return _Cert(
+            der=der,
+            cert=cert,
+            tbs=tbs,
+            sig_alg=alg,
+            signature=sig,
+            issuer=der[f[2][0] : f[2][1]],
+            subject=der[f[4][0] : f[4][1]],
+            spki=der[f[5][0] : f[5][1]],
+            key=cert.public_key(),
+            issuer_name=cert.issuer,
+            subject_name=cert.subject,
+            not_before=cert.not_valid_before_utc,
+            not_after=cert.not_valid_after_utc,
+            serial=cert.serial_number,
+            is_ca=is_ca,
+            sgx_extension=sgx,
+        )
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise EvidenceFormatError(f"certificate does not parse: {exc}", field=what, offset=None) from None
 
 
 def _load_crl(der: bytes, what: str) -> _Crl:
@@ -306,13 +347,13 @@ def _load_crl(der: bytes, what: str) -> _Crl:
         crl = x509.load_der_x509_crl(der)
         this_update = crl.last_update_utc
         next_update = crl.next_update_utc
+        issuer_name = crl.issuer
     except (ValueError, EvidenceFormatError) as exc:
         raise CollateralError(f"{what} does not parse: {exc}") from None
     if next_update is None:
         raise CollateralError(f"{what} has no nextUpdate")
-    return _Crl(
-        der, crl, tbs, alg, sig, der[f[1][0] : f[1][1]], _Window(what, this_update, next_update, False)
-    )
+    window = _Window(what, this_update, next_update, False)
+    return _Crl(der, crl, tbs, alg, sig, der[f[1][0] : f[1][1]], issuer_name, window)
 
 
 def _level_order(level: TcbLevel) -> tuple[tuple[int, ...], int, tuple[int, ...]]:
@@ -349,6 +390,13 @@ class DcapVerifier:
             subject=self.trust_root.subject_der,
             spki=self.trust_root.spki,
             key=self.trust_root.public_key,
+            issuer_name=self.trust_root.certificate.issuer,
+            subject_name=self.trust_root.certificate.subject,
+            not_before=self.trust_root.not_before,
+            not_after=self.trust_root.not_after,
+            serial=self.trust_root.certificate.serial_number,
+            is_ca=True,
+            sgx_extension=None,
         )
         self._anchor_window = _Window(
             "trust root certificate", self.trust_root.not_before, self.trust_root.not_after, True
@@ -449,19 +497,10 @@ class DcapVerifier:
 
         claims, details = _claims(body, ctx.pck_ext.fmspc)
         details.update(tcb_details)
-        details.update(
-            {
-                "quote_version": q.header.version,
-                "tee": "tdx" if q.is_tdx else "sgx",
-                "pck_ca": ctx.pck_ca_kind,
-                "pce_svn": ctx.pck_ext.pce_svn,
-                "cpu_svn": ctx.pck_ext.cpu_svn.hex(),
-                "pce_id": ctx.pck_ext.pce_id.hex().upper(),
-                "sgx_type": ctx.pck_ext.sgx_type,
-                "qe_isvsvn": qe.isv_svn,
-                "tcb_evaluation_data_number": ctx.tcb_info.tcb_evaluation_data_number,
-            }
-        )
+        details.update(ctx.details)
+        details["quote_version"] = q.header.version
+        details["tee"] = "tdx" if q.is_tdx else "sgx"
+        details["qe_isvsvn"] = qe.isv_svn
         return VerificationResult(
             kind=EvidenceKind.TDX_DCAP if q.is_tdx else EvidenceKind.SGX_DCAP,
             verified_at=at,
@@ -489,12 +528,12 @@ class DcapVerifier:
         root_crl = self._crl(coll.root_ca_crl, "Root CA CRL")
         self._crl_issued_by(root_crl, self._anchor, "root-ca-crl", "the pinned root")
         pck_crl = self._crl(coll.pck_crl, "PCK CRL")
-        if pck_crl.issuer != pck_ca.subject and pck_crl.crl.issuer != pck_ca.cert.subject:
+        if pck_crl.issuer != pck_ca.subject and pck_crl.issuer_name != pck_ca.subject_name:
             raise VerificationError(
                 Reason.BAD_CHAIN,
                 "the PCK CRL is not issued by the CA that issued the PCK certificate",
                 check="pck-crl.issuer",
-                observed=pck_crl.crl.issuer.rfc4514_string(),
+                observed=pck_crl.issuer_name.rfc4514_string(),
                 expected=pck_ca.label(),
             )
         if crl_chain.leaf.spki != pck_ca.spki:
@@ -535,14 +574,14 @@ class DcapVerifier:
             (qe_chain.leaf, root_crl, "QE Identity signing certificate"),
             (self._anchor, root_crl, "root certificate"),
         ):
-            serial = cert.cert.serial_number
+            serial = cert.serial
             if (id(crl), serial) in seen:
                 continue
             seen.add((id(crl), serial))
             if crl.revokes(serial):
                 revoked = (what, "PCK CRL" if crl is pck_crl else "Root CA CRL", f"{serial:x}")
                 break
-        pck_ext = self.cache.get_or_compute(("pck-ext", pck.leaf.der), lambda: _pck_extension(pck.leaf.cert))
+        pck_ext = self.cache.get_or_compute(("pck-ext", pck.leaf.der), lambda: _pck_extension(pck.leaf))
         return _Context(
             pck=pck,
             pck_ext=pck_ext,
@@ -554,6 +593,14 @@ class DcapVerifier:
             windows=windows,
             valid_until=min(w.not_after for w in windows),
             revoked=revoked,
+            details={
+                "pck_ca": _ca_kind(pck_ca),
+                "pce_svn": pck_ext.pce_svn,
+                "cpu_svn": pck_ext.cpu_svn.hex(),
+                "pce_id": pck_ext.pce_id.hex().upper(),
+                "sgx_type": pck_ext.sgx_type,
+                "tcb_evaluation_data_number": tcb_info.tcb_evaluation_data_number,
+            },
         )
 
     def _chain(self, pem: bytes, what: str, intermediates: int, *, in_quote: bool = False) -> _Chain:
@@ -585,8 +632,12 @@ class DcapVerifier:
         windows = []
         for i, cert in enumerate(certs):
             issuer = certs[i + 1] if i + 1 < len(certs) else self._anchor
-            if i + 1 < len(certs):
-                _require_ca(issuer.cert, what)
+            if i + 1 < len(certs) and not issuer.is_ca:
+                raise VerificationError(
+                    Reason.BAD_CHAIN,
+                    f"{what} chain: issuer {issuer.label()} is not a CA certificate",
+                    check=f"{what} chain",
+                )
             if not self._issued_by(cert, issuer):
                 raise VerificationError(
                     Reason.BAD_CHAIN,
@@ -614,7 +665,7 @@ class DcapVerifier:
 
     def _issued_by(self, cert: _Cert, issuer: _Cert) -> bool:
         """Name chaining and signature; the signature result is cached per (cert, issuer key)."""
-        if cert.issuer != issuer.subject and cert.cert.issuer != issuer.cert.subject:
+        if cert.issuer != issuer.subject and cert.issuer_name != issuer.subject_name:
             return False
 
         def check() -> bool:
@@ -640,12 +691,12 @@ class DcapVerifier:
         return self.cache.get_or_compute(("crl", der), lambda: _load_crl(der, what))
 
     def _crl_issued_by(self, crl: _Crl, issuer: _Cert, check: str, issuer_name: str) -> None:
-        if crl.issuer != issuer.subject and crl.crl.issuer != issuer.cert.subject:
+        if crl.issuer != issuer.subject and crl.issuer_name != issuer.subject_name:
             raise VerificationError(
                 Reason.BAD_CHAIN,
                 f"the {check} is not issued by {issuer_name}",
                 check=f"{check}.issuer",
-                observed=crl.crl.issuer.rfc4514_string(),
+                observed=crl.issuer_name.rfc4514_string(),
                 expected=issuer.label(),
             )
 
@@ -755,19 +806,6 @@ def _qe_identity(
     )
 
 
-def _require_ca(cert: x509.Certificate, what: str) -> None:
-    try:
-        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        bc = None
-    if bc is None or not bc.ca:
-        raise VerificationError(
-            Reason.BAD_CHAIN,
-            f"{what} chain: issuer {cert.subject.rfc4514_string()} is not a CA certificate",
-            check=f"{what} chain",
-        )
-
-
 def _attestation_key(raw: bytes) -> ec.EllipticCurvePublicKey:
     try:
         return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), b"\x04" + raw)
@@ -777,16 +815,12 @@ def _attestation_key(raw: bytes) -> ec.EllipticCurvePublicKey:
         ) from None
 
 
-def _pck_extension(cert: x509.Certificate) -> PckExtension:
-    try:
-        ext = cert.extensions.get_extension_for_oid(_SGX_EXT_OID).value
-    except x509.ExtensionNotFound:
+def _pck_extension(cert: _Cert) -> PckExtension:
+    if cert.sgx_extension is None:
         raise EvidenceFormatError(
             "PCK certificate lacks the SGX extension", field="pck_certificate", offset=None
-        ) from None
-    if not isinstance(ext, x509.UnrecognizedExtension):
-        raise EvidenceFormatError("unexpected SGX extension type", field="pck_certificate", offset=None)
-    return parse_pck_extension(ext.value)
+        )
+    return parse_pck_extension(cert.sgx_extension)
 
 
 def _ca_kind(ca: _Cert) -> str:
@@ -989,9 +1023,8 @@ def quote_claims(quote: bytes | Quote) -> dict[str, Any]:
     fmspc = b""
     if pem is not None:
         try:
-            leaf = x509.load_der_x509_certificate(pem_chain_to_der(pem)[0])
-            fmspc = _pck_extension(leaf).fmspc
-        except (ValueError, EvidenceFormatError):
+            fmspc = _pck_extension(_load_cert(pem_chain_to_der(pem)[0], "pck_certificate")).fmspc
+        except EvidenceFormatError:
             fmspc = b""
     claims, _ = _claims(q.body, fmspc)
     if not fmspc:

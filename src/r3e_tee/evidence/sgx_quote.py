@@ -196,16 +196,22 @@ class Quote:
 # --- parsing -----------------------------------------------------------------------------------
 
 
+_HEADER = struct.Struct("<HHIHH16s20s")
+# cpu_svn, misc_select, reserved, attributes, mr_enclave, reserved, mr_signer, reserved, config_id,
+# isv_prod_id, isv_svn, config_svn, reserved, isv_family_id, report_data
+_SGX_REPORT = struct.Struct("<16sI28s16s32s32s32s32s64sHHH42s16s64s")
+_TD10 = struct.Struct("<16s48s48s8s8s8s48s48s48s48s48s48s48s48s64s")
+
+
 def parse_header(data: bytes, offset: int = 0) -> QuoteHeader:
-    r = _Reader(data, offset)
-    version = r.u16("header.version")
-    att_key_type = r.u16("header.att_key_type")
-    tee_type = r.u32("header.tee_type")
-    qe_svn = r.u16("header.qe_svn")
-    pce_svn = r.u16("header.pce_svn")
-    vendor = r.take(16, "header.qe_vendor_id")
-    user_data = r.take(20, "header.user_data")
-    return QuoteHeader(version, att_key_type, tee_type, qe_svn, pce_svn, vendor, user_data)
+    if offset + HEADER_LEN > len(data):
+        raise EvidenceFormatError(
+            f"header needs {HEADER_LEN} bytes, only {max(0, len(data) - offset)} left",
+            field="header",
+            offset=offset,
+        )
+    version, akt, tee, qe_svn, pce_svn, vendor, user_data = _HEADER.unpack_from(data, offset)
+    return QuoteHeader(version, akt, tee, qe_svn, pce_svn, vendor, user_data)
 
 
 def parse_enclave_report(data: bytes, offset: int = 0, *, field: str = "report") -> EnclaveReport:
@@ -217,18 +223,19 @@ def parse_enclave_report(data: bytes, offset: int = 0, *, field: str = "report")
             offset=offset,
         )
     raw = data[offset : offset + SGX_REPORT_LEN]
+    f = _SGX_REPORT.unpack(raw)
     return EnclaveReport(
-        cpu_svn=raw[0:16],
-        misc_select=int(_U32.unpack_from(raw, 16)[0]),
-        attributes=raw[48:64],
-        mr_enclave=raw[64:96],
-        mr_signer=raw[128:160],
-        config_id=raw[192:256],
-        isv_prod_id=int(_U16.unpack_from(raw, 256)[0]),
-        isv_svn=int(_U16.unpack_from(raw, 258)[0]),
-        config_svn=int(_U16.unpack_from(raw, 260)[0]),
-        isv_family_id=raw[304:320],
-        report_data=raw[320:384],
+        cpu_svn=f[0],
+        misc_select=f[1],
+        attributes=f[3],
+        mr_enclave=f[4],
+        mr_signer=f[6],
+        config_id=f[8],
+        isv_prod_id=f[9],
+        isv_svn=f[10],
+        config_svn=f[11],
+        isv_family_id=f[13],
+        report_data=f[14],
         raw=raw,
     )
 
@@ -244,19 +251,20 @@ def parse_td_report(data: bytes, offset: int, size: int, *, field: str = "td_rep
             offset=offset,
         )
     raw = data[offset : offset + size]
+    f = _TD10.unpack_from(raw)
     return TdReport(
-        tee_tcb_svn=raw[0:16],
-        mr_seam=raw[16:64],
-        mr_signer_seam=raw[64:112],
-        seam_attributes=raw[112:120],
-        td_attributes=raw[120:128],
-        xfam=raw[128:136],
-        mr_td=raw[136:184],
-        mr_config_id=raw[184:232],
-        mr_owner=raw[232:280],
-        mr_owner_config=raw[280:328],
-        rtmrs=(raw[328:376], raw[376:424], raw[424:472], raw[472:520]),
-        report_data=raw[520:584],
+        tee_tcb_svn=f[0],
+        mr_seam=f[1],
+        mr_signer_seam=f[2],
+        seam_attributes=f[3],
+        td_attributes=f[4],
+        xfam=f[5],
+        mr_td=f[6],
+        mr_config_id=f[7],
+        mr_owner=f[8],
+        mr_owner_config=f[9],
+        rtmrs=(f[10], f[11], f[12], f[13]),
+        report_data=f[14],
         tee_tcb_svn2=raw[584:600] if size == TD15_REPORT_LEN else None,
         mr_servicetd=raw[600:648] if size == TD15_REPORT_LEN else None,
         raw=raw,
