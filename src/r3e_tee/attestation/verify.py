@@ -219,23 +219,10 @@ def _as_policy(policy: PolicyLike) -> VerificationPolicy:
 
 
 def _dcap_claims(quote: bytes) -> Mapping[str, Any] | None:
-    """Unverified DCAP claims through the DCAP module's own helpers (None if unavailable)."""
-    try:
-        from cryptography import x509
+    """Unverified DCAP claims, from the DCAP module's ``quote_claims``."""
+    from r3e_tee.attestation import dcap
 
-        from r3e_tee.attestation import dcap
-        from r3e_tee.evidence.sgx_quote import parse_quote
-    except ImportError:  # pragma: no cover
-        return None
-    q = parse_quote(quote)
-    claims_fn = getattr(dcap, "_claims", None)
-    ext_fn = getattr(dcap, "_pck_extension", None)
-    pem = q.pck_chain_pem
-    if claims_fn is None or ext_fn is None or pem is None:
-        return None
-    leaf = x509.load_pem_x509_certificates(pem)[0]
-    claims, _ = claims_fn(q.body, ext_fn(leaf).fmspc)
-    return dict(claims)
+    return dict(dcap.quote_claims(quote))
 
 
 _DEFAULT: Verifier | None = None
