@@ -815,12 +815,19 @@ def _attestation_key(raw: bytes) -> ec.EllipticCurvePublicKey:
         ) from None
 
 
-def _pck_extension(cert: _Cert) -> PckExtension:
-    if cert.sgx_extension is None:
+def _pck_extension(cert: _Cert | x509.Certificate) -> PckExtension:
+    """The SGX extension of a PCK certificate (an ``x509.Certificate`` is accepted too; prefer
+    :func:`quote_claims` outside this module)."""
+    raw = (
+        cert.sgx_extension
+        if isinstance(cert, _Cert)
+        else _load_cert(cert.public_bytes(Encoding.DER), "pck").sgx_extension
+    )
+    if raw is None:
         raise EvidenceFormatError(
             "PCK certificate lacks the SGX extension", field="pck_certificate", offset=None
         )
-    return parse_pck_extension(cert.sgx_extension)
+    return parse_pck_extension(raw)
 
 
 def _ca_kind(ca: _Cert) -> str:
