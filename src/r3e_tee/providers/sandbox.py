@@ -108,6 +108,11 @@ def _prctl(option: int, arg2: int | ctypes.c_void_p = 0) -> None:
         raise OSError(err, f"prctl({option}) failed: {os.strerror(err)}")
 
 
+def die_with_parent() -> None:
+    """In a child before exec: SIGKILL when the parent dies (enclaves never outlive their host)."""
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def seccomp_supported() -> tuple[bool, str]:
     if platform.system() != "Linux":
         return False, "seccomp needs Linux"

@@ -47,6 +47,9 @@ class ZygoteClient:
         prefix = bubblewrap_argv() if self.use_bubblewrap else None
         self.sandboxed_with = "bubblewrap" if prefix else "process"
         argv = [*(prefix or []), sys.executable, "-m", "r3e_tee.runtime.zygote", "--fd", str(child.fileno())]
+        if prefix is None:
+            # without bubblewrap's --die-with-parent the zygote arms PDEATHSIG itself
+            argv += ["--parent", str(os.getpid())]
         try:
             self._proc = subprocess.Popen(argv, pass_fds=[child.fileno()], stdin=subprocess.DEVNULL)
         except OSError as exc:

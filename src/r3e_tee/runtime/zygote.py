@@ -135,9 +135,13 @@ def serve(control: socket.socket) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 2 or args[0] != "--fd":
-        print("usage: python -m r3e_tee.runtime.zygote --fd N", file=sys.stderr)
+    if len(args) not in (2, 4) or args[0] != "--fd" or (len(args) == 4 and args[2] != "--parent"):
+        print("usage: python -m r3e_tee.runtime.zygote --fd N [--parent PID]", file=sys.stderr)
         return 2
+    if len(args) == 4:
+        sandbox.die_with_parent()
+        if os.getppid() != int(args[3]):
+            return 0  # the parent died before PDEATHSIG was armed
     control = socket.socket(fileno=int(args[1]))
     serve(control)
     return 0

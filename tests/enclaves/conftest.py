@@ -1,0 +1,111 @@
+"""A live development service (real process, real fork server) shared by the enclave tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class LiveService:
+    url: str
+    token: str
+    data_dir: Path
+    proc: subprocess.Popen[str]
+    env: dict[str, str]
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers=self.auth, timeout=30)
+
+
+def start_service(
+    data_dir: Path, state_dir: Path, *, config: Path | None = None, port: int | None = None
+) -> LiveService:
+    port = port or free_port()
+    env = {**os.environ, "XDG_STATE_HOME": str(state_dir), "R3E_TEE_CONFIG": str(config or "")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "r3e_tee.service", "--dev", "--data-dir", str(data_dir), "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"service exited: {proc.stdout.read() if proc.stdout else ''}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=0.5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        raise RuntimeError("service did not become ready in 20 s")
+    token = (data_dir / "admin-token").read_text().strip()
+    return LiveService(url, token, data_dir, proc, env)
+
+
+def stop_service(svc: LiveService, sig: int = 15) -> str:
+    if svc.proc.poll() is None:
+        svc.proc.send_signal(sig)
+    try:
+        out, _ = svc.proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        svc.proc.kill()
+        out, _ = svc.proc.communicate()
+    return out or ""
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveService]:
+    base = tmp_path_factory.mktemp("live")
+    svc = start_service(base / "data", base / "state")
+    try:
+        yield svc
+    finally:
+        stop_service(svc)
+
+
+def wait_state(client: httpx.Client, enclave_id: str, states: set[str], timeout: float = 10) -> dict:  # type: ignore[type-arg]
+    deadline = time.monotonic() + timeout
+    while True:
+        enclave = client.get(f"/v1/enclaves/{enclave_id}").json()
+        if enclave["state"] in states or time.monotonic() > deadline:
+            return enclave  # type: ignore[no-any-return]
+        time.sleep(0.05)
+
+
+def runtime_pids() -> set[int]:
+    """Processes running the enclave runtime (zygote children included)."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"r3e_tee.runtime" in cmdline:
+            pids.add(int(entry.name))
+    return pids
