@@ -18,9 +18,11 @@ Order of checks (the first failure decides the reason):
 8. revocation of the PCK, its CA and the signing certs (``revoked``);
 9. FMSPC / PCE-ID / TEE type of the TCB Info (``collateral-mismatch``);
 10. TCB level, QE TCB level and TDX module identity, converged like Intel's QVL and dcap-qvl
-    (``tcb-level-not-found``; a converged ``Revoked`` status is ``revoked``).
+    (no level for the platform, the QE's ISVSVN or the TDX module: ``tcb-level-not-found``; a
+    converged ``Revoked`` status: ``revoked``).
 
-Debug enclaves are reported as a claim, never rejected here: policy does that.
+Debug enclaves are reported as a claim, never rejected here: policy does that. Collateral that
+does not parse raises :class:`CollateralError` (unusable input), never a verdict.
 
 Speed: a :class:`DcapVerifier` keeps a :class:`VerificationCache` of facts that can never change
 because they are keyed by the exact bytes they were computed from (a verified chain, CRL, signed
@@ -44,7 +46,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from r3e_tee.attestation.result import EvidenceKind, VerificationResult
 from r3e_tee.attestation.roots import TrustRoot, intel_sgx_root
@@ -225,10 +227,6 @@ class _Context:
     valid_until: datetime
     revoked: tuple[str, str, str] | None  # (what, crl name, serial hex) of the first revoked cert
     details: dict[str, Any]  # result details fixed by the context (copied into each result)
-
-
-def _spki(key: Any) -> bytes:
-    return bytes(key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo))
 
 
 def _ecdsa_ok(key: Any, signature: bytes, data: bytes) -> bool:
