@@ -416,3 +416,13 @@ def test_real_document_base64_roundtrip(vectors_dir: Path) -> None:
     path = vectors_dir / "nitro/evervault-attestation-doc-validation/valid-attestation-doc-base64"
     raw = base64.b64decode(b"".join(path.read_bytes().split()))
     assert parse_nitro_document(raw).module_id.startswith("i-0918f6c55e3b61d89")
+
+
+def test_results_do_not_share_cached_containers(nitro_pki: NitroPki, t0: datetime) -> None:
+    verifier = NitroVerifier(nitro_pki.root)
+    doc = make_doc(nitro_pki, t0)
+    first = verifier.verify(doc, at=t0)
+    first.claims["pcrs"]["0"] = "tampered"  # type: ignore[index]
+    first.details["pcrs"]["0"] = "tampered"
+    second = verifier.verify(doc, at=t0)
+    assert second.claims["pcrs"]["0"] == "10" * 48 and second.details["pcrs"]["0"] == "10" * 48

@@ -135,13 +135,15 @@ class NitroVerifier:
         return VerificationResult(
             kind=EvidenceKind.NITRO,
             verified_at=when,
-            claims=dict(prep.claims),
+            # fresh containers: callers may mutate a result without touching the cache
+            claims={**prep.claims, "pcrs": dict(prep.claims["pcrs"])},
             debug=doc.debug,
             simulated=anchor.simulated,
             valid_until=chain.not_after,
             evidence_sha256=prep.sha256,
             details={
                 **prep.details,
+                "pcrs": dict(prep.details["pcrs"]),
                 "certificate_subject": chain.leaf_subject,
                 "trust_root": anchor.label,
             },
