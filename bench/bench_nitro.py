@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from r3e_tee.attestation.nitro import NitroVerifier
 from r3e_tee.attestation.pinned_roots_nitro_ias import AWS_NITRO_ROOT_G1, TrustAnchor, load_certificate
+from r3e_tee.attestation.policy import Policy
 from r3e_tee.attestation.verify import Verifier
 from r3e_tee.evidence.cose import ecdsa_raw_to_der
 from r3e_tee.evidence.nitro import build_nitro_pki, parse_nitro_document
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
     warm = NitroVerifier(anchor)
     dispatcher = Verifier()
-    policy = {"allow_debug": True}
+    policy = Policy(allow_debug=True)  # loaded once, as the service does
 
     variants: dict[str, Callable[[], object]] = {
         "raw ES384 verify": lambda: leaf_key.verify(der_sig, tbs, es384),
