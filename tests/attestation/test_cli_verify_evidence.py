@@ -145,3 +145,20 @@ def test_real_vectors_through_the_cli(app: typer.Typer, vectors_dir: Path) -> No
         app, vectors_dir / "sgx-ias/integritee-pallets/negative_mesatee_from_tests_rs/CERT_TOO_SHORT1.der"
     )
     assert code == 2
+
+
+def test_help_renders(app: typer.Typer) -> None:
+    result = CliRunner().invoke(app, ["verify-evidence", "--help"])
+    assert result.exit_code == 0, result.output
+    for flag in (
+        "--kind",
+        "--collateral",
+        "--root",
+        "--at",
+        "--policy",
+        "--allow-debug",
+        "--pcr",
+        "--output",
+    ):
+        assert flag in result.output
+    assert "UNSAFE" in result.output

@@ -111,14 +111,14 @@ def _print_rejected(console: Console, exc: VerificationError) -> None:
     console.print(table)
 
 
-def verify_evidence_command(  # noqa: PLR0917 (typer maps parameters to options)
+def verify_evidence_command(
     ctx: typer.Context,
     file: Annotated[Path, typer.Argument(help="evidence file (binary, hex, base64, PEM or a certificate)")],
     kind: Annotated[str, typer.Option("--kind", help="auto|sgx|tdx|nitro|ias|snp")] = "auto",
     collateral: Annotated[
         Path | None,
         typer.Option(
-            "--collateral", help="DCAP: QuoteCollateralV3 JSON; SNP: VCEK[/ASK/ARK] PEM bundle or JSON"
+            "--collateral", help="DCAP: QuoteCollateralV3 JSON; SNP: VCEK (with ASK, ARK) PEM bundle or JSON"
         ),
     ] = None,
     root: Annotated[Path | None, typer.Option("--root", help="trust root certificate (PEM or DER)")] = None,
