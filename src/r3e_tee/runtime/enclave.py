@@ -8,6 +8,7 @@ functions to run). ``shutdown`` zeroizes the keys before the process exits.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
 import socket
 import sys
@@ -19,8 +20,14 @@ from r3e_tee.errors import EnclaveError
 from r3e_tee.runtime.channel import Channel
 from r3e_tee.runtime.devices import AttestationDevice, GramineAttestationDevice, HostQuotingDevice
 from r3e_tee.runtime.keys import EnclaveKeys
+from r3e_tee.runtime.nsm import NsmAttestationDevice, NsmTransport
 
 DeviceFactory = Callable[[Channel], AttestationDevice]
+
+# Modules that add operations to the runtime (secrets, functions): each has install(runtime).
+# Imported here, at module import, so the zygote has them loaded before it forks.
+RUNTIME_EXTENSIONS: list[str] = []
+_EXTENSIONS = [importlib.import_module(name) for name in RUNTIME_EXTENSIONS]
 
 
 class EnclaveRuntime:
@@ -41,6 +48,11 @@ class EnclaveRuntime:
                 "shutdown": self.op_shutdown,
             }
         )
+        # what extensions keep (released secrets, loaded functions); cleared on shutdown
+        self.state: dict[str, Any] = {}
+        self.on_shutdown: list[Callable[[], None]] = []
+        for extension in _EXTENSIONS:
+            extension.install(self)
 
     async def op_attest(self, msg: dict[str, Any]) -> dict[str, Any]:
         nonce = msg.get("nonce")
@@ -70,6 +82,9 @@ class EnclaveRuntime:
         }
 
     async def op_shutdown(self, _: dict[str, Any]) -> dict[str, Any]:
+        for hook in self.on_shutdown:
+            hook()
+        self.state.clear()
         self.keys.zeroize()
         self.token = None
         self.stopping.set()
@@ -109,29 +124,120 @@ def run_in_child(sock: socket.socket) -> None:
     asyncio.run(serve(sock, HostQuotingDevice))
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry inside Gramine-SGX: ``python -m r3e_tee.runtime.enclave --fd N`` or ``--unix PATH``."""
-    import argparse
+#: the address the runtime connects to, when no option gives one (Gramine passes it through the
+#: environment so the measured manifest stays the same for every enclave)
+CONNECT_ENV = "R3E_ENCLAVE_CONNECT"
+#: hex bytes the runtime sends first on a connection it opens, so its host knows it is the enclave
+#: it launched and not another local process that found the listening port
+HELLO_ENV = "R3E_ENCLAVE_HELLO"
+#: where a Nitro Enclave's runtime listens for its host on AF_VSOCK
+DEFAULT_VSOCK_PORT = 5005
 
-    p = argparse.ArgumentParser(prog="r3e-tee-enclave", description="R3E TEE enclave runtime")
-    p.add_argument("--fd", type=int, help="an inherited, connected stream socket")
-    p.add_argument("--unix", help="connect to this UNIX socket")
-    p.add_argument("--device", choices=["gramine", "host"], default="gramine")
-    p.add_argument("--attestation-root", default="/dev/attestation")
-    args = p.parse_args(argv)
-    if args.fd is not None:
-        sock = socket.socket(fileno=args.fd)
-    elif args.unix:
+
+def _connect(address: str) -> socket.socket:
+    """``unix:PATH`` or ``tcp:HOST:PORT``."""
+    kind, _, rest = address.partition(":")
+    if kind == "unix" and rest:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.connect(args.unix)
+        target: Any = rest
+    elif kind == "tcp" and rest.rpartition(":")[2].isdigit():
+        host, _, port = rest.rpartition(":")
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        target = (host.strip("[]"), int(port))
     else:
-        p.error("give --fd or --unix")
+        raise ValueError(f"cannot connect to {address!r}: expected unix:PATH or tcp:HOST:PORT")
+    try:
+        sock.connect(target)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _accept_one(family: int, address: Any) -> socket.socket:
+    """Listen at ``address`` and return the first connection (the host)."""
+    with socket.socket(family, socket.SOCK_STREAM) as listener:
+        if family == socket.AF_UNIX:
+            try:
+                os.unlink(address)
+            except FileNotFoundError:
+                pass
+        listener.bind(address)
+        listener.listen(1)
+        conn, _ = listener.accept()
+    if family == socket.AF_UNIX:
+        try:
+            os.unlink(address)
+        except FileNotFoundError:
+            pass
+    return conn
+
+
+def main(argv: list[str] | None = None, *, nsm_transport: NsmTransport | None = None) -> int:
+    """Entry inside an enclave: ``python -m r3e_tee.runtime.enclave [channel] [--device D]``.
+
+    The channel to the host is one of ``--fd N`` (an inherited socket), ``--unix PATH`` or
+    ``--connect unix:PATH|tcp:HOST:PORT`` (connect; default ``$R3E_ENCLAVE_CONNECT``, how the
+    SGX provider reaches a Gramine enclave), ``--vsock-port N`` (listen on AF_VSOCK, any CID, and
+    serve the first host that connects: Nitro) or ``--listen-unix PATH`` (the same on a UNIX
+    socket). With none of them inside a Nitro Enclave (``/dev/nsm`` present) it listens on vsock
+    port 5005 with the NSM device. ``nsm_transport`` replaces the NSM ioctl (tests).
+    """
+    import argparse
     from pathlib import Path
 
-    root = Path(args.attestation_root)
-    factory: DeviceFactory = (
-        (lambda _ch: GramineAttestationDevice(root)) if args.device == "gramine" else HostQuotingDevice
+    p = argparse.ArgumentParser(prog="r3e-tee-enclave", description="R3E TEE enclave runtime")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--fd", type=int, help="an inherited, connected stream socket")
+    where.add_argument("--unix", help="connect to this UNIX socket")
+    where.add_argument(
+        "--connect", metavar="ADDR", help=f"unix:PATH or tcp:HOST:PORT (default ${CONNECT_ENV})"
     )
+    where.add_argument("--vsock-port", type=int, metavar="N", help="listen on AF_VSOCK (any CID) at port N")
+    where.add_argument("--listen-unix", metavar="PATH", help="listen on this UNIX socket (a vsock stand-in)")
+    p.add_argument("--device", choices=["gramine", "nsm", "host"], default=None)
+    p.add_argument("--attestation-root", default="/dev/attestation")
+    p.add_argument("--nsm-path", default="/dev/nsm")
+    args = p.parse_args(argv)
+    nsm_path = Path(args.nsm_path)
+    connect, vsock_port = args.connect, args.vsock_port
+    # nothing the enclave runs later needs these two
+    env_connect, hello_hex = os.environ.pop(CONNECT_ENV, None), os.environ.pop(HELLO_ENV, "")
+    if args.fd is None and not args.unix and not connect and vsock_port is None and not args.listen_unix:
+        if env_connect:
+            connect = env_connect
+        elif nsm_path.exists():
+            vsock_port = DEFAULT_VSOCK_PORT
+        else:
+            p.error(f"give --fd, --unix, --connect, --vsock-port or --listen-unix (or set ${CONNECT_ENV})")
+    device = args.device or ("nsm" if vsock_port is not None else "gramine")
+    try:
+        hello = bytes.fromhex(hello_hex)
+        if args.fd is not None:
+            sock = socket.socket(fileno=args.fd)
+        elif vsock_port is not None:
+            if not hasattr(socket, "AF_VSOCK"):
+                p.error("this Python has no AF_VSOCK support")
+            sock = _accept_one(socket.AF_VSOCK, (socket.VMADDR_CID_ANY, vsock_port))
+        elif args.listen_unix:
+            sock = _accept_one(socket.AF_UNIX, args.listen_unix)
+        else:
+            sock = _connect(f"unix:{args.unix}" if args.unix else str(connect))
+            if hello:
+                sock.sendall(hello)
+    except (OSError, ValueError) as exc:
+        print(f"r3e-tee-enclave: no channel to the host: {exc}", file=sys.stderr)
+        return 1
+
+    root = Path(args.attestation_root)
+
+    def factory(channel: Channel) -> AttestationDevice:
+        if device == "gramine":
+            return GramineAttestationDevice(root)
+        if device == "nsm":
+            return NsmAttestationDevice(nsm_transport, path=nsm_path)
+        return HostQuotingDevice(channel)
+
     asyncio.run(serve(sock, factory))
     return 0
 

@@ -7,6 +7,7 @@ startup/shutdown steps and metrics here, so the app factory stays ignorant of th
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -189,3 +190,10 @@ def install_components(ctx: ServiceContext) -> None:
         app.include_router(worker_routes.router)
 
     ctx.components["routers"].append(routes)
+    for installer in COMPONENT_INSTALLERS:
+        module, _, name = installer.partition(":")
+        getattr(importlib.import_module(module), name)(ctx)
+
+
+# Layers above attestation and enclaves (key management, functions) plug in here, in order.
+COMPONENT_INSTALLERS: list[str] = []

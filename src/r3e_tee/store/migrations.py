@@ -114,6 +114,7 @@ MIGRATIONS: list[Migration] = [
     ),
 ]
 
+# Next versions are reserved: 3 key management (keys/), 4 functions and invocations.
 LATEST_VERSION = MIGRATIONS[-1].version
 
 _BOOKKEEPING = """
