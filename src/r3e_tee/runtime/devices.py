@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import abc
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,15 @@ class GramineAttestationDevice(AttestationDevice):
 
     def __init__(self, root: Path = Path("/dev/attestation")) -> None:
         self.root = root
+        # user_report_data and quote are one pair of files per process: one quote at a time
+        self._lock = asyncio.Lock()
 
     async def evidence(self, *, report_data: bytes, nonce: bytes, public_key: bytes) -> tuple[bytes, str]:
+        # the pseudo-files block while the quoting enclave works: keep the event loop free
+        async with self._lock:
+            return await asyncio.to_thread(self._quote, report_data)
+
+    def _quote(self, report_data: bytes) -> tuple[bytes, str]:
         kind_file = self.root / "attestation_type"
         try:
             kind = kind_file.read_text().strip()
