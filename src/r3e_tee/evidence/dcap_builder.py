@@ -5,9 +5,13 @@ QE report) and SGX / TDX quotes v3, v4 and v5 signed by its attestation key.
 Tests use it to make every rejection class on purpose; the simulation provider uses it to emit a
 DCAP-shaped quote under a per-installation simulated root, so the real verifier code path runs:
 
-    platform, collateral = build_test_platform(PlatformSpec(tee="sgx", root_key=my_root_key))
+    spec = PlatformSpec(tee="sgx", root_key=my_root_key, organization="R3E", name_prefix="R3E Simulated SGX")
+    platform, collateral = build_test_platform(spec)
     quote = build_sgx_quote(platform, report_data=binding, mr_enclave=measurement)
-    verify_dcap(quote, collateral, at=now, trust_root=platform.root_cert_pem)
+    DcapVerifier(platform.root_cert_pem, simulated=True).verify(quote, collateral, at=now)
+
+Collateral is valid from ``now - 1 day`` to ``now + 30 days``; refresh it with
+``build_collateral(platform, issued=..., next_update=...)`` (same keys, new windows).
 
 Everything here is deterministic given the keys and times in the spec, except certificate serial
 numbers and ECDSA nonces.
@@ -91,7 +95,10 @@ class PlatformSpec:
     tee: Literal["sgx", "tdx"] = "sgx"
     now: datetime | None = None
     organization: str = "Intel Corporation"
-    root_common_name: str = "Intel SGX Root CA"
+    # certificate names: "<prefix> Root CA", "<prefix> PCK Processor CA", "<prefix> PCK Certificate",
+    # "<prefix> TCB Signing" (a simulated root would use e.g. "R3E Simulated SGX")
+    name_prefix: str = "Intel SGX"
+    root_common_name: str | None = None  # default "<prefix> Root CA"
     ca: Literal["processor", "platform"] = "processor"
     fmspc: bytes = bytes.fromhex("00906ED50000")
     pce_id: bytes = b"\x00\x00"
@@ -270,7 +277,8 @@ def build_test_platform(
     na = spec.cert_not_after or now + timedelta(days=5 * 365)
     org = spec.organization
     root_key = _key(spec.root_key)
-    root_name = _name(org, spec.root_common_name)
+    prefix = spec.name_prefix
+    root_name = _name(org, spec.root_common_name or f"{prefix} Root CA")
     root = _cert(
         subject=root_name,
         issuer=root_name,
@@ -282,7 +290,7 @@ def build_test_platform(
         path_length=1,
     )
     ca_key = _key(spec.pck_ca_key)
-    ca_cn = "Intel SGX PCK Platform CA" if spec.ca == "platform" else "Intel SGX PCK Processor CA"
+    ca_cn = f"{prefix} PCK Platform CA" if spec.ca == "platform" else f"{prefix} PCK Processor CA"
     pck_ca = _cert(
         subject=_name(org, ca_cn),
         issuer=root_name,
@@ -306,7 +314,7 @@ def build_test_platform(
     )
     pck_key = _key(spec.pck_key)
     pck = _cert(
-        subject=_name(org, "Intel SGX PCK Certificate"),
+        subject=_name(org, f"{prefix} PCK Certificate"),
         issuer=pck_ca.subject,
         public_key=pck_key.public_key(),
         signer=ca_key,
@@ -319,7 +327,7 @@ def build_test_platform(
     )
     tcb_key = _key(spec.tcb_signing_key)
     tcb_cert = _cert(
-        subject=_name(org, "Intel SGX TCB Signing"),
+        subject=_name(org, f"{prefix} TCB Signing"),
         issuer=root_name,
         public_key=tcb_key.public_key(),
         signer=root_key,
