@@ -356,3 +356,10 @@ def test_an_enclave_whose_runtime_never_listens_is_terminated(
         assert await p.describe() == []  # nothing left behind
 
     asyncio.run(main())
+
+
+def test_real_vsock_connector_fails_like_a_runtime_not_listening_yet() -> None:
+    from r3e_tee.providers.nitro import vsock_connect
+
+    with pytest.raises(OSError):  # no enclave at CID 99 on this machine: the provider retries
+        vsock_connect(99, 5005, timeout=0.2)

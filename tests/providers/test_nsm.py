@@ -142,3 +142,53 @@ def test_ioctl_transport_errors_name_the_device(tmp_path: Path) -> None:
     with pytest.raises(NsmError, match="exceeds") as big:
         NsmIoctlTransport(Path("/dev/null"))(bytes(0x1001))
     assert big.value.nsm_code == "InputTooLarge"
+
+
+# --- the runtime's entry point ----------------------------------------------------------------------
+
+
+def test_runtime_entry_needs_a_channel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from r3e_tee.runtime import enclave
+
+    monkeypatch.delenv(enclave.CONNECT_ENV, raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        enclave.main(["--nsm-path", str(tmp_path / "no-nsm")])  # not in a Nitro Enclave either
+    assert exit_.value.code == 2
+    assert enclave.main(["--connect", "carrier-pigeon:somewhere"]) == 1
+    assert enclave.main(["--connect", f"unix:{tmp_path / 'nobody-listens'}"]) == 1
+    with pytest.raises(SystemExit):
+        enclave.main(["--unix", "a", "--vsock-port", "5005"])  # one channel only
+
+
+def test_runtime_entry_connects_from_the_environment_and_says_hello(
+    short_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a Gramine enclave does: address and hello come through the environment."""
+    import socket
+    import threading
+
+    from r3e_tee.runtime import enclave
+    from r3e_tee.runtime.channel import encode_frame
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(short_dir / "host.sock"))
+    listener.listen(1)
+    monkeypatch.setenv(enclave.CONNECT_ENV, f"unix:{short_dir / 'host.sock'}")
+    monkeypatch.setenv(enclave.HELLO_ENV, "ab" * 32)
+    received: dict[str, bytes] = {}
+
+    def host() -> None:
+        conn, _ = listener.accept()
+        received["hello"] = conn.recv(32, socket.MSG_WAITALL)
+        conn.sendall(encode_frame({"id": 1, "op": "shutdown"}))
+        received["reply"] = conn.recv(4096)
+        conn.close()
+
+    thread = threading.Thread(target=host)
+    thread.start()
+    assert enclave.main(["--device", "gramine"]) == 0
+    thread.join(5)
+    listener.close()
+    assert received["hello"] == bytes.fromhex("ab" * 32)
+    assert cbor2.loads(received["reply"][4:]) == {"id": 1, "ok": True, "result": {"zeroized": True}}
+    assert enclave.CONNECT_ENV not in os.environ and enclave.HELLO_ENV not in os.environ

@@ -234,6 +234,9 @@ def test_create_attest_destroy(
             assert manifest["sgx"]["remote_attestation"] == "dcap"
             assert manifest["loader"]["argv"][1:] == ["-m", "r3e_tee.runtime.enclave", "--device", "gramine"]
             assert manifest["loader"]["env"]["R3E_ENCLAVE_CONNECT"] == {"passthrough": True}
+            mounts = {m["path"] for m in manifest["fs"]["mounts"]}
+            assert {p.python, p.python_libdir, p.site_packages} <= mounts
+            assert f"file:{p.site_packages}/" in manifest["sgx"]["trusted_files"]
             sign = calls(call_log, "gramine-sgx-sign")[0]
             assert sign[sign.index("--key") + 1] == str(key_path)
 

@@ -356,10 +356,13 @@ class NitroProvider(Provider):
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        if self._monitor_task is None:
+    def _ensure_monitor(self) -> None:
+        if self._monitor_task is None or self._monitor_task.done():
             self._poke = asyncio.Event()
             self._monitor_task = asyncio.get_running_loop().create_task(self._monitor(), name="nitro-monitor")
+
+    async def start(self) -> None:
+        self._ensure_monitor()
         if not self.terminate_orphans:
             return
         try:
@@ -461,6 +464,7 @@ class NitroProvider(Provider):
             with contextlib.suppress(ProviderError):
                 await self._terminate(record)
             raise
+        self._ensure_monitor()
         record.watcher = asyncio.get_running_loop().create_task(
             self._watch_channel(record, channel), name=f"nitro-watch-{spec.id}"
         )

@@ -26,9 +26,11 @@ Provider options (``providers[].options`` of tee-config.yaml, all optional):
     The Gramine tools (names on PATH or paths). Default: their names.
 ``template``
     The manifest template. Default: the one shipped in ``r3e_tee/providers/templates``.
-``python``, ``stdlib``, ``site_packages``, ``arch_libdir``
-    The interpreter run inside the enclave and the directories it needs (measured). Defaults:
-    the worker's own interpreter and its paths, ``/lib/x86_64-linux-gnu``.
+``python``, ``python_libdir``, ``site_packages``, ``arch_libdir``
+    The interpreter run inside the enclave and the directories it needs, all measured:
+    ``python_libdir`` holds libpython and the standard library (``/usr/local/lib`` in the python
+    images), ``site_packages`` the installed r3e-tee and its dependencies (a regular install, not
+    an editable one). Defaults: the worker's own interpreter and its paths, ``/lib/x86_64-linux-gnu``.
 ``threads`` (16), ``min_enclave_size`` (``512M``), ``log_level`` (``error``), ``isvprodid`` (1),
 ``isvsvn`` (1)
     Manifest values. Enclave sizes are powers of two; a smaller request is raised to the minimum
@@ -424,7 +426,7 @@ SGX_OPTIONS = (
     "gramine_sgx_sign",
     "template",
     "python",
-    "stdlib",
+    "python_libdir",
     "site_packages",
     "arch_libdir",
     "threads",
@@ -453,7 +455,7 @@ class SgxProvider(Provider):
         gramine_sgx_sign: str = "gramine-sgx-sign",
         template: Path = DEFAULT_TEMPLATE,
         python: str | None = None,
-        stdlib: str | None = None,
+        python_libdir: str | None = None,
         site_packages: str | None = None,
         arch_libdir: str = "/lib/x86_64-linux-gnu",
         threads: int = 16,
@@ -475,10 +477,9 @@ class SgxProvider(Provider):
         self.gramine_manifest = gramine_manifest
         self.gramine_sgx_sign = gramine_sgx_sign
         self.template = template
-        paths = sysconfig.get_paths()
         self.python = python or sys.executable
-        self.stdlib = stdlib or paths["stdlib"]
-        self.site_packages = site_packages or paths["purelib"]
+        self.python_libdir = python_libdir or _python_libdir()
+        self.site_packages = site_packages or sysconfig.get_paths()["purelib"]
         self.arch_libdir = arch_libdir
         self.threads = threads
         self.min_enclave_size = min_enclave_size
@@ -537,7 +538,7 @@ class SgxProvider(Provider):
             gramine_sgx_sign=opts.string("gramine_sgx_sign", "gramine-sgx-sign"),
             template=opts.path("template", DEFAULT_TEMPLATE) or DEFAULT_TEMPLATE,
             python=opts.string("python", sys.executable),
-            stdlib=opts.string("stdlib", sysconfig.get_paths()["stdlib"]),
+            python_libdir=opts.string("python_libdir", _python_libdir()),
             site_packages=opts.string("site_packages", sysconfig.get_paths()["purelib"]),
             arch_libdir=opts.string("arch_libdir", "/lib/x86_64-linux-gnu"),
             threads=opts.integer("threads", 16, minimum=4),
@@ -590,7 +591,7 @@ class SgxProvider(Provider):
     def manifest_variables(self, *, enclave_size: int, debug: bool) -> dict[str, str]:
         return {
             "python": self.python,
-            "stdlib": self.stdlib,
+            "python_libdir": self.python_libdir,
             "site_packages": self.site_packages,
             "arch_libdir": self.arch_libdir,
             "enclave_size": gramine_size(enclave_size),
@@ -919,6 +920,15 @@ class SgxProvider(Provider):
                     await record.watcher
             shutil.rmtree(record.run_dir, ignore_errors=True)
         handle.exited.set()
+
+
+def _python_libdir() -> str:
+    """Where libpython and the standard library live (LIBDIR; the stdlib's parent otherwise)."""
+    libdir = sysconfig.get_config_var("LIBDIR")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    if isinstance(libdir, str) and stdlib.is_relative_to(libdir):
+        return libdir
+    return str(stdlib.parent)
 
 
 def _read_tail(path: Path, limit: int = 8192) -> bytes:
