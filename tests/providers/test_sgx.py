@@ -142,7 +142,13 @@ def test_from_config_options(tmp_path: Path, enclave_signing_key: tuple[Path, rs
     p = SgxProvider.from_config(TeeConfig(providers=(ProviderConfig(name="sgx", options=options),)), tmp_path)
     assert (p.total_bytes(), p.threads, p.min_enclave_size, p.start_timeout) == (256 * MIB, 8, 64 * MIB, 30.0)
 
-    for bad, match in (({"threds": 8}, "unknown option 'threds'"), ({"threads": "many"}, "options.threads")):
+    for bad, match in (
+        ({"threds": 8}, "unknown option 'threds'"),
+        ({"threads": "many"}, "options.threads"),
+        ({"log_level": "loud"}, "options.log_level: expected one of none, error"),
+        ({"isvsvn": 70000}, "options.isvsvn: expected an integer from 0 to 65535"),
+        ({"epc_bytes": "lots"}, "options.epc_bytes"),
+    ):
         cfg = TeeConfig(providers=(ProviderConfig(name="sgx", options={**options, **bad}),))
         with pytest.raises(ConfigError, match=match):
             SgxProvider.from_config(cfg, tmp_path)

@@ -132,10 +132,24 @@ class ProviderOptions:
             return default
         return Path(self.string(name, ""))
 
-    def integer(self, name: str, default: int, *, minimum: int = 0) -> int:
+    def integer(self, name: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:
         value = self.options.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise self._fail(name, f"an integer >= {minimum}")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or value < minimum
+            or (maximum is not None and value > maximum)
+        ):
+            raise self._fail(
+                name, f"an integer from {minimum} to {maximum}" if maximum else f"an integer >= {minimum}"
+            )
+        return value
+
+    def choice(self, name: str, default: str, choices: Iterable[str]) -> str:
+        value = self.string(name, default)
+        allowed = tuple(choices)
+        if value not in allowed:
+            raise self._fail(name, "one of " + ", ".join(allowed))
         return value
 
     def size(self, name: str, default: int | None) -> int | None:
@@ -543,9 +557,11 @@ class SgxProvider(Provider):
             arch_libdir=opts.string("arch_libdir", "/lib/x86_64-linux-gnu"),
             threads=opts.integer("threads", 16, minimum=4),
             min_enclave_size=opts.size("min_enclave_size", 512 * MIB) or 0,
-            log_level=opts.string("log_level", "error"),
-            isvprodid=opts.integer("isvprodid", 1),
-            isvsvn=opts.integer("isvsvn", 1),
+            log_level=opts.choice(
+                "log_level", "error", ("none", "error", "warning", "debug", "trace", "all")
+            ),
+            isvprodid=opts.integer("isvprodid", 1, maximum=0xFFFF),
+            isvsvn=opts.integer("isvsvn", 1, maximum=0xFFFF),
             start_timeout=opts.seconds("start_timeout", 120.0),
             build_timeout=opts.seconds("build_timeout", 600.0),
             listen_host=opts.string("listen_host", "127.0.0.1"),
