@@ -83,6 +83,38 @@ class SandboxLimits:
     open_files: int = 1024
     deny_network: bool = True
     seccomp: bool = True
+    private_tmp: bool = True  # own mount namespace with a private /tmp (no files shared between enclaves)
+
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
+MS_REC = 0x4000
+MS_PRIVATE = 0x40000
+
+
+def private_tmp(size_bytes: int = 64 * 1024 * 1024) -> None:
+    """A mount namespace of our own with an empty tmpfs on /tmp (and /dev/shm when present)."""
+    libc = _libc()
+    uid, gid = os.getuid(), os.getgid()
+    flags = CLONE_NEWNS if uid == 0 else CLONE_NEWNS | CLONE_NEWUSER
+    if libc.unshare(flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"unshare: {os.strerror(err)}")
+    if uid != 0:
+        with open("/proc/self/setgroups", "w") as f:
+            f.write("deny")
+        with open("/proc/self/uid_map", "w") as f:
+            f.write(f"{uid} {uid} 1")
+        with open("/proc/self/gid_map", "w") as f:
+            f.write(f"{gid} {gid} 1")
+    if libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"making mounts private: {os.strerror(err)}")
+    options = f"size={size_bytes},mode=0700".encode()
+    for target in (b"/tmp", b"/dev/shm"):
+        if os.path.isdir(target) and libc.mount(b"tmpfs", target, b"tmpfs", 0, options) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"mounting a private tmpfs on {target.decode()}: {os.strerror(err)}")
 
 
 _LIBC: ctypes.CDLL | None = None
@@ -192,6 +224,11 @@ def apply_in_child(limits: SandboxLimits, *, new_session: bool = True) -> list[s
         resource.setrlimit(resource.RLIMIT_DATA, (limits.memory_bytes, limits.memory_bytes))
     if limits.cpu_seconds is not None:
         resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 5))
+    if limits.private_tmp:
+        try:
+            private_tmp()
+        except OSError as exc:
+            missing.append(f"private /tmp: {exc.strerror}")
     if limits.seccomp:
         try:
             install_seccomp(deny_network=limits.deny_network)

@@ -105,7 +105,10 @@ class SimulationProvider(Provider):
     async def create(self, spec: EnclaveSpec) -> EnclaveHandle:
         mrenclave, pcr0 = measurement_for(self.code_digest, spec)
         pid, sock = await self.zygote.spawn(
-            memory=spec.size_bytes, cpu_seconds=spec.cpu_seconds or self.cpu_seconds, seccomp=self.use_seccomp
+            memory=spec.size_bytes,
+            cpu_seconds=spec.cpu_seconds or self.cpu_seconds,
+            seccomp=self.use_seccomp,
+            measured=spec.payload,
         )
         reader, writer = await asyncio.open_connection(sock=sock)
         channel = Channel(reader, writer, name=f"enclave-{spec.id[:8]}")

@@ -118,7 +118,7 @@ class ZygoteClient:
             raise ProviderError(f"the simulation fork server is gone: {exc}") from None
 
     async def spawn(
-        self, *, memory: int, cpu_seconds: int | None, seccomp: bool
+        self, *, memory: int, cpu_seconds: int | None, seccomp: bool, measured: dict[str, Any] | None = None
     ) -> tuple[int, socket.socket]:
         if not self.running:
             self.stop()
@@ -129,7 +129,14 @@ class ZygoteClient:
         with self._lock:
             self._pending[rid] = (loop, fut)
         self._send(
-            {"op": "spawn", "rid": rid, "memory": memory, "cpu_seconds": cpu_seconds, "seccomp": seccomp}
+            {
+                "op": "spawn",
+                "rid": rid,
+                "memory": memory,
+                "cpu_seconds": cpu_seconds,
+                "seccomp": seccomp,
+                "measured": measured or {},
+            }
         )
         pid, fd = await asyncio.wait_for(fut, 30)
         return pid, socket.socket(fileno=fd)

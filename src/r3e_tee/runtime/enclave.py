@@ -26,14 +26,18 @@ DeviceFactory = Callable[[Channel], AttestationDevice]
 
 # Modules that add operations to the runtime (secrets, functions): each has install(runtime).
 # Imported here, at module import, so the zygote has them loaded before it forks.
-RUNTIME_EXTENSIONS: list[str] = []
+RUNTIME_EXTENSIONS: list[str] = ["r3e_tee.runtime.functions"]
 _EXTENSIONS = [importlib.import_module(name) for name in RUNTIME_EXTENSIONS]
 
 
 class EnclaveRuntime:
-    def __init__(self, channel: Channel, device: AttestationDevice) -> None:
+    def __init__(
+        self, channel: Channel, device: AttestationDevice, measured: dict[str, Any] | None = None
+    ) -> None:
         self.channel = channel
         self.device = device
+        # what the enclave was measured with (a function's code digest, runtime, limits)
+        self.measured: dict[str, Any] = dict(measured or {})
         self.keys = EnclaveKeys()
         self.started = time.monotonic()
         self.token: str | None = None
@@ -45,6 +49,7 @@ class EnclaveRuntime:
                 "attest": self.op_attest,
                 "set_token": self.op_set_token,
                 "ping": self.op_ping,
+                "get_token": self.op_get_token,
                 "shutdown": self.op_shutdown,
             }
         )
@@ -72,6 +77,14 @@ class EnclaveRuntime:
         exp = msg.get("expires_at")
         self.token_expires_at = float(exp) if isinstance(exp, int | float) else None
         return {"stored": True}
+
+    async def op_get_token(self, _: dict[str, Any]) -> dict[str, Any]:
+        """The signed attestation result this enclave holds (a statement, not a credential)."""
+        return {
+            "token": self.token,
+            "attestation_id": self.attestation_id,
+            "expires_at": self.token_expires_at,
+        }
 
     async def op_ping(self, _: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -102,10 +115,12 @@ class EnclaveRuntime:
         await self.channel.aclose()
 
 
-async def serve(sock: socket.socket, device_factory: DeviceFactory) -> None:
+async def serve(
+    sock: socket.socket, device_factory: DeviceFactory, measured: dict[str, Any] | None = None
+) -> None:
     reader, writer = await asyncio.open_connection(sock=sock)
     channel = Channel(reader, writer, name="host")
-    runtime = EnclaveRuntime(channel, device_factory(channel))
+    runtime = EnclaveRuntime(channel, device_factory(channel), measured)
     channel.start()
     await runtime.run()
 
@@ -119,9 +134,9 @@ def warm() -> None:
     asyncio.new_event_loop().close()
 
 
-def run_in_child(sock: socket.socket) -> None:
+def run_in_child(sock: socket.socket, measured: dict[str, Any] | None = None) -> None:
     """Entry of a simulated enclave process (forked by the zygote)."""
-    asyncio.run(serve(sock, HostQuotingDevice))
+    asyncio.run(serve(sock, HostQuotingDevice, measured))
 
 
 #: the address the runtime connects to, when no option gives one (Gramine passes it through the

@@ -76,7 +76,8 @@ def _child(control: socket.socket, mine: socket.socket, message: dict[str, Any],
             seccomp=bool(message.get("seccomp", True)),
         )
         apply_in_child(limits)
-        _enclave.run_in_child(mine)
+        measured = message.get("measured")
+        _enclave.run_in_child(mine, measured if isinstance(measured, dict) else None)
     except BaseException:  # noqa: BLE001 - the child must never return into the zygote loop
         code = 70
     finally:

@@ -114,8 +114,127 @@ MIGRATIONS: list[Migration] = [
     ),
 ]
 
-# Next versions are reserved: 3 key management (keys/), 4 functions and invocations.
-LATEST_VERSION = MIGRATIONS[-1].version
+MIGRATIONS.append(
+    Migration(
+        3,
+        "key management: KEKs, data keys, secrets, releases, signing keys, audit log",
+        """
+        CREATE TABLE kek_registry (
+            kek_id TEXT PRIMARY KEY,
+            provider TEXT NOT NULL,
+            location TEXT NOT NULL,
+            check_blob {blob} NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            retired_at DOUBLE PRECISION
+        );
+        CREATE TABLE data_keys (
+            owner TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            state TEXT NOT NULL,
+            kek_id TEXT,
+            wrapped {blob},
+            created_at DOUBLE PRECISION NOT NULL,
+            retired_at DOUBLE PRECISION,
+            PRIMARY KEY (owner, version)
+        );
+        CREATE INDEX data_keys_state ON data_keys (state);
+        CREATE TABLE secrets (
+            name TEXT PRIMARY KEY,
+            owner TEXT NOT NULL,
+            key_version INTEGER NOT NULL,
+            revision INTEGER NOT NULL,
+            ciphertext {blob} NOT NULL,
+            size_bytes INTEGER NOT NULL,
+            policy TEXT NOT NULL,
+            policy_digest TEXT NOT NULL,
+            description TEXT,
+            created_at DOUBLE PRECISION NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL,
+            created_by TEXT NOT NULL,
+            updated_by TEXT NOT NULL
+        );
+        CREATE INDEX secrets_owner ON secrets (owner, key_version);
+        CREATE TABLE secret_releases (
+            id {serial},
+            secret_name TEXT NOT NULL,
+            revision INTEGER NOT NULL,
+            attestation_id TEXT NOT NULL,
+            enclave_id TEXT,
+            released_at DOUBLE PRECISION NOT NULL
+        );
+        CREATE INDEX secret_releases_name ON secret_releases (secret_name);
+        CREATE TABLE signing_keys (
+            kid TEXT PRIMARY KEY,
+            provider TEXT NOT NULL,
+            alg TEXT NOT NULL,
+            state TEXT NOT NULL,
+            kek_id TEXT,
+            wrapped {blob},
+            created_at DOUBLE PRECISION NOT NULL,
+            retired_at DOUBLE PRECISION,
+            retire_after DOUBLE PRECISION
+        );
+        CREATE TABLE audit_log (
+            seq BIGINT PRIMARY KEY,
+            ts DOUBLE PRECISION NOT NULL,
+            actor TEXT NOT NULL,
+            action TEXT NOT NULL,
+            subject TEXT,
+            outcome TEXT NOT NULL,
+            reason TEXT,
+            detail TEXT NOT NULL,
+            claims_digest TEXT,
+            prev_hash TEXT NOT NULL,
+            hash TEXT NOT NULL
+        )
+        """,
+    )
+)
+
+MIGRATIONS.append(
+    Migration(
+        4,
+        "functions: versions and invocations",
+        """
+        CREATE TABLE functions (
+            name TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            config TEXT NOT NULL,
+            code {blob} NOT NULL,
+            code_sha256 TEXT NOT NULL,
+            measurement TEXT,
+            created_at DOUBLE PRECISION NOT NULL,
+            deleted_at DOUBLE PRECISION,
+            PRIMARY KEY (name, version)
+        );
+        CREATE TABLE invocations (
+            id TEXT PRIMARY KEY,
+            function TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            status TEXT NOT NULL,
+            input {blob} NOT NULL,
+            encrypted INTEGER NOT NULL,
+            reply_key {blob},
+            output {blob},
+            output_encrypted INTEGER NOT NULL DEFAULT 0,
+            receipt TEXT,
+            error TEXT,
+            idempotency_key TEXT,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            lease_until DOUBLE PRECISION,
+            enclave_id TEXT,
+            created_at DOUBLE PRECISION NOT NULL,
+            started_at DOUBLE PRECISION,
+            finished_at DOUBLE PRECISION
+        );
+        CREATE UNIQUE INDEX invocations_idempotency ON invocations (function, idempotency_key);
+        CREATE INDEX invocations_queue ON invocations (status, created_at)
+        """,
+    )
+)
+# Version 3 is reserved for key management (keys/). Kept in version order whatever the append order.
+MIGRATIONS.sort(key=lambda m: m.version)
+LATEST_VERSION = max(m.version for m in MIGRATIONS)
 
 _BOOKKEEPING = """
 CREATE TABLE IF NOT EXISTS schema_migrations (

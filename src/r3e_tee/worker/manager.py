@@ -266,7 +266,13 @@ class EnclaveManager:
             await asyncio.sleep(self.heartbeat_interval)
             for eid, handle in list(self.handles.items()):
                 try:
-                    await handle.channel.request("ping", timeout=self.heartbeat_interval * 2)
+                    pong = await handle.channel.request("ping", timeout=self.heartbeat_interval * 2)
+                    expires = pong.get("token_expires_at")
+                    # tokens are short-lived; refresh before expiry so receipts always carry a valid one
+                    if isinstance(expires, int | float) and expires - time.time() < max(
+                        60, 3 * self.heartbeat_interval
+                    ):
+                        await self.reattest(eid)
                 except R3ETeeError as exc:
                     if self.handles.pop(eid, None) is not None:
                         await self.sink.update(

@@ -106,6 +106,23 @@ def get_attestation(
     return attestation(ctx).get(attestation_id)
 
 
+@router.get(
+    "/v1/attestation/simulation-roots",
+    summary="This installation's simulated roots (PEM by evidence kind); what they sign is never hardware",
+)
+def simulation_roots(ctx: Ctx) -> dict[str, str]:
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    manager = ctx.components.get("manager")
+    sim = manager.providers.get("simulation") if manager is not None else None
+    if sim is None:
+        return {}
+    return {
+        kind.value: cert.public_bytes(Encoding.PEM).decode()
+        for kind, cert in sim.verification_roots()["trust_roots"].items()
+    }
+
+
 @router.get("/.well-known/jwks.json", summary="Public keys that sign attestation tokens")
 def jwks(ctx: Ctx) -> dict[str, Any]:
     return attestation(ctx).issuer.jwks()

@@ -1,0 +1,334 @@
+"""Function commands: deploy-function, list-functions, invoke, verify-receipt."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.markup import escape
+
+from r3e_tee.cli.client import ServiceClient
+from r3e_tee.cli.output import CliState, console, print_json, print_table
+from r3e_tee.errors import InvalidRequestError, R3ETeeError, ReceiptError
+
+
+def _state(ctx: typer.Context) -> CliState:
+    obj = ctx.find_root().obj
+    assert isinstance(obj, CliState)
+    return obj
+
+
+def _client(ctx: typer.Context) -> ServiceClient:
+    s = _state(ctx)
+    return ServiceClient(s.server, s.token, timeout=120)
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise InvalidRequestError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+def deploy_function(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(help="the code: a .py or .js file, or a zip (Python)")],
+    name: Annotated[str, typer.Option("--name", help="function name (lower-case, digits, '-')")],
+    runtime: Annotated[str, typer.Option("--runtime", help="python or javascript")],
+    handler: Annotated[str, typer.Option("--handler", help="the function to call")] = "handler",
+    secret: Annotated[
+        list[str] | None, typer.Option("--secret", help="a secret to release to it (repeat)")
+    ] = None,
+    size: Annotated[str, typer.Option("--size", help="enclave size")] = "128M",
+    memory: Annotated[str, typer.Option("--memory", help="memory per sandbox")] = "64M",
+    timeout: Annotated[str, typer.Option("--timeout", help="per invocation")] = "10s",
+    min_enclaves: Annotated[int, typer.Option("--min", help="enclaves kept warm (0: scale to zero)")] = 0,
+    max_enclaves: Annotated[int, typer.Option("--max", help="most enclaves under load")] = 4,
+    concurrency: Annotated[int, typer.Option("--concurrency", help="sandboxes per enclave")] = 2,
+    idempotent: Annotated[
+        bool, typer.Option("--idempotent", help="safe to retry on another enclave")
+    ] = False,
+    provider: Annotated[str, typer.Option("--provider", help="sgx, nitro or simulation")] = "simulation",
+) -> None:
+    """Deploy a new immutable version; prints its version and measurement."""
+    s = _state(ctx)
+    body = {
+        "name": name,
+        "runtime": runtime,
+        "handler": handler,
+        "secrets": secret or [],
+        "enclave_size": size,
+        "memory": memory,
+        "timeout": timeout,
+        "min_enclaves": min_enclaves,
+        "max_enclaves": max_enclaves,
+        "concurrency": concurrency,
+        "idempotent": idempotent,
+        "provider": provider,
+        "code": base64.b64encode(_read(file, "code")).decode(),
+    }
+    c = _client(ctx)
+    try:
+        fv = c.post("/v1/functions", json=body)
+    finally:
+        c.close()
+    if s.json:
+        print_json(fv)
+    else:
+        console.print(f"deployed {escape(fv['name'])} version {fv['version']}")
+        console.print(f"measurement {fv['measurement']}")
+
+
+def list_functions(ctx: typer.Context) -> None:
+    """Deployed functions with their latest version and measurement."""
+    s = _state(ctx)
+    c = _client(ctx)
+    try:
+        fns = c.get("/v1/functions")
+    finally:
+        c.close()
+    if s.json:
+        print_json(fns)
+        return
+    rows = [
+        (
+            f["name"],
+            f["version"],
+            f["runtime"],
+            f["provider"],
+            (f["measurement"] or "")[:16],
+            ",".join(f["config"]["secrets"]),
+        )
+        for f in fns
+    ]
+    print_table(None, ["NAME", "VERSION", "RUNTIME", "PROVIDER", "MEASUREMENT", "SECRETS"], rows)
+
+
+def _data(value: str) -> bytes:
+    raw = _read(Path(value[1:]), "input") if value.startswith("@") else value.encode()
+    try:
+        json.loads(raw)
+    except ValueError:
+        raise InvalidRequestError("--data must be JSON (or @file with JSON)") from None
+    return raw
+
+
+def _jwks(c: ServiceClient, source: str | None) -> dict[str, Any]:
+    if source is None:
+        jwks: dict[str, Any] = c.get("/.well-known/jwks.json")
+        return jwks
+    if source.startswith(("http://", "https://")):
+        try:
+            return dict(httpx.get(source, timeout=10).json())
+        except (httpx.HTTPError, ValueError) as exc:
+            raise R3ETeeError(f"cannot fetch the JWKS from {source}: {exc}") from None
+    try:
+        return dict(json.loads(_read(Path(source), "JWKS")))
+    except ValueError:
+        raise InvalidRequestError(f"{source} is not a JWKS (JSON)") from None
+
+
+def invoke(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="function name")],
+    data: Annotated[str, typer.Option("--data", help="the event: JSON, or @file")] = "{}",
+    encrypt: Annotated[
+        bool, typer.Option("--encrypt", help="seal the input to the enclave's attested key (end to end)")
+    ] = False,
+    async_: Annotated[bool, typer.Option("--async", help="queue it; prints the invocation id")] = False,
+    idempotency_key: Annotated[str | None, typer.Option("--idempotency-key", help="with --async")] = None,
+    jwks: Annotated[
+        str | None, typer.Option("--jwks", help="JWKS URL or file to trust (default: the server's)")
+    ] = None,
+    receipt_out: Annotated[Path | None, typer.Option("--save", help="write the full response here")] = None,
+) -> None:
+    """Invoke a function: prints the output and checks the receipt before showing it."""
+    from cryptography.hazmat.primitives.asymmetric import x25519
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    from r3e_tee.attestation.tokens import verify_token
+    from r3e_tee.functions import e2e
+    from r3e_tee.functions.receipts import verify_receipt
+
+    s = _state(ctx)
+    raw = _data(data)
+    c = _client(ctx)
+    headers: dict[str, str] = {}
+    body = raw
+    reply_private = None
+    try:
+        trusted = _jwks(c, jwks)
+        if encrypt:
+            target = c.get(f"/v1/functions/{name}/enclave")
+            claims = verify_token(str(target["token"]), trusted)
+            key = base64.b64decode(target["x25519"])
+            bound = base64.urlsafe_b64decode(claims["cnf"]["x25519"] + "==")
+            fn = c.get(f"/v1/functions/{name}")
+            if bound != key or claims["sub"] != target["enclave_id"]:
+                raise R3ETeeError(
+                    "the enclave key offered is not the attested one; refusing to encrypt to it"
+                )
+            if fn["measurement"] and claims["measurement"] != fn["measurement"]:
+                raise R3ETeeError("the enclave does not run the deployed function's measurement")
+            reply_private = x25519.X25519PrivateKey.generate()
+            reply_public = reply_private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+            body = e2e.seal_input(raw, key)
+            headers = {
+                "Content-Type": "application/r3e-hpke",
+                "X-R3E-Enclave": str(target["enclave_id"]),
+                "X-R3E-Reply-Key": base64.b64encode(reply_public).decode(),
+            }
+        if async_:
+            if idempotency_key:
+                headers["Idempotency-Key"] = idempotency_key
+            queued = c.post(f"/v1/functions/{name}/invocations", content=body, headers=headers)
+            if s.json:
+                print_json(queued)
+            else:
+                console.print(f"queued invocation {queued['invocation_id']}")
+            return
+        result = c.post(f"/v1/functions/{name}/invoke", content=body, headers=headers)
+    finally:
+        c.close()
+    output: bytes | None = None
+    if "output_encrypted" in result and reply_private is not None:
+        output = e2e.open_output(base64.b64decode(result["output_encrypted"]), reply_private)
+        result["output"] = json.loads(output)
+    elif "output" in result:
+        output = json.dumps(result["output"]).encode()
+    check = verify_receipt(
+        result["receipt"], trusted, input_bytes=raw, output_bytes=output if result["status"] == "ok" else None
+    )
+    if receipt_out is not None:
+        receipt_out.write_text(json.dumps(result, indent=2))
+    if s.json:
+        print_json({**result, "receipt_checks": check.checks})
+    else:
+        if result["status"] == "ok":
+            console.print_json(json.dumps(result.get("output")))
+        else:
+            console.print(f"[red]{result['status']}:[/] {escape(str(result.get('error')))}")
+        console.print(
+            f"[green]receipt verified[/] ({len(check.checks)} checks; enclave {result['enclave_id'][:12]})"
+        )
+    if result["status"] != "ok":
+        raise typer.Exit(1)
+
+
+def verify_receipt_cmd(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(help="a receipt, or an invoke response containing one")],
+    input_file: Annotated[Path | None, typer.Option("--input", help="the input JSON to check")] = None,
+    output_file: Annotated[Path | None, typer.Option("--output", help="the output JSON to check")] = None,
+    jwks: Annotated[
+        str | None, typer.Option("--jwks", help="JWKS URL or file (default: the server's)")
+    ] = None,
+    policy_file: Annotated[
+        Path | None, typer.Option("--policy", help="reference values the enclave must meet")
+    ] = None,
+    evidence: Annotated[
+        bool,
+        typer.Option("--evidence", help="re-verify the enclave's raw evidence against the hardware roots"),
+    ] = False,
+    attestation_file: Annotated[
+        Path | None, typer.Option("--attestation", help="stored attestation report (default: fetched)")
+    ] = None,
+    root: Annotated[Path | None, typer.Option("--root", help="trust anchor for --evidence (PEM)")] = None,
+    allow_simulation: Annotated[
+        bool, typer.Option("--allow-simulation", help="UNSAFE: accept simulated evidence with --evidence")
+    ] = False,
+) -> None:
+    """Verify a receipt offline: signature, key bound to the attestation, JWKS, policy, hashes.
+    Exit 0 valid, 1 invalid, 2 unusable input."""
+    from r3e_tee.attestation.policy import Policy
+    from r3e_tee.functions.receipts import verify_receipt
+
+    s = _state(ctx)
+    try:
+        doc = json.loads(_read(file, "receipt"))
+    except ValueError:
+        raise InvalidRequestError(f"{file} is not JSON") from None
+    receipt = doc.get("receipt", doc) if isinstance(doc, dict) else doc
+    policy = Policy.from_file(policy_file) if policy_file else None
+    c = _client(ctx)
+    try:
+        trusted = _jwks(c, jwks)
+        check = verify_receipt(
+            receipt,
+            trusted,
+            input_bytes=_read(input_file, "input") if input_file else None,
+            output_bytes=_read(output_file, "output") if output_file else None,
+            policy=policy,
+        )
+        checks = list(check.checks)
+        if evidence:
+            checks.append(_check_evidence(c, check, attestation_file, root, allow_simulation))
+    finally:
+        c.close()
+    if s.json:
+        print_json({"valid": True, "checks": checks, "receipt": check.body})
+        return
+    for item in checks:
+        console.print(f"[green]PASS[/] {escape(item)}")
+    body = check.body
+    console.print(
+        f"valid receipt: {body['function']} v{body['version']} in enclave {body['enclave_id'][:12]}"
+    )
+
+
+def _check_evidence(
+    c: ServiceClient, check: Any, attestation_file: Path | None, root: Path | None, allow_simulation: bool
+) -> str:
+    from r3e_tee.attestation.binding import report_data_for
+    from r3e_tee.attestation.policy import Policy
+    from r3e_tee.attestation.verify import verify_evidence
+
+    claims = check.token_claims
+    report = (
+        json.loads(_read(attestation_file, "attestation report"))
+        if attestation_file
+        else c.get(f"/v1/attestations/{claims['jti']}")
+    )
+    from r3e_tee.attestation.pinned_roots_nitro_ias import TrustAnchor
+
+    raw = base64.b64decode(report["evidence"])
+    bundle = (report.get("collateral") or {}).get("bundle")
+    anchor = None
+    if root is not None:
+        anchor = TrustAnchor.load(_read(root, "root"), simulated=allow_simulation)
+    elif allow_simulation:
+        # the installation publishes its simulated roots; what they sign is marked simulated
+        pem = c.get("/v1/attestation/simulation-roots").get(str(report.get("kind")))
+        if pem:
+            anchor = TrustAnchor.load(pem.encode(), simulated=True)
+    result = verify_evidence(
+        raw,
+        collateral=bundle,
+        trust_root=anchor,
+        policy=Policy(allow_simulation=allow_simulation, allow_debug=bool(claims.get("debug"))),
+    )
+
+    def raw_key(name: str) -> bytes:
+        return base64.urlsafe_b64decode(claims["cnf"][name] + "==")
+
+    expected = report_data_for(bytes.fromhex(claims["nonce"]), raw_key("x25519"), raw_key("p256"))
+    got = (
+        result.report_data
+        if result.report_data is not None
+        else bytes.fromhex(result.claims.get("user_data", ""))
+    )
+    if got != expected:
+        raise ReceiptError("the raw evidence does not bind the token's nonce and keys")
+    simulated = " (SIMULATED: no hardware protects it)" if result.simulated else ""
+    return f"raw {result.kind.value} evidence verifies and binds the token's keys{simulated}"
+
+
+def register(app: typer.Typer) -> None:
+    app.command("deploy-function")(deploy_function)
+    app.command("list-functions")(list_functions)
+    app.command("invoke")(invoke)
+    app.command("verify-receipt")(verify_receipt_cmd)

@@ -1,0 +1,1 @@
+"""User functions: model and measurement, deployment, scheduling, invocation, receipts."""

@@ -1,0 +1,210 @@
+"""Asynchronous invocations: a durable queue in the store, at-least-once, with idempotency keys.
+
+Each replica runs a dispatcher that claims queued work with a lease (PostgreSQL: ``FOR UPDATE
+SKIP LOCKED``, so replicas never take the same row; SQLite: one writer at a time). A crash
+leaves the lease to expire and the work is claimed again; the idempotency key makes a
+resubmission return the first invocation instead of running twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+
+from r3e_tee.errors import NotFoundError, R3ETeeError
+from r3e_tee.store import Store
+
+log = logging.getLogger("r3e_tee.functions")
+
+MAX_ATTEMPTS = 5
+Runner = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+class InvocationQueue:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def submit(
+        self,
+        *,
+        function: str,
+        version: int,
+        input: bytes,
+        encrypted: bool,
+        reply_key: bytes | None,
+        idempotency_key: str | None,
+        enclave_id: str | None = None,
+    ) -> tuple[str, bool]:
+        """Queue an invocation; returns (id, created). An idempotency key seen before returns
+        the earlier invocation's id with created=False."""
+        if idempotency_key:
+            row = self.store.fetchone(
+                "SELECT id FROM invocations WHERE function = ? AND idempotency_key = ?",
+                (function, idempotency_key),
+            )
+            if row is not None:
+                return str(row["id"]), False
+        inv_id = uuid.uuid4().hex
+        try:
+            self.store.execute(
+                "INSERT INTO invocations (id, function, version, status, input, encrypted, reply_key, "
+                "idempotency_key, enclave_id, created_at) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
+                (
+                    inv_id,
+                    function,
+                    version,
+                    input,
+                    int(encrypted),
+                    reply_key,
+                    idempotency_key,
+                    enclave_id,
+                    time.time(),
+                ),
+            )
+        except Exception:  # a concurrent submission with the same key won the insert
+            if not idempotency_key:
+                raise
+            row = self.store.fetchone(
+                "SELECT id FROM invocations WHERE function = ? AND idempotency_key = ?",
+                (function, idempotency_key),
+            )
+            if row is None:
+                raise
+            return str(row["id"]), False
+        return inv_id, True
+
+    def get(self, inv_id: str) -> dict[str, Any]:
+        row = self.store.fetchone(
+            "SELECT id, function, version, status, encrypted, output, output_encrypted, receipt, error, "
+            "attempts, enclave_id, created_at, started_at, finished_at FROM invocations WHERE id = ?",
+            (inv_id,),
+        )
+        if row is None:
+            raise NotFoundError(f"no invocation {inv_id}")
+        out = dict(row)
+        out["encrypted"] = bool(row["encrypted"])
+        output = row["output"]
+        out.pop("output")
+        out.pop("output_encrypted")
+        if output is not None:
+            if row["output_encrypted"]:
+                out["output_encrypted"] = base64.b64encode(bytes(output)).decode()
+            else:
+                out["output"] = json.loads(bytes(output))
+        out["receipt"] = json.loads(row["receipt"]) if row["receipt"] else None
+        return out
+
+    def claim(self, limit: int, lease: float) -> list[dict[str, Any]]:
+        now = time.time()
+        with self.store.transaction() as tx:
+            if tx.dialect == "postgresql":
+                rows = tx.fetchall(
+                    "UPDATE invocations SET status = 'running', lease_until = ?, attempts = attempts + 1, "
+                    "started_at = ? WHERE id IN (SELECT id FROM invocations WHERE status = 'queued' "
+                    "OR (status = 'running' AND lease_until < ?) ORDER BY created_at LIMIT ? "
+                    "FOR UPDATE SKIP LOCKED) RETURNING *",
+                    (now + lease, now, now, limit),
+                )
+            else:
+                rows = tx.fetchall(
+                    "UPDATE invocations SET status = 'running', lease_until = ?, attempts = attempts + 1, "
+                    "started_at = ? WHERE id IN (SELECT id FROM invocations WHERE status = 'queued' "
+                    "OR (status = 'running' AND lease_until < ?) ORDER BY created_at LIMIT ?) RETURNING *",
+                    (now + lease, now, now, limit),
+                )
+        return rows
+
+    def complete(self, inv_id: str, result: dict[str, Any]) -> None:
+        encrypted_out = result.get("output_encrypted")
+        self.store.execute(
+            "UPDATE invocations SET status = ?, output = ?, output_encrypted = ?, receipt = ?, error = ?, "
+            "enclave_id = ?, finished_at = ?, lease_until = NULL WHERE id = ?",
+            (
+                "succeeded" if result["status"] == "ok" else "failed",
+                encrypted_out if encrypted_out is not None else result.get("output"),
+                int(encrypted_out is not None),
+                json.dumps(result["receipt"]),
+                result.get("error"),
+                result.get("enclave_id"),
+                time.time(),
+                inv_id,
+            ),
+        )
+
+    def retry_or_fail(self, inv_id: str, attempts: int, error: str) -> None:
+        if attempts >= MAX_ATTEMPTS:
+            self.store.execute(
+                "UPDATE invocations SET status = 'failed', error = ?, finished_at = ?, lease_until = NULL "
+                "WHERE id = ?",
+                (f"gave up after {attempts} attempts: {error}", time.time(), inv_id),
+            )
+        else:
+            self.store.execute(
+                "UPDATE invocations SET status = 'queued', error = ?, lease_until = NULL WHERE id = ?",
+                (error, inv_id),
+            )
+
+    def depth(self) -> dict[str, int]:
+        rows = self.store.fetchall(
+            "SELECT function, count(*) AS n FROM invocations "
+            "WHERE status IN ('queued', 'running') GROUP BY function"
+        )
+        return {str(r["function"]): int(r["n"]) for r in rows}
+
+
+class Dispatcher:
+    """Claims queued invocations and runs them; one per replica."""
+
+    def __init__(
+        self, queue: InvocationQueue, run: Runner, *, concurrency: int = 16, lease: float = 120.0
+    ) -> None:
+        self.queue = queue
+        self.run_one = run
+        self.concurrency = concurrency
+        self.lease = lease
+        self.wake = asyncio.Event()
+        self._running = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _loop(self) -> None:
+        while True:
+            free = self.concurrency - self._running
+            rows = await anyio.to_thread.run_sync(self.queue.claim, free, self.lease) if free > 0 else []
+            for row in rows:
+                self._running += 1
+                asyncio.get_running_loop().create_task(self._execute(row))
+            if not rows:
+                self.wake.clear()
+                try:
+                    await asyncio.wait_for(self.wake.wait(), 1.0)
+                except TimeoutError:
+                    pass
+
+    async def _execute(self, row: dict[str, Any]) -> None:
+        inv_id = str(row["id"])
+        try:
+            result = await self.run_one(row)
+            await anyio.to_thread.run_sync(self.queue.complete, inv_id, result)
+        except R3ETeeError as exc:
+            log.warning("invocation attempt failed", extra={"invocation_id": inv_id, "error": exc.message})
+            await anyio.to_thread.run_sync(
+                self.queue.retry_or_fail, inv_id, int(row["attempts"]), exc.message
+            )
+        finally:
+            self._running -= 1
+            self.wake.set()

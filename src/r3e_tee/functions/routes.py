@@ -1,0 +1,119 @@
+"""Function API: deploy, list, get, delete, invoke (sync and async), invocations, enclave keys.
+
+An invocation body is the function's JSON event, byte for byte. With end-to-end encryption the
+body is an HPKE ciphertext (Content-Type application/r3e-hpke) sealed to the enclave named by
+X-R3E-Enclave, and X-R3E-Reply-Key (base64 X25519) receives the sealed output.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Request
+from fastapi.responses import JSONResponse
+
+from r3e_tee.functions.registry import config_from_request
+from r3e_tee.functions.service import FunctionsService, decode_b64
+from r3e_tee.service.app import ServiceContext
+from r3e_tee.service.auth import Principal, Scope
+from r3e_tee.service.deps import get_ctx, require
+
+router = APIRouter(tags=["functions"])
+Ctx = Annotated[ServiceContext, Depends(get_ctx)]
+Admin = Annotated[Principal, Depends(require(Scope.ADMIN))]
+Invoker = Annotated[Principal, Depends(require(Scope.INVOKE))]
+Reader = Annotated[Principal, Depends(require(Scope.READ))]
+ENCRYPTED_TYPE = "application/r3e-hpke"
+
+
+def functions(ctx: ServiceContext) -> FunctionsService:
+    svc: FunctionsService = ctx.components["functions"]
+    return svc
+
+
+@router.post("/v1/functions", status_code=201, summary="Deploy a new immutable version")
+def deploy(body: dict[str, Any], ctx: Ctx, _: Admin) -> dict[str, Any]:
+    """Body: the function settings (name, runtime, handler, enclave_size, timeout, min/max enclaves,
+    concurrency, secrets, idempotent, ...) and ``code``: the file or zip, base64."""
+    config, code = config_from_request(body)
+    return functions(ctx).registry.deploy(config, code).describe()
+
+
+@router.get("/v1/functions", summary="Deployed functions (latest versions)")
+def list_functions(ctx: Ctx, _: Reader) -> list[dict[str, Any]]:
+    return functions(ctx).registry.list()
+
+
+@router.get("/v1/functions/{name}", summary="One function version (default: latest)")
+def get_function(name: str, ctx: Ctx, _: Reader, version: int | None = None) -> dict[str, Any]:
+    return functions(ctx).registry.get(name, version).describe()
+
+
+@router.delete("/v1/functions/{name}", status_code=204, summary="Delete a function (all versions)")
+def delete_function(name: str, ctx: Ctx, _: Admin) -> None:
+    functions(ctx).registry.delete(name)
+
+
+@router.get("/v1/functions/{name}/enclave", summary="A ready enclave of the function and its attested keys")
+async def function_enclave(name: str, ctx: Ctx, _: Invoker) -> dict[str, Any]:
+    return await functions(ctx).enclave_for(name)
+
+
+def _encryption(
+    request: Request, enclave: str | None, reply_key: str | None
+) -> tuple[bool, bytes | None, str | None]:
+    encrypted = request.headers.get("content-type", "").split(";")[0].strip() == ENCRYPTED_TYPE
+    key = decode_b64(reply_key, "X-R3E-Reply-Key") if reply_key else None
+    return encrypted, key, enclave
+
+
+@router.post("/v1/functions/{name}/invoke", summary="Invoke and wait: output and signed receipt")
+async def invoke(
+    name: str,
+    request: Request,
+    ctx: Ctx,
+    _: Invoker,
+    x_r3e_enclave: Annotated[str | None, Header()] = None,
+    x_r3e_reply_key: Annotated[str | None, Header()] = None,
+) -> dict[str, Any]:
+    encrypted, reply_key, enclave = _encryption(request, x_r3e_enclave, x_r3e_reply_key)
+    result = await functions(ctx).invoke(
+        name, await request.body(), encrypted=encrypted, reply_key=reply_key, enclave_id=enclave
+    )
+    return result.to_json()
+
+
+@router.post(
+    "/v1/functions/{name}/invocations", status_code=202, summary="Queue an invocation (at least once)"
+)
+async def invoke_async(
+    name: str,
+    request: Request,
+    ctx: Ctx,
+    _: Invoker,
+    idempotency_key: Annotated[str | None, Header()] = None,
+    x_r3e_enclave: Annotated[str | None, Header()] = None,
+    x_r3e_reply_key: Annotated[str | None, Header()] = None,
+) -> JSONResponse:
+    svc = functions(ctx)
+    fv = svc.registry.get(name)
+    encrypted, reply_key, enclave = _encryption(request, x_r3e_enclave, x_r3e_reply_key)
+    inv_id, created = svc.queue.submit(
+        function=name,
+        version=fv.version,
+        input=await request.body(),
+        encrypted=encrypted,
+        reply_key=reply_key,
+        idempotency_key=idempotency_key,
+        enclave_id=enclave,
+    )
+    svc.dispatcher.wake.set()
+    return JSONResponse(
+        {"invocation_id": inv_id, "created": created, "status_url": f"/v1/invocations/{inv_id}"},
+        status_code=202 if created else 200,
+    )
+
+
+@router.get("/v1/invocations/{invocation_id}", summary="An asynchronous invocation's status and result")
+def get_invocation(invocation_id: str, ctx: Ctx, _: Invoker) -> dict[str, Any]:
+    return functions(ctx).queue.get(invocation_id)

@@ -1,0 +1,263 @@
+"""Placing invocations on enclaves, and scaling each function's enclaves with demand.
+
+One pool per function version. An invocation takes the least-loaded ready enclave with a
+free sandbox; when none is free the pool scales up (to max_enclaves) and the caller waits.
+The autoscaler keeps min_enclaves, adds enclaves when demand per enclave passes the target,
+and retires idle ones after a cooldown (down to min, zero allowed: the next call is a cold
+start). An enclave that timed out is drained and replaced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from r3e_tee.errors import EnclaveError, FunctionError, R3ETeeError
+from r3e_tee.functions.registry import FunctionVersion
+from r3e_tee.providers.base import EnclaveHandle
+from r3e_tee.runtime.channel import ChannelClosed
+
+log = logging.getLogger("r3e_tee.functions")
+
+
+@dataclass
+class Slot:
+    enclave_id: str
+    handle: EnclaveHandle
+    inflight: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    draining: bool = False
+
+    @property
+    def usable(self) -> bool:
+        return not self.draining and self.handle.alive
+
+
+@dataclass
+class InvokeResult:
+    invocation_id: str
+    status: str
+    output: bytes | None
+    output_encrypted: bytes | None
+    receipt: dict[str, Any]
+    error: str | None
+    enclave_id: str
+
+    def to_json(self, *, decode_output: bool = True) -> dict[str, Any]:
+        import base64
+        import json
+
+        out: dict[str, Any] = {
+            "invocation_id": self.invocation_id,
+            "status": self.status,
+            "enclave_id": self.enclave_id,
+            "receipt": self.receipt,
+            "error": self.error,
+        }
+        if self.output_encrypted is not None:
+            out["output_encrypted"] = base64.b64encode(self.output_encrypted).decode()
+        elif self.output is not None:
+            out["output"] = json.loads(self.output) if decode_output else self.output.decode()
+        return out
+
+
+# launches an enclave for a function version and returns its id once ready and loaded
+Launcher = Callable[[FunctionVersion], Awaitable[tuple[str, EnclaveHandle]]]
+Destroyer = Callable[[str], Awaitable[None]]
+
+
+class Pool:
+    def __init__(self, fv: FunctionVersion, launch: Launcher, destroy: Destroyer) -> None:
+        self.fv = fv
+        self.slots: dict[str, Slot] = {}
+        self.starting = 0
+        self.waiting = 0
+        self.last_error: str | None = None
+        self._launch = launch
+        self._destroy = destroy
+        self._changed = asyncio.Condition()
+
+    @property
+    def concurrency(self) -> int:
+        return self.fv.config.concurrency
+
+    def _pick(self, enclave_id: str | None) -> Slot | None:
+        candidates = [
+            s
+            for s in self.slots.values()
+            if s.usable
+            and s.inflight < self.concurrency
+            and (enclave_id is None or s.enclave_id == enclave_id)
+        ]
+        return min(candidates, key=lambda s: s.inflight) if candidates else None
+
+    def scale_up(self) -> None:
+        if len(self.slots) + self.starting >= self.fv.config.max_enclaves:
+            return
+        self.starting += 1
+        asyncio.get_running_loop().create_task(self._start_one())
+
+    async def _start_one(self) -> None:
+        try:
+            enclave_id, handle = await self._launch(self.fv)
+            self.slots[enclave_id] = Slot(enclave_id, handle)
+            self.last_error = None
+            handle.on_exit.append(lambda h: self._forget(h.spec.id))
+        except R3ETeeError as exc:
+            self.last_error = exc.message
+            log.warning("scale-up failed", extra={"function": self.fv.name, "error": exc.message})
+        finally:
+            self.starting -= 1
+            async with self._changed:
+                self._changed.notify_all()
+
+    def _forget(self, enclave_id: str) -> None:
+        self.slots.pop(enclave_id, None)
+
+    async def acquire(self, timeout: float, enclave_id: str | None = None) -> Slot:
+        deadline = time.monotonic() + timeout
+        async with self._changed:
+            self.waiting += 1
+            try:
+                while True:
+                    slot = self._pick(enclave_id)
+                    if slot is not None:
+                        slot.inflight += 1
+                        slot.last_used = time.monotonic()
+                        return slot
+                    if enclave_id is not None and enclave_id not in self.slots:
+                        raise FunctionError(
+                            f"enclave {enclave_id} is not serving {self.fv.name} any more",
+                            hint="fetch a fresh enclave key (GET /v1/functions/NAME/enclave), encrypt again",
+                        )
+                    if self.starting == 0 and len(self.slots) < self.fv.config.max_enclaves:
+                        self.scale_up()
+                    elif (
+                        self.starting == 0
+                        and not any(s.usable for s in self.slots.values())
+                        and self.last_error
+                    ):
+                        raise FunctionError(f"no enclave can run {self.fv.name}: {self.last_error}")
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise FunctionError(
+                            f"no enclave of {self.fv.name} became free within {timeout:g} s",
+                            hint="raise max_enclaves or concurrency",
+                        )
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._changed.wait(), remaining)
+            finally:
+                self.waiting -= 1
+
+    async def release(self, slot: Slot) -> None:
+        slot.inflight -= 1
+        slot.last_used = time.monotonic()
+        if slot.draining and slot.inflight == 0:
+            self.slots.pop(slot.enclave_id, None)
+            asyncio.get_running_loop().create_task(self._destroy_quietly(slot.enclave_id))
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _destroy_quietly(self, enclave_id: str) -> None:
+        with contextlib.suppress(R3ETeeError):
+            await self._destroy(enclave_id)
+
+    async def autoscale(self, cooldown: float, target: float = 0.8) -> None:
+        cfg = self.fv.config
+        live = [s for s in self.slots.values() if s.usable]
+        demand = sum(s.inflight for s in live) + self.waiting
+        desired = max(cfg.min_enclaves, math.ceil(demand / (self.concurrency * target)) if demand else 0)
+        desired = min(desired, cfg.max_enclaves)
+        for _ in range(desired - len(live) - self.starting):
+            self.scale_up()
+        idle = sorted(
+            (s for s in live if s.inflight == 0 and time.monotonic() - s.last_used > cooldown),
+            key=lambda s: s.last_used,
+        )
+        surplus = len(live) - max(desired, cfg.min_enclaves)
+        for slot in idle[: max(0, surplus)]:
+            self.slots.pop(slot.enclave_id, None)
+            log.info(
+                "scaled down idle enclave", extra={"function": self.fv.name, "enclave_id": slot.enclave_id}
+            )
+            await self._destroy_quietly(slot.enclave_id)
+
+    async def close(self) -> None:
+        for enclave_id in list(self.slots):
+            self.slots.pop(enclave_id, None)
+            await self._destroy_quietly(enclave_id)
+
+
+class Scheduler:
+    def __init__(self, launch: Launcher, destroy: Destroyer, *, cooldown: float = 60.0) -> None:
+        self.pools: dict[tuple[str, int], Pool] = {}
+        self._launch = launch
+        self._destroy = destroy
+        self.cooldown = cooldown
+        self._task: asyncio.Task[None] | None = None
+
+    def pool(self, fv: FunctionVersion) -> Pool:
+        key = (fv.name, fv.version)
+        pool = self.pools.get(key)
+        if pool is None:
+            pool = self.pools[key] = Pool(fv, self._launch, self._destroy)
+        return pool
+
+    async def invoke(
+        self,
+        fv: FunctionVersion,
+        request: dict[str, Any],
+        *,
+        enclave_id: str | None = None,
+        retry: bool | None = None,
+    ) -> tuple[dict[str, Any], str]:
+        """Run on a ready enclave; returns (runtime reply, enclave id). Retries once on another
+        enclave when the first dies mid-invocation and the function is idempotent."""
+        pool = self.pool(fv)
+        timeout = fv.config.timeout
+        attempts = 2 if (retry if retry is not None else fv.config.idempotent) and enclave_id is None else 1
+        last: R3ETeeError | None = None
+        for _ in range(attempts):
+            slot = await pool.acquire(timeout + 30, enclave_id)
+            try:
+                reply = await slot.handle.channel.request("invoke", timeout=timeout + 5, **request)
+                if reply.get("status") == "timeout":
+                    slot.draining = True  # a timed-out enclave is recycled
+                return reply, slot.enclave_id
+            except (ChannelClosed, EnclaveError) as exc:
+                slot.draining = True
+                last = exc if isinstance(exc, R3ETeeError) else EnclaveError(str(exc))
+                log.warning("enclave failed mid-invocation", extra={"enclave_id": slot.enclave_id})
+            finally:
+                await pool.release(slot)
+        msg = f"the enclave running {fv.name} failed during the invocation"
+        if not fv.config.idempotent:
+            msg += "; it was not retried because the function is not marked idempotent"
+        raise FunctionError(f"{msg} ({last.message if last else 'unknown'})")
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            for pool in list(self.pools.values()):
+                try:
+                    await pool.autoscale(self.cooldown)
+                except R3ETeeError as exc:
+                    log.warning("autoscale failed", extra={"function": pool.fv.name, "error": exc.message})
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self.run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        for pool in self.pools.values():
+            await pool.close()
+
+    def queue_depth(self) -> dict[str, int]:
+        return {p.fv.name: p.waiting for p in self.pools.values()}
