@@ -68,6 +68,7 @@ def deploy_function(
         "max_enclaves": max_enclaves,
         "concurrency": concurrency,
         "idempotent": idempotent,
+        "cooldown": cooldown,
         "provider": provider,
         "code": base64.b64encode(_read(file, "code")).decode(),
     }

@@ -39,6 +39,7 @@ class FunctionConfig(BaseModel):
     max_enclaves: int = Field(4, ge=1, le=100)
     concurrency: int = Field(2, ge=1, le=64)  # sandboxes per enclave
     idempotent: bool = False
+    cooldown: float = 60.0  # idle seconds before an enclave above min_enclaves is retired
     secrets: list[str] = []
     release_policy: dict[str, Any] = {}
 
@@ -62,6 +63,11 @@ class FunctionConfig(BaseModel):
     @classmethod
     def _size(cls, v: object) -> int:
         return parse_size(v)
+
+    @field_validator("cooldown", mode="before")
+    @classmethod
+    def _cooldown(cls, v: object) -> float:
+        return parse_duration(v)
 
     @field_validator("timeout", mode="before")
     @classmethod

@@ -168,8 +168,9 @@ class Pool:
         with contextlib.suppress(R3ETeeError):
             await self._destroy(enclave_id)
 
-    async def autoscale(self, cooldown: float, target: float = 0.8) -> None:
+    async def autoscale(self, target: float = 0.8) -> None:
         cfg = self.fv.config
+        cooldown = cfg.cooldown
         live = [s for s in self.slots.values() if s.usable]
         demand = sum(s.inflight for s in live) + self.waiting
         desired = max(cfg.min_enclaves, math.ceil(demand / (self.concurrency * target)) if demand else 0)
@@ -195,11 +196,11 @@ class Pool:
 
 
 class Scheduler:
-    def __init__(self, launch: Launcher, destroy: Destroyer, *, cooldown: float = 60.0) -> None:
+    def __init__(self, launch: Launcher, destroy: Destroyer, *, interval: float = 1.0) -> None:
         self.pools: dict[tuple[str, int], Pool] = {}
         self._launch = launch
         self._destroy = destroy
-        self.cooldown = cooldown
+        self.interval = interval
         self._task: asyncio.Task[None] | None = None
 
     def pool(self, fv: FunctionVersion) -> Pool:
@@ -243,10 +244,10 @@ class Scheduler:
 
     async def run(self) -> None:
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(self.interval)
             for pool in list(self.pools.values()):
                 try:
-                    await pool.autoscale(self.cooldown)
+                    await pool.autoscale()
                 except R3ETeeError as exc:
                     log.warning("autoscale failed", extra={"function": pool.fv.name, "error": exc.message})
 

@@ -29,7 +29,7 @@ class FunctionsService:
         self.queue = InvocationQueue(ctx.store)
         self.enclaves = ctx.components["enclaves"]
         self.manager = ctx.components.get("manager")
-        self.scheduler = Scheduler(self._launch, self._destroy, cooldown=60.0)
+        self.scheduler = Scheduler(self._launch, self._destroy)
         self.dispatcher = Dispatcher(self.queue, self._run_queued)
         r = ctx.registry
         self.m_latency = Histogram(
