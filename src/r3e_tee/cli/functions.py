@@ -52,6 +52,9 @@ def deploy_function(
     idempotent: Annotated[
         bool, typer.Option("--idempotent", help="safe to retry on another enclave")
     ] = False,
+    cooldown: Annotated[
+        str, typer.Option("--cooldown", help="idle time before scaling an enclave down")
+    ] = "60s",
     provider: Annotated[str, typer.Option("--provider", help="sgx, nitro or simulation")] = "simulation",
 ) -> None:
     """Deploy a new immutable version; prints its version and measurement."""
