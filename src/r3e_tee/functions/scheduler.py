@@ -79,6 +79,7 @@ class Pool:
         self.starting = 0
         self.waiting = 0
         self.last_error: str | None = None
+        self.failures = 0  # failed scale-ups so far; a waiter gives up after one during its wait
         self._launch = launch
         self._destroy = destroy
         self._changed = asyncio.Condition()
@@ -111,6 +112,7 @@ class Pool:
             handle.on_exit.append(lambda h: self._forget(h.spec.id))
         except R3ETeeError as exc:
             self.last_error = exc.message
+            self.failures += 1
             log.warning("scale-up failed", extra={"function": self.fv.name, "error": exc.message})
         finally:
             self.starting -= 1
@@ -122,6 +124,7 @@ class Pool:
 
     async def acquire(self, timeout: float, enclave_id: str | None = None) -> Slot:
         deadline = time.monotonic() + timeout
+        failures_before = self.failures
         async with self._changed:
             self.waiting += 1
             try:
@@ -136,14 +139,11 @@ class Pool:
                             f"enclave {enclave_id} is not serving {self.fv.name} any more",
                             hint="fetch a fresh enclave key (GET /v1/functions/NAME/enclave), encrypt again",
                         )
+                    nothing_usable = not any(s.usable for s in self.slots.values())
+                    if self.failures > failures_before and self.starting == 0 and nothing_usable:
+                        raise FunctionError(f"no enclave can run {self.fv.name}: {self.last_error}")
                     if self.starting == 0 and len(self.slots) < self.fv.config.max_enclaves:
                         self.scale_up()
-                    elif (
-                        self.starting == 0
-                        and not any(s.usable for s in self.slots.values())
-                        and self.last_error
-                    ):
-                        raise FunctionError(f"no enclave can run {self.fv.name}: {self.last_error}")
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise FunctionError(

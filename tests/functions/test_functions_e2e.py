@@ -1,0 +1,323 @@
+"""Functions end to end on a live development service: deploy, invoke, receipts, encryption,
+isolation, limits, failures and the asynchronous queue."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec, x25519
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from tests.enclaves.conftest import start_service, stop_service
+
+from r3e_tee.attestation.tokens import verify_token
+from r3e_tee.errors import ReceiptError
+from r3e_tee.functions import e2e
+from r3e_tee.functions.receipts import RECEIPT_DOMAIN, canonical, verify_receipt
+
+from .conftest import EXAMPLES, LiveService, deploy
+
+EVENT = {"pair": "NEO/USD", "prices": [11.9, 12.1, 12.0]}
+
+
+def test_examples_deploy_invoke_and_receipts_verify_offline(live: LiveService) -> None:
+    with live.client() as c:
+        oracle = deploy(c, "price-oracle", "python", (EXAMPLES / "price_oracle.py").read_bytes())
+        words = deploy(c, "word-stats", "javascript", (EXAMPLES / "word_stats.js").read_bytes())
+        assert oracle["version"] == 1 and len(oracle["measurement"]) == 64
+        raw = json.dumps(EVENT).encode()
+        result = c.post("/v1/functions/price-oracle/invoke", content=raw).json()
+        assert result["status"] == "ok" and result["output"]["payload"]["price"] == 12.0
+        js = c.post("/v1/functions/word-stats/invoke", content=b'{"text": "a b a"}').json()
+        assert js["status"] == "ok" and js["output"]["summary"]["words"] == 3
+        jwks = c.get("/.well-known/jwks.json").json()
+    output = json.dumps(result["output"]).encode()
+    check = verify_receipt(
+        result["receipt"], jwks, issuer="r3e-tee-service", input_bytes=raw, output_bytes=output
+    )
+    assert check.body["measurement"] == oracle["measurement"]
+    assert verify_receipt(js["receipt"], jwks).body["measurement"] == words["measurement"]
+
+    # one changed output byte
+    changed = copy.deepcopy(result["output"])
+    changed["payload"]["price"] = 12.5
+    with pytest.raises(ReceiptError, match="output does not match"):
+        verify_receipt(result["receipt"], jwks, output_bytes=json.dumps(changed).encode())
+    # a receipt body edited and re-signed by another key
+    forged = copy.deepcopy(result["receipt"])
+    forged["body"]["output_sha256"] = "00" * 32
+    other = ec.generate_private_key(ec.SECP256R1())
+    forged["signature"] = base64.b64encode(
+        other.sign(
+            RECEIPT_DOMAIN + canonical(forged["body"]),
+            ec.ECDSA(__import__("cryptography.hazmat.primitives.hashes", fromlist=["SHA256"]).SHA256()),
+        )
+    ).decode()
+    with pytest.raises(ReceiptError, match="does not verify"):
+        verify_receipt(forged, jwks)
+    # ... and with its own key named in the receipt: the token binds another key
+    forged["body"]["enclave_key"] = (
+        base64.urlsafe_b64encode(
+            other.public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+        )
+        .rstrip(b"=")
+        .decode()
+    )
+    forged["signature"] = base64.b64encode(
+        other.sign(
+            RECEIPT_DOMAIN + canonical(forged["body"]),
+            ec.ECDSA(__import__("cryptography.hazmat.primitives.hashes", fromlist=["SHA256"]).SHA256()),
+        )
+    ).decode()
+    with pytest.raises(ReceiptError, match="not the key the attestation token binds"):
+        verify_receipt(forged, jwks)
+    # a JWKS that is not the issuer's
+    with pytest.raises(ReceiptError, match="unknown key"):
+        verify_receipt(result["receipt"], {"keys": []})
+
+
+def test_end_to_end_encryption_keeps_plaintext_from_the_operator(tmp_path: Path) -> None:
+    secret_text = "confidentialmergerplan7f3a"
+    live = start_service(tmp_path / "data", tmp_path / "state")
+    with live.client() as c:
+        deploy(c, "word-stats-e2e", "javascript", (EXAMPLES / "word_stats.js").read_bytes())
+        target = c.get("/v1/functions/word-stats-e2e/enclave").json()
+        jwks = c.get("/.well-known/jwks.json").json()
+        claims = verify_token(target["token"], jwks)
+        key = base64.b64decode(target["x25519"])
+        assert base64.urlsafe_b64decode(claims["cnf"]["x25519"] + "==") == key
+        reply = x25519.X25519PrivateKey.generate()
+        plaintext = json.dumps({"text": f"{secret_text} {secret_text} ok"}).encode()
+        headers = {
+            "Content-Type": "application/r3e-hpke",
+            "X-R3E-Enclave": target["enclave_id"],
+            "X-R3E-Reply-Key": base64.b64encode(
+                reply.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+            ).decode(),
+        }
+        body = e2e.seal_input(plaintext, key)
+        result = c.post("/v1/functions/word-stats-e2e/invoke", content=body, headers=headers).json()
+        assert "output" not in result and result["status"] == "ok"
+        output = e2e.open_output(base64.b64decode(result["output_encrypted"]), reply)
+        assert json.loads(output)["summary"]["top"][0] == [secret_text, 2]
+        verify_receipt(result["receipt"], jwks, input_bytes=plaintext, output_bytes=output)
+        # queued (stored) encrypted invocation
+        queued = c.post(
+            "/v1/functions/word-stats-e2e/invocations",
+            content=e2e.seal_input(plaintext, key),
+            headers=headers,
+        ).json()
+        deadline = time.monotonic() + 15
+        while (state := c.get(queued["status_url"]).json())["status"] not in (
+            "succeeded",
+            "failed",
+        ) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert state["status"] == "succeeded" and "output_encrypted" in state
+        # a ciphertext for another key is refused inside the enclave
+        wrong = e2e.seal_input(
+            plaintext,
+            x25519.X25519PrivateKey.generate().public_key().public_bytes(Encoding.Raw, PublicFormat.Raw),
+        )
+        r = c.post("/v1/functions/word-stats-e2e/invoke", content=wrong, headers=headers)
+        assert r.status_code >= 400 and "decrypt" in r.text
+    log_text = stop_service(live)
+    assert "attestation accepted" in log_text  # the log was captured
+    assert secret_text not in log_text
+    db = live.data_dir / "r3e-tee.sqlite3"
+    for path in (db, db.with_name(db.name + "-wal")):
+        if path.exists():
+            assert secret_text.encode() not in path.read_bytes()
+
+
+BOMB = b"""
+import os
+def handler(event, ctx):
+    if event.get("op") == "write":
+        with open("/tmp/marker", "w") as f:
+            f.write(event["text"])
+        return {"wrote": True}
+    if event.get("op") == "read":
+        try:
+            return {"read": open("/tmp/marker").read()}
+        except OSError as exc:
+            return {"read": None, "error": type(exc).__name__}
+    if event.get("op") == "alloc":
+        data = bytearray(event["mib"] * 1024 * 1024)
+        return {"len": len(data)}
+    if event.get("op") == "loop":
+        while True:
+            pass
+    if event.get("op") == "raise":
+        raise ValueError("the thing failed")
+    if event.get("op") == "net":
+        import socket
+        try:
+            socket.create_connection(("127.0.0.1", 1), timeout=1)
+        except OSError as exc:
+            return {"net": type(exc).__name__, "errno": exc.errno}
+    return {"ok": True, "pid": os.getpid()}
+"""
+
+
+def test_limits_failures_and_isolation(live: LiveService) -> None:
+    with live.client() as c:
+        deploy(c, "bomb-a", "python", BOMB, timeout="1s", memory="64M", concurrency=1)
+        deploy(c, "bomb-b", "python", BOMB, timeout="1s", memory="64M", concurrency=1)
+
+        def call(name: str, event: dict) -> dict:  # type: ignore[type-arg]
+            return c.post(f"/v1/functions/{name}/invoke", content=json.dumps(event)).json()  # type: ignore[no-any-return]
+
+        assert call("bomb-a", {"op": "write", "text": "a-private"})["output"] == {"wrote": True}
+        assert call("bomb-a", {"op": "read"})["output"]["read"] == "a-private"
+        assert call("bomb-b", {"op": "read"})["output"] == {"read": None, "error": "FileNotFoundError"}
+
+        over = call("bomb-a", {"op": "alloc", "mib": 512})
+        assert over["status"] == "error" and "MemoryError" in over["error"]
+        assert call("bomb-a", {"op": "ping"})["status"] == "ok"  # recovered
+
+        start = time.monotonic()
+        loop = call("bomb-a", {"op": "loop"})
+        assert loop["status"] == "timeout" and time.monotonic() - start < 10
+        assert call("bomb-a", {"op": "ping"})["status"] == "ok"  # a fresh sandbox / enclave
+
+        raised = call("bomb-a", {"op": "raise"})
+        assert raised["status"] == "error" and raised["error"].startswith("ValueError: the thing failed")
+        assert raised["receipt"]["body"]["status"] == "error"
+
+        net = call("bomb-a", {"op": "net"})["output"]
+        assert net["net"] in ("PermissionError", "OSError") and net["errno"] in (97, 1)
+
+
+def test_async_invocations_survive_an_enclave_kill_and_dedupe(live: LiveService) -> None:
+    slow = b"import time\ndef handler(event, ctx):\n    time.sleep(0.05)\n    return {'n': event['n']}\n"
+    with live.client() as c:
+        deploy(c, "slow", "python", slow, concurrency=2, max_enclaves=2)
+        ids = []
+        for n in range(30):
+            r = c.post(
+                "/v1/functions/slow/invocations",
+                content=json.dumps({"n": n}),
+                headers={"Idempotency-Key": f"k{n}"},
+            )
+            assert r.status_code == 202
+            ids.append(r.json()["invocation_id"])
+        again = c.post(
+            "/v1/functions/slow/invocations", content=b'{"n": 0}', headers={"Idempotency-Key": "k0"}
+        )
+        assert again.status_code == 200 and again.json()["invocation_id"] == ids[0]
+        time.sleep(0.3)
+        for e in c.get("/v1/enclaves").json():
+            if e["function_name"] == "slow" and e["state"] == "ready":
+                os.kill(e["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        done: dict[str, dict] = {}  # type: ignore[type-arg]
+        while len(done) < len(ids) and time.monotonic() < deadline:
+            for inv in ids:
+                if inv not in done:
+                    state = c.get(f"/v1/invocations/{inv}").json()
+                    if state["status"] in ("succeeded", "failed"):
+                        done[inv] = state
+            time.sleep(0.1)
+        assert len(done) == len(ids), "invocations were lost"
+        assert all(s["status"] == "succeeded" for s in done.values()), [
+            s for s in done.values() if s["status"] != "succeeded"
+        ]
+        assert sorted(s["output"]["n"] for s in done.values()) == list(range(30))
+
+
+def test_non_idempotent_function_fails_clearly_when_its_enclave_dies(live: LiveService) -> None:
+    code = b"import time\ndef handler(event, ctx):\n    time.sleep(event.get('sleep', 0))\n    return {}\n"
+    with live.client() as c:
+        deploy(c, "fragile", "python", code, concurrency=1, max_enclaves=1, timeout="10s")
+        assert c.post("/v1/functions/fragile/invoke", content=b"{}").json()["status"] == "ok"
+        enclave = next(
+            e
+            for e in c.get("/v1/enclaves").json()
+            if e["function_name"] == "fragile" and e["state"] == "ready"
+        )
+        import threading
+
+        killer = threading.Timer(0.5, lambda: os.kill(enclave["pid"], signal.SIGKILL))
+        killer.start()
+        r = c.post("/v1/functions/fragile/invoke", content=b'{"sleep": 3}')
+        assert r.status_code == 502 and "not marked idempotent" in r.json()["message"]
+        assert c.post("/v1/functions/fragile/invoke", content=b"{}").json()["status"] == "ok"  # a new enclave
+
+
+def test_scaling_up_under_load_and_down_when_idle(live: LiveService) -> None:
+    import concurrent.futures
+
+    code = b"import time\ndef handler(event, ctx):\n    time.sleep(0.2)\n    return {}\n"
+    with live.client() as c:
+        deploy(c, "elastic", "python", code, concurrency=1, max_enclaves=3, min_enclaves=0, cooldown="2s")
+
+        def count() -> int:
+            return sum(
+                1
+                for e in c.get("/v1/enclaves").json()
+                if e["function_name"] == "elastic" and e["state"] == "ready"
+            )
+
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            statuses = list(
+                pool.map(
+                    lambda _: c.post("/v1/functions/elastic/invoke", content=b"{}").json()["status"],
+                    range(12),
+                )
+            )
+        assert statuses == ["ok"] * 12
+        assert count() >= 2
+        metrics = c.get("/metrics").text
+        assert "r3e_tee_function_queue_depth" in metrics and 'r3e_tee_enclaves{state="ready"}' in metrics
+        assert 'r3e_tee_invocation_duration_seconds_bucket{function="elastic"' in metrics
+        deadline = time.monotonic() + 15
+        while count() > 0 and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert count() == 0, "idle enclaves were not scaled down to min_enclaves=0"
+        start = time.monotonic()
+        assert (
+            c.post("/v1/functions/elastic/invoke", content=b"{}").json()["status"] == "ok"
+        )  # cold start again
+        assert time.monotonic() - start < 5
+
+
+def test_bad_deployments_are_explained(live: LiveService) -> None:
+    with live.client() as c:
+        r = c.post(
+            "/v1/functions",
+            json={"name": "Bad_Name", "runtime": "python", "code": base64.b64encode(b"x=1").decode()},
+        )
+        assert r.status_code == 400 and "name" in r.json()["message"]
+        r = c.post(
+            "/v1/functions",
+            json={"name": "syntax", "runtime": "python", "code": base64.b64encode(b"def (:").decode()},
+        )
+        assert r.status_code == 400 and "does not compile" in r.json()["message"]
+        r = c.post(
+            "/v1/functions",
+            json={
+                "name": "fat",
+                "runtime": "python",
+                "memory": "256M",
+                "concurrency": 4,
+                "code": base64.b64encode(b"x=1").decode(),
+            },
+        )
+        assert r.status_code == 400 and "do not fit" in r.json()["message"]
+        r = c.post(
+            "/v1/functions",
+            json={"name": "nohandler", "runtime": "python", "code": base64.b64encode(b"x = 1").decode()},
+        )
+        assert r.status_code == 201
+        r = c.post("/v1/functions/nohandler/invoke", content=b"{}")
+        assert r.status_code == 502 and "handler" in r.json()["message"]
+        assert c.post("/v1/functions/missing/invoke", content=b"{}").status_code == 404
+        r = c.post("/v1/functions/price-oracle/invoke", content=b"not json")
+        assert r.status_code >= 400
