@@ -141,10 +141,20 @@ class Pkcs11KekConfig(_Model):
     pin_file: Path | None = None
 
 
+class PreviousKekConfig(_Model):
+    """During a KEK rotation: the KEK the store's keys are wrapped with now. At start the service
+    re-wraps them under the new KEK (no plaintext written anywhere); remove this section after."""
+
+    kek_provider: Literal["file", "pkcs11"] = "file"
+    file: FileKekConfig = FileKekConfig()
+    pkcs11: Pkcs11KekConfig = Pkcs11KekConfig()
+
+
 class KeysConfig(_Model):
     kek_provider: Literal["file", "pkcs11"] = "file"
     file: FileKekConfig = FileKekConfig()
     pkcs11: Pkcs11KekConfig = Pkcs11KekConfig()
+    previous_kek: PreviousKekConfig | None = None
     rotation_period: float = 30 * 86400.0
     retain_versions: int = Field(3, ge=1, le=1000)
 

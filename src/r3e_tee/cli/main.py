@@ -193,7 +193,7 @@ def _register_commands() -> None:
         import_module(f"r3e_tee.cli.{module}").register(app)
 
 
-_COMMAND_MODULES: list[str] = ["verify_evidence", "enclaves", "functions"]
+_COMMAND_MODULES: list[str] = ["verify_evidence", "enclaves", "functions", "keys"]
 
 
 def _wants_json(args: list[str]) -> bool:

@@ -18,6 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
 import r3e_tee.runtime
 from r3e_tee.attestation.result import EvidenceKind
 from r3e_tee.errors import EnclaveError
@@ -26,7 +29,7 @@ from r3e_tee.providers.hardware import ProviderProbe, probe_simulation
 from r3e_tee.providers.sandbox import seccomp_supported
 from r3e_tee.providers.sim_authority import SimulationAuthority
 from r3e_tee.providers.zygote_client import ZygoteClient
-from r3e_tee.runtime.channel import Channel
+from r3e_tee.runtime.channel import Channel, Handler
 
 log = logging.getLogger("r3e_tee.providers.simulation")
 
@@ -52,6 +55,20 @@ def measurement_for(code_digest: bytes, spec: EnclaveSpec) -> tuple[bytes, bytes
         hashlib.sha256(b"r3e-sim-mrenclave\0" + code_digest + config).digest(),
         hashlib.sha384(b"r3e-sim-pcr0\0" + code_digest + config).digest(),
     )
+
+
+def sim_seal_key(cpu_secret: bytes, evidence_format: str, measurement: bytes, *, debug: bool) -> bytes:
+    """The simulated CPU's sealing key for one enclave identity: HKDF-SHA256 over the per-installation
+    CPU secret, bound to the measurement (and debug mode, as SGX binds ATTRIBUTES.DEBUG)."""
+    info = b"\0".join(
+        [
+            b"r3e-tee/sim-seal-key/v1",
+            evidence_format.encode(),
+            measurement,
+            b"debug" if debug else b"production",
+        ]
+    )
+    return HKDF(hashes.SHA256(), 32, salt=None, info=info).derive(cpu_secret)
 
 
 class SimulationProvider(Provider):
@@ -102,20 +119,10 @@ class SimulationProvider(Provider):
             "collateral": lambda _kind, _evidence: self.authority.dcap_collateral(),
         }
 
-    async def create(self, spec: EnclaveSpec) -> EnclaveHandle:
+    def host_handlers(self, spec: EnclaveSpec) -> dict[str, Handler]:
+        """What the host plays for a simulated enclave: its quoting enclave (``sim_quote``) and the
+        CPU's sealing-key derivation (``sim_seal_key``: EGETKEY's role, bound to the measurement)."""
         mrenclave, pcr0 = measurement_for(self.code_digest, spec)
-        pid, sock = await self.zygote.spawn(
-            memory=spec.size_bytes,
-            cpu_seconds=spec.cpu_seconds or self.cpu_seconds,
-            seccomp=self.use_seccomp,
-            measured=spec.payload,
-        )
-        reader, writer = await asyncio.open_connection(sock=sock)
-        channel = Channel(reader, writer, name=f"enclave-{spec.id[:8]}")
-        measurement = (pcr0 if spec.evidence_format == "nitro" else mrenclave).hex()
-        handle = EnclaveHandle(
-            spec=spec, provider=self.name, pid=pid, channel=channel, measurement=measurement
-        )
 
         async def sim_quote(msg: dict[str, Any]) -> dict[str, Any]:
             report_data = msg.get("report_data")
@@ -138,7 +145,31 @@ class SimulationProvider(Provider):
                 )
             return {"evidence": evidence, "format": spec.evidence_format}
 
-        channel.handlers["sim_quote"] = sim_quote
+        async def seal_key(_: dict[str, Any]) -> dict[str, Any]:
+            measurement = pcr0 if spec.evidence_format == "nitro" else mrenclave
+            return {
+                "key": sim_seal_key(
+                    self.authority.cpu_secret, spec.evidence_format, measurement, debug=spec.debug
+                )
+            }
+
+        return {"sim_quote": sim_quote, "sim_seal_key": seal_key}
+
+    async def create(self, spec: EnclaveSpec) -> EnclaveHandle:
+        mrenclave, pcr0 = measurement_for(self.code_digest, spec)
+        pid, sock = await self.zygote.spawn(
+            memory=spec.size_bytes,
+            cpu_seconds=spec.cpu_seconds or self.cpu_seconds,
+            seccomp=self.use_seccomp,
+            measured=spec.payload,
+        )
+        reader, writer = await asyncio.open_connection(sock=sock)
+        channel = Channel(reader, writer, name=f"enclave-{spec.id[:8]}")
+        measurement = (pcr0 if spec.evidence_format == "nitro" else mrenclave).hex()
+        handle = EnclaveHandle(
+            spec=spec, provider=self.name, pid=pid, channel=channel, measurement=measurement
+        )
+        channel.handlers.update(self.host_handlers(spec))
         channel.start()
         self._by_pid[pid] = handle
         try:
@@ -204,4 +235,4 @@ def _alive(pid: int) -> bool:
         return False
 
 
-__all__ = ["SimulationProvider", "measurement_for", "runtime_code_digest"]
+__all__ = ["SimulationProvider", "measurement_for", "runtime_code_digest", "sim_seal_key"]

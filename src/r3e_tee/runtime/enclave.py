@@ -26,7 +26,7 @@ DeviceFactory = Callable[[Channel], AttestationDevice]
 
 # Modules that add operations to the runtime (secrets, functions): each has install(runtime).
 # Imported here, at module import, so the zygote has them loaded before it forks.
-RUNTIME_EXTENSIONS: list[str] = ["r3e_tee.runtime.functions"]
+RUNTIME_EXTENSIONS: list[str] = ["r3e_tee.runtime.secrets", "r3e_tee.runtime.functions"]
 _EXTENSIONS = [importlib.import_module(name) for name in RUNTIME_EXTENSIONS]
 
 

@@ -196,4 +196,4 @@ def install_components(ctx: ServiceContext) -> None:
 
 
 # Layers above attestation and enclaves (key management, functions) plug in here, in order.
-COMPONENT_INSTALLERS: list[str] = ["r3e_tee.functions.service:install"]
+COMPONENT_INSTALLERS: list[str] = ["r3e_tee.keys.service:install", "r3e_tee.functions.service:install"]

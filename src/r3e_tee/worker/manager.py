@@ -16,7 +16,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +59,22 @@ class StateSink(abc.ABC):
         """Enclaves the store believes this worker runs (for reconciliation)."""
 
 
+class SecretSource(abc.ABC):
+    """Where the worker gets secrets for its enclaves: the key broker (in-process or over HTTP).
+
+    Both calls present the enclave's attestation token; what comes back is sealed (HPKE) to the
+    enclave's attested key, so the worker relays ciphertext only.
+    """
+
+    @abc.abstractmethod
+    async def release(self, *, token: str, names: Sequence[str]) -> dict[str, Any]:
+        """``{"attestation_id": str, "secrets": [{"name", "revision", "sealed": bytes}]}``."""
+
+    @abc.abstractmethod
+    async def sealing_key(self, *, token: str) -> dict[str, Any]:
+        """``{"attestation_id", "owner", "version", "sealed": bytes}`` (Nitro sealing)."""
+
+
 class EnclaveManager:
     def __init__(
         self,
@@ -80,6 +96,9 @@ class EnclaveManager:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ready_events: dict[str, asyncio.Event] = {}
         self._stopping = False
+        # the key broker, when this worker may deliver secrets (set by the key-management layer)
+        self.secret_source: SecretSource | None = None
+        self.grants: dict[str, AttestationGrant] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -161,6 +180,7 @@ class EnclaveManager:
             handle = await provider.create(spec)
             self.handles[spec.id] = handle
             handle.on_exit.append(self._on_exit)
+            handle.channel.handlers["broker_seal_key"] = self._seal_key_handler(spec.id)
             await self.sink.update(
                 spec.id,
                 state="attesting",
@@ -216,6 +236,7 @@ class EnclaveManager:
             expires_at=grant.expires_at,
             timeout=self.attest_timeout,
         )
+        self.grants[handle.spec.id] = grant
         return grant, keys
 
     async def reattest(self, enclave_id: str) -> AttestationGrant:
@@ -223,6 +244,45 @@ class EnclaveManager:
         grant, _ = await self._attest(handle)
         await self.sink.update(enclave_id, attestation_id=grant.attestation_id)
         return grant
+
+    async def deliver_secrets(self, enclave_id: str, names: Sequence[str]) -> dict[str, Any]:
+        """Release ``names`` from the broker for the enclave's current token and hand the sealed
+        blobs to its runtime, which opens them. Returns the runtime's receipt (names and sizes).
+
+        A token about to expire is renewed first (a fresh attestation); a token the broker calls
+        revoked (a release policy changed) is renewed once, so the enclave is judged again.
+        """
+        handle = self._handle(enclave_id)
+        if self.secret_source is None:
+            raise EnclaveError(
+                f"worker {self.worker_id} has no key broker to release secrets from",
+                hint="secrets are delivered by the service's embedded worker",
+            )
+        grant = self.grants.get(enclave_id)
+        if grant is None or grant.expires_at - time.time() < 5:
+            grant = await self.reattest(enclave_id)
+        try:
+            release = await self.secret_source.release(token=grant.token, names=list(names))
+        except R3ETeeError as exc:
+            if getattr(exc, "reason", None) != "revoked":
+                raise
+            grant = await self.reattest(enclave_id)
+            release = await self.secret_source.release(token=grant.token, names=list(names))
+        return await handle.channel.request(
+            "deliver_secrets",
+            attestation_id=release["attestation_id"],
+            secrets=release["secrets"],
+            timeout=self.attest_timeout,
+        )
+
+    def _seal_key_handler(self, enclave_id: str) -> Any:
+        async def broker_seal_key(_: dict[str, Any]) -> dict[str, Any]:
+            grant = self.grants.get(enclave_id)
+            if self.secret_source is None or grant is None:
+                raise EnclaveError("no key broker or no attestation token for this enclave's sealing key")
+            return await self.secret_source.sealing_key(token=grant.token)
+
+        return broker_seal_key
 
     def _handle(self, enclave_id: str) -> EnclaveHandle:
         handle = self.handles.get(enclave_id)
@@ -232,6 +292,7 @@ class EnclaveManager:
 
     async def destroy(self, enclave_id: str, *, reason: str = "destroyed on request") -> None:
         handle = self.handles.pop(enclave_id, None)
+        self.grants.pop(enclave_id, None)
         if handle is None:
             await self.sink.update(enclave_id, state="terminated", reason=reason, terminated_at=time.time())
             return
@@ -246,6 +307,7 @@ class EnclaveManager:
     async def _on_exit(self, handle: EnclaveHandle) -> None:
         """A process ended without being destroyed: the enclave failed, with the exit status."""
         self.providers[handle.provider].release(handle.spec.id)
+        self.grants.pop(handle.spec.id, None)
         if self.handles.pop(handle.spec.id, None) is None or self._stopping:
             return
         status = handle.exit_status
