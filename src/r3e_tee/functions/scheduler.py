@@ -119,6 +119,12 @@ class Pool:
             async with self._changed:
                 self._changed.notify_all()
 
+    def _purge(self) -> None:
+        """Forget enclaves that ended (destroyed elsewhere, or died) and have nothing in flight."""
+        for eid, slot in list(self.slots.items()):
+            if not slot.handle.alive and slot.inflight == 0:
+                del self.slots[eid]
+
     def _forget(self, enclave_id: str) -> None:
         self.slots.pop(enclave_id, None)
 
@@ -129,6 +135,7 @@ class Pool:
             self.waiting += 1
             try:
                 while True:
+                    self._purge()
                     slot = self._pick(enclave_id)
                     if slot is not None:
                         slot.inflight += 1

@@ -1,0 +1,256 @@
+"""Warm invocation throughput and latency over HTTP, against a bare ASGI endpoint served the same way.
+
+    .venv/bin/python bench/bench_invoke.py [--seconds 10] [--connections 32]
+
+Both servers run as a separate process under uvicorn with the same settings; the load comes from
+`wrk` (Debian package `wrk`; install it with `apt-get install wrk`) with 32 keep-alive
+connections, or, without wrk, from a small asyncio client in this process. The anchor is a raw
+ASGI app that reads the request body and answers a small JSON document. Targets (issue 6):
+throughput >= 50% of the anchor and p99 <= 10 ms with 32 concurrent clients; cold start to the
+first result <= 150 ms on the simulation provider.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+BARE_APP = """
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    body = b""
+    more = True
+    while more:
+        message = await receive()
+        body += message.get("body", b"")
+        more = message.get("more_body", False)
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": b'{"status":"ok","output":' + body + b'}'})
+"""
+
+ECHO = b"def handler(event, ctx):\n    return event\n"
+EVENT = b'{"pair":"NEO/USD","price":12.0}'
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(url: str) -> None:
+    for _ in range(300):
+        try:
+            httpx.get(url, timeout=0.5)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer")
+
+
+def run_wrk(
+    url: str, headers: dict[str, str], seconds: int, connections: int
+) -> tuple[float, dict[str, float]]:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write('wrk.method = "POST"\n')
+        f.write(f"wrk.body = {json.dumps(EVENT.decode())}\n")
+        for k, v in headers.items():
+            f.write(f'wrk.headers["{k}"] = "{v}"\n')
+        script = f.name
+    out = subprocess.run(
+        ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", script, url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    os.unlink(script)
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    if "Non-2xx" in out:
+        raise RuntimeError(f"errors under load:\n{out}")
+    lat = {}
+    for p in ("50", "90", "99"):
+        m = re.search(rf"\s{p}(?:\.000)?%\s+([\d.]+)(us|ms|s)", out)
+        if m:
+            value, unit = float(m.group(1)), m.group(2)
+            lat[p] = value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+    return rps, lat
+
+
+async def _client_load(
+    url: str, headers: dict[str, str], seconds: int, connections: int
+) -> tuple[float, list[float]]:
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    path = "/" + url.split("//")[1].split("/", 1)[1]
+    head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(EVENT)}\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+    request = head.encode() + EVENT
+    latencies: list[float] = []
+    stop = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        while time.perf_counter() < stop:
+            t = time.perf_counter()
+            writer.write(request)
+            status = await reader.readline()
+            length = 0
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            await reader.readexactly(length)
+            if b" 200 " not in status:
+                raise RuntimeError(status.decode())
+            latencies.append((time.perf_counter() - t) * 1000)
+        writer.close()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(connections)))
+    return len(latencies) / (time.perf_counter() - start), latencies
+
+
+def load(
+    url: str, headers: dict[str, str], seconds: int, connections: int
+) -> tuple[float, dict[str, float], str]:
+    if shutil.which("wrk"):
+        rps, lat = run_wrk(url, headers, seconds, connections)
+        return rps, lat, "wrk"
+    rps, latencies = asyncio.run(_client_load(url, headers, seconds, connections))
+    q = statistics.quantiles(latencies, n=100)
+    return (
+        rps,
+        {"50": q[49], "90": q[89], "99": q[98]},
+        "asyncio client (install wrk for a lighter load generator)",
+    )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--concurrency", type=int, default=4, help="sandboxes per enclave")
+    ap.add_argument("--enclaves", type=int, default=1)
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        app_file = Path(tmp) / "bare_asgi.py"
+        app_file.write_text(BARE_APP)
+        port = free_port()
+        bare = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                f"import sys; sys.path.insert(0, {tmp!r}); import uvicorn, bare_asgi; "
+                f"uvicorn.run(bare_asgi.app, host='127.0.0.1', port={port}, log_config=None, access_log=False, "
+                "server_header=False)",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_ready(f"http://127.0.0.1:{port}/")
+            load(f"http://127.0.0.1:{port}/invoke", {}, 2, args.connections)  # warm-up
+            bare_rps, bare_lat, tool = load(
+                f"http://127.0.0.1:{port}/invoke", {}, args.seconds, args.connections
+            )
+        finally:
+            bare.terminate()
+            bare.wait()
+
+        sport = free_port()
+        env = {
+            **os.environ,
+            "XDG_STATE_HOME": str(Path(tmp) / "state"),
+            "R3E_TEE_CONFIG": "",
+            "R3E_TEE_LOG_LEVEL": "warning",
+        }
+        svc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "r3e_tee.service",
+                "--dev",
+                "--data-dir",
+                str(Path(tmp) / "d"),
+                "--port",
+                str(sport),
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            url = f"http://127.0.0.1:{sport}"
+            wait_ready(f"{url}/healthz")
+            token = (Path(tmp) / "d" / "admin-token").read_text().strip()
+            auth = {"Authorization": f"Bearer {token}"}
+            with httpx.Client(base_url=url, headers=auth, timeout=60) as c:
+                for name, mins in (("cold", 0), ("echo", args.enclaves)):
+                    c.post(
+                        "/v1/functions",
+                        json={
+                            "name": name,
+                            "runtime": "python",
+                            "code": base64.b64encode(ECHO).decode(),
+                            "concurrency": args.concurrency,
+                            "memory": "32M",
+                            "min_enclaves": mins,
+                            "max_enclaves": max(1, args.enclaves),
+                            "idempotent": True,
+                        },
+                    ).raise_for_status()
+                cold = []
+                for _ in range(5):
+                    t = time.perf_counter()
+                    r = c.post("/v1/functions/cold/invoke", content=EVENT).json()
+                    cold.append((time.perf_counter() - t) * 1000)
+                    assert r.get("status") == "ok", r
+                    for e in c.get("/v1/enclaves").json():
+                        if e["function_name"] == "cold":
+                            c.delete(f"/v1/enclaves/{e['id']}")
+                    time.sleep(0.2)
+                for _ in range(50):
+                    assert c.post("/v1/functions/echo/invoke", content=EVENT).json()["status"] == "ok"
+            headers = {"Authorization": f"Bearer {token}"}
+            load(f"{url}/v1/functions/echo/invoke", headers, 2, args.connections)  # warm-up
+            rps, lat, tool = load(f"{url}/v1/functions/echo/invoke", headers, args.seconds, args.connections)
+        finally:
+            svc.terminate()
+            svc.wait(30)
+
+    ratio = rps / bare_rps
+    print(f"load generator: {tool}; {args.connections} connections, {args.seconds} s")
+    print(
+        f"bare ASGI endpoint:   {bare_rps:8.0f} req/s  p50 {bare_lat['50']:.2f} ms  p99 {bare_lat['99']:.2f} ms"
+    )
+    print(
+        f"warm invocation:      {rps:8.0f} req/s  p50 {lat['50']:.2f} ms  p90 {lat['90']:.2f} ms  p99 {lat['99']:.2f} ms"
+    )
+    print(
+        f"throughput ratio vs bare ASGI: {ratio:.2f} (target >= 0.50: {'OK' if ratio >= 0.5 else 'MISSED'});"
+        f" p99 target <= 10 ms: {'OK' if lat['99'] <= 10 else 'MISSED'}"
+    )
+    print(
+        f"cold start to first result: p50 {statistics.median(cold):.0f} ms, max {max(cold):.0f} ms"
+        f" (target <= 150 ms: {'OK' if statistics.median(cold) <= 150 else 'MISSED'})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
