@@ -156,8 +156,8 @@ def main() -> int:
                 sys.executable,
                 "-c",
                 f"import sys; sys.path.insert(0, {tmp!r}); import uvicorn, bare_asgi; "
-                f"uvicorn.run(bare_asgi.app, host='127.0.0.1', port={port}, log_config=None, access_log=False, "
-                "server_header=False)",
+                f"uvicorn.run(bare_asgi.app, host='127.0.0.1', port={port}, log_config=None, "
+                "access_log=False, server_header=False)",
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -236,10 +236,12 @@ def main() -> int:
     ratio = rps / bare_rps
     print(f"load generator: {tool}; {args.connections} connections, {args.seconds} s")
     print(
-        f"bare ASGI endpoint:   {bare_rps:8.0f} req/s  p50 {bare_lat['50']:.2f} ms  p99 {bare_lat['99']:.2f} ms"
+        f"bare ASGI endpoint:   {bare_rps:8.0f} req/s  p50 {bare_lat['50']:.2f} ms"
+        f"  p99 {bare_lat['99']:.2f} ms"
     )
     print(
-        f"warm invocation:      {rps:8.0f} req/s  p50 {lat['50']:.2f} ms  p90 {lat['90']:.2f} ms  p99 {lat['99']:.2f} ms"
+        f"warm invocation:      {rps:8.0f} req/s  p50 {lat['50']:.2f} ms  p90 {lat['90']:.2f} ms"
+        f"  p99 {lat['99']:.2f} ms"
     )
     print(
         f"throughput ratio vs bare ASGI: {ratio:.2f} (target >= 0.50: {'OK' if ratio >= 0.5 else 'MISSED'});"
