@@ -49,9 +49,9 @@ lint: install-dev
 typecheck: install-dev
 	$(BIN)/mypy
 
-## bench: performance against the anchors (dcap-qvl, raw ECDSA, bare ASGI); prints ratios
+## bench: performance against the anchors (dcap-qvl, raw ECDSA, bare ASGI); each script prints ratios
 bench: install-dev
-	$(BIN)/pytest bench -q -p no:cacheprovider --benchmark-disable-gc $(PYTEST_ARGS)
+	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache
