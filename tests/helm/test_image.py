@@ -202,30 +202,30 @@ def test_generated_enclave_files_come_from_the_eif_recipe() -> None:
 
 
 def test_gramine_manifest_template_renders_to_valid_toml() -> None:
-    template = (REPO / "deploy" / "gramine" / "r3e-tee-runtime.manifest.template").read_text()
+    """The template the SGX provider renders per enclave (shipped in the package, not in deploy/)."""
+    template = (
+        REPO / "src" / "r3e_tee" / "providers" / "templates" / "r3e-enclave.manifest.template"
+    ).read_text()
     params = {
         "gramine.libos": "/usr/lib/x86_64-linux-gnu/gramine/libsysdb.so",
         "gramine.runtimedir()": "/usr/lib/x86_64-linux-gnu/gramine/runtime/glibc",
         "python": "/usr/local/bin/python3.11",
-        "python_version": "3.11",
-        "venv": "/opt/r3e-tee",
+        "python_libdir": "/usr/local/lib/python3.11",
+        "site_packages": "/opt/r3e-tee/lib/python3.11/site-packages",
         "arch_libdir": "/lib/x86_64-linux-gnu",
-        "enclave_size": "128M",
+        "enclave_size": "512M",
         "threads": "16",
         "debug": "false",
         "log_level": "error",
         "isvprodid": "1",
         "isvsvn": "1",
-        "channel": "/run/r3e-tee/enclave-1.sock",
     }
     used = set(re.findall(r"\{\{\s*(.+?)\s*\}\}", template))
     assert used <= set(params), f"undocumented template parameters: {used - set(params)}"
     manifest = tomllib.loads(re.sub(r"\{\{\s*(.+?)\s*\}\}", lambda m: params[m.group(1)], template))
     sgx = manifest["sgx"]
     assert sgx["remote_attestation"] == "dcap"
-    assert sgx["debug"] is False and sgx["enclave_size"] == "128M" and sgx["max_threads"] == 16
-    assert "file:/opt/r3e-tee/lib/" in sgx["trusted_files"]
+    assert sgx["debug"] is False and sgx["enclave_size"] == "512M" and sgx["max_threads"] == 16
     assert manifest["loader"]["argv"][1:5] == ["-m", "r3e_tee.runtime.enclave", "--device", "gramine"]
-    # the documented render command names every parameter
-    for name in used - {"gramine.libos", "gramine.runtimedir()"}:
-        assert f"-D{name}=" in template
+    # the channel address reaches the enclave through the environment, outside the measurement
+    assert manifest["loader"]["env"]["R3E_ENCLAVE_CONNECT"] == {"passthrough": True}

@@ -317,8 +317,10 @@ class EnclaveManager:
                 if -status in signal.valid_signals()
                 else "killed"
             )
-        else:
+        elif status is not None:
             what = f"exited with status {status}"
+        else:
+            what = "ended (the provider reports no exit status)"
         reason = f"enclave process {handle.pid} {what}"
         await self.sink.update(handle.spec.id, state="failed", reason=reason, terminated_at=time.time())
         log.warning("enclave process ended", extra={"enclave_id": handle.spec.id, "reason": reason})
