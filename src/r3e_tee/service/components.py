@@ -179,6 +179,9 @@ def install_components(ctx: ServiceContext) -> None:
     ctx.components["enclaves"] = registry
     ctx.components["manager"] = manager
     ctx.components["workers"] = directory
+    reaper = _Periodic(config.workers.heartbeat_timeout, lambda: _reap(directory, attestation))
+    ctx.components["startup"].append(reaper.start)
+    ctx.components["shutdown"].append(reaper.stop)
 
     def routes(app: FastAPI) -> None:
         from r3e_tee.service.routes import attestation as attestation_routes
@@ -193,6 +196,44 @@ def install_components(ctx: ServiceContext) -> None:
     for installer in COMPONENT_INSTALLERS:
         module, _, name = installer.partition(":")
         getattr(importlib.import_module(module), name)(ctx)
+
+
+def _reap(directory: Any, attestation: AttestationService) -> None:
+    for enclave_id in directory.reap():
+        attestation.revoke_enclave(enclave_id)
+        log.warning("enclave lost with its worker", extra={"enclave_id": enclave_id})
+
+
+class _Periodic:
+    """Run a blocking job every ``interval`` seconds off the event loop."""
+
+    def __init__(self, interval: float, job: Any) -> None:
+        self.interval = interval
+        self.job = job
+        self._task: Any = None
+
+    async def start(self) -> None:
+        import asyncio
+
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        import asyncio
+
+        import anyio
+
+        from r3e_tee.errors import R3ETeeError
+
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await anyio.to_thread.run_sync(self.job)
+            except R3ETeeError as exc:
+                log.warning("periodic job failed", extra={"error": exc.message})
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
 
 
 # Layers above attestation and enclaves (key management, functions) plug in here, in order.

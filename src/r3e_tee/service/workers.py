@@ -160,7 +160,7 @@ class WorkerDirectory:
                 f"worker {worker_id} is not registered", hint="the worker re-registers by itself"
             )
 
-    def list(self) -> list[dict[str, Any]]:
+    def list_workers(self) -> list[dict[str, Any]]:
         out = []
         now = time.time()
         for row in self.store.fetchall(
@@ -189,7 +189,7 @@ class WorkerDirectory:
         """The live worker of ``provider`` with the most free memory for it."""
         best: tuple[int, str] | None = None
         alive_any = False
-        for w in self.list():
+        for w in self.list_workers():
             if not w["alive"] or provider not in w["providers"]:
                 continue
             alive_any = True
@@ -237,6 +237,29 @@ class WorkerDirectory:
                 )
                 self._sim_verifiers[text] = verifier
         return verifier
+
+    def reap(self) -> list[str]:
+        """Enclaves of workers that stopped heartbeating are failed (their channels are gone).
+
+        Runs on one replica at a time; returns the enclave ids it failed."""
+        lost: list[str] = []
+        with self.store.try_lock("reap-lost-workers") as mine:
+            if not mine:
+                return lost
+            cutoff = time.time() - 2 * self.heartbeat_timeout
+            for w in self.store.fetchall("SELECT id FROM workers WHERE last_heartbeat < ?", (cutoff,)):
+                rows = self.store.fetchall(
+                    "SELECT id FROM enclaves WHERE worker_id = ? AND state NOT IN ('terminated', 'failed')",
+                    (w["id"],),
+                )
+                for row in rows:
+                    self.store.execute(
+                        "UPDATE enclaves SET state = 'failed', reason = ?, updated_at = ?, terminated_at = ? "
+                        "WHERE id = ?",
+                        (f"worker {w['id']} stopped heartbeating", time.time(), time.time(), row["id"]),
+                    )
+                    lost.append(str(row["id"]))
+        return lost
 
     def check_owner(self, worker_id: str, enclave_id: str) -> None:
         row = self.store.fetchone("SELECT worker_id FROM enclaves WHERE id = ?", (enclave_id,))

@@ -58,7 +58,7 @@ def register(body: Registration, ctx: Ctx, _: Worker) -> dict[str, str]:
 
 @router.get("", summary="Registered workers with their capacity")
 def list_workers(ctx: Ctx, _: Reader) -> list[dict[str, Any]]:
-    return directory(ctx).list()
+    return directory(ctx).list_workers()
 
 
 @router.post("/{worker_id}/heartbeat", status_code=204, summary="Capacity and liveness")
