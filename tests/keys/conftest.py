@@ -141,9 +141,10 @@ class Keys:
         kind: str = "sgx-dcap",
         pcrs: dict[str, str] | None = None,
         enclave_id: str | None = None,
+        private_key: x25519.X25519PrivateKey | None = None,
     ) -> Attested:
         """An attestation on record and its token, as AttestationService.verify makes them."""
-        key = x25519.X25519PrivateKey.generate()
+        key = private_key or x25519.X25519PrivateKey.generate()
         pub = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         p256 = (
             ec.generate_private_key(ec.SECP256R1())
