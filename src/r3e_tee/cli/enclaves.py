@@ -12,20 +12,9 @@ import typer
 from rich.markup import escape
 
 from r3e_tee.cli.client import ApiError, ServiceClient
-from r3e_tee.cli.output import CliState, console, print_json, print_table
+from r3e_tee.cli.output import cli_state, console, print_json, print_table, service_client
 from r3e_tee.config import parse_size
 from r3e_tee.errors import InvalidRequestError, R3ETeeError
-
-
-def _state(ctx: typer.Context) -> CliState:
-    obj = ctx.find_root().obj
-    assert isinstance(obj, CliState)
-    return obj
-
-
-def _client(ctx: typer.Context, timeout: float = 120.0) -> ServiceClient:
-    s = _state(ctx)
-    return ServiceClient(s.server, s.token, timeout=timeout)
 
 
 def _size(value: str) -> int:
@@ -64,9 +53,9 @@ def create_enclave(
     ] = None,
 ) -> None:
     """Create an enclave with a size on a provider; with --wait, until it is attested and ready."""
-    s = _state(ctx)
+    s = cli_state(ctx)
     _size(size)
-    c = _client(ctx)
+    c = service_client(ctx)
     try:
         body: dict[str, Any] = {"provider": provider, "size": size, "debug": debug}
         if evidence_format:
@@ -92,8 +81,8 @@ def list_enclaves(
     all_: Annotated[bool, typer.Option("--all", help="include terminated enclaves")] = False,
 ) -> None:
     """List enclaves with provider, size, state and measurement."""
-    s = _state(ctx)
-    c = _client(ctx)
+    s = cli_state(ctx)
+    c = service_client(ctx)
     try:
         enclaves = c.get("/v1/enclaves", params={"all": str(all_).lower()})
     finally:
@@ -120,8 +109,8 @@ def destroy_enclave(
     ctx: typer.Context, enclave_id: Annotated[str, typer.Argument(help="enclave id")]
 ) -> None:
     """Destroy an enclave: its runtime zeroizes its keys and its tokens are revoked."""
-    s = _state(ctx)
-    c = _client(ctx)
+    s = cli_state(ctx)
+    c = service_client(ctx)
     try:
         enclave = c.delete(f"/v1/enclaves/{enclave_id}")
     finally:
@@ -171,9 +160,9 @@ def attestation_test(
     quote are rejected. Prints each step with its time; exits non-zero on any failure."""
     from r3e_tee.attestation.tokens import verify_token
 
-    s = _state(ctx)
+    s = cli_state(ctx)
     _size(size)
-    c = _client(ctx)
+    c = service_client(ctx)
     steps = _Steps(s.json)
     state: dict[str, Any] = {}
 

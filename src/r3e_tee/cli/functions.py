@@ -12,19 +12,8 @@ import typer
 from rich.markup import escape
 
 from r3e_tee.cli.client import ServiceClient
-from r3e_tee.cli.output import CliState, console, print_json, print_table
+from r3e_tee.cli.output import cli_state, console, print_json, print_table, service_client
 from r3e_tee.errors import InvalidRequestError, R3ETeeError, ReceiptError
-
-
-def _state(ctx: typer.Context) -> CliState:
-    obj = ctx.find_root().obj
-    assert isinstance(obj, CliState)
-    return obj
-
-
-def _client(ctx: typer.Context) -> ServiceClient:
-    s = _state(ctx)
-    return ServiceClient(s.server, s.token, timeout=120)
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -58,7 +47,7 @@ def deploy_function(
     provider: Annotated[str, typer.Option("--provider", help="sgx, nitro or simulation")] = "simulation",
 ) -> None:
     """Deploy a new immutable version; prints its version and measurement."""
-    s = _state(ctx)
+    s = cli_state(ctx)
     body = {
         "name": name,
         "runtime": runtime,
@@ -75,7 +64,7 @@ def deploy_function(
         "provider": provider,
         "code": base64.b64encode(_read(file, "code")).decode(),
     }
-    c = _client(ctx)
+    c = service_client(ctx)
     try:
         fv = c.post("/v1/functions", json=body)
     finally:
@@ -89,8 +78,8 @@ def deploy_function(
 
 def list_functions(ctx: typer.Context) -> None:
     """Deployed functions with their latest version and measurement."""
-    s = _state(ctx)
-    c = _client(ctx)
+    s = cli_state(ctx)
+    c = service_client(ctx)
     try:
         fns = c.get("/v1/functions")
     finally:
@@ -158,9 +147,9 @@ def invoke(
     from r3e_tee.functions import e2e
     from r3e_tee.functions.receipts import verify_receipt
 
-    s = _state(ctx)
+    s = cli_state(ctx)
     raw = _data(data)
-    c = _client(ctx)
+    c = service_client(ctx)
     headers: dict[str, str] = {}
     body = raw
     reply_private = None
@@ -251,14 +240,14 @@ def verify_receipt_cmd(
     from r3e_tee.attestation.policy import Policy
     from r3e_tee.functions.receipts import verify_receipt
 
-    s = _state(ctx)
+    s = cli_state(ctx)
     try:
         doc = json.loads(_read(file, "receipt"))
     except ValueError:
         raise InvalidRequestError(f"{file} is not JSON") from None
     receipt = doc.get("receipt", doc) if isinstance(doc, dict) else doc
     policy = Policy.from_file(policy_file) if policy_file else None
-    c = _client(ctx)
+    c = service_client(ctx)
     try:
         trusted = _jwks(c, jwks)
         check = verify_receipt(

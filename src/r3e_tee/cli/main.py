@@ -15,7 +15,7 @@ from rich.markup import escape
 
 from r3e_tee import __version__
 from r3e_tee.cli.client import DEFAULT_URL, ServiceClient
-from r3e_tee.cli.output import CliState, console, print_json, print_table, report_error
+from r3e_tee.cli.output import CliState, cli_state, console, print_json, print_table, report_error
 from r3e_tee.errors import R3ETeeError
 
 app = typer.Typer(
@@ -52,24 +52,13 @@ def _global(
     ctx.obj = CliState(server=server, token=token, output=output.lower())
 
 
-def state(ctx: typer.Context) -> CliState:
-    obj = ctx.find_root().obj
-    assert isinstance(obj, CliState)
-    return obj
-
-
-def client(ctx: typer.Context) -> ServiceClient:
-    s = state(ctx)
-    return ServiceClient(s.server, s.token)
-
-
 # --- version ------------------------------------------------------------------------------------
 
 
 @app.command()
 def version(ctx: typer.Context) -> None:
     """Print the CLI's version and, when reachable, the service's."""
-    s = state(ctx)
+    s = cli_state(ctx)
     server_info: dict[str, object]
     c = ServiceClient(s.server, s.token, timeout=3.0)
     try:
@@ -108,7 +97,7 @@ def config_validate(
     """Validate a tee-config.yaml: syntax, keys, types, ${ENV} references and key files."""
     from r3e_tee.config import check_key_files, load_config
 
-    s = state(ctx)
+    s = cli_state(ctx)
     loaded = load_config(file)
     cfg = loaded.config
     problems = check_key_files(cfg)
@@ -157,7 +146,7 @@ def doctor(
     from r3e_tee.config import load_config
     from r3e_tee.doctor import run_doctor
 
-    s = state(ctx)
+    s = cli_state(ctx)
     cfg = load_config(config_file).config
     if data_dir is not None:
         cfg = cfg.model_copy(

@@ -29,6 +29,21 @@ class CliState:
         return self.output == "json"
 
 
+def cli_state(ctx: Any) -> CliState:
+    """The global options (--server, --token, -o) of the invocation."""
+    obj = ctx.find_root().obj
+    assert isinstance(obj, CliState)
+    return obj
+
+
+def service_client(ctx: Any, timeout: float = 120.0) -> Any:
+    """A client of the service named by --server, with --token or the local dev token."""
+    from r3e_tee.cli.client import ServiceClient
+
+    s = cli_state(ctx)
+    return ServiceClient(s.server, s.token, timeout=timeout)
+
+
 def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
