@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from tests.shared import GUIDE_CONFIGMAP
 
 from r3e_tee.config import (
     TeeConfig,
@@ -15,19 +16,6 @@ from r3e_tee.config import (
     parse_size,
 )
 from r3e_tee.errors import ConfigError
-
-GUIDE_CONFIGMAP = """\
-providers:
-  - name: sgx
-    enabled: true
-    attestation:
-      service: "https://api.trustedservices.intel.com/sgx/attestation/v4"
-      apiKey: "${SGX_API_KEY}"
-  - name: nitro
-    enabled: true
-    attestation:
-      service: "https://vsock.nitro-enclaves.amazonaws.com"
-"""
 
 SECRET = "s3cr3t-api-key-value"
 

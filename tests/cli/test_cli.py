@@ -4,28 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from tests.shared import GUIDE_CONFIGMAP
+from tests.shared import free_port as _free_port
 
 from r3e_tee.cli.client import discover_local_token
 from r3e_tee.cli.main import main
-
-GUIDE_CONFIGMAP = """\
-providers:
-  - name: sgx
-    enabled: true
-    attestation:
-      service: "https://api.trustedservices.intel.com/sgx/attestation/v4"
-      apiKey: "${SGX_API_KEY}"
-  - name: nitro
-    enabled: true
-    attestation:
-      service: "https://vsock.nitro-enclaves.amazonaws.com"
-"""
 
 
 def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -88,12 +76,6 @@ def test_config_validate_rejects_a_bad_key_file(
     )
     code, _, err = run(["config", "validate", str(f)], capsys)
     assert code == 2 and "not PEM" in err
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_connection_errors_name_the_url(capsys: pytest.CaptureFixture[str]) -> None:

@@ -25,22 +25,10 @@ from tests.helm.conftest import (
     load_manifests,
     run_helm,
 )
+from tests.shared import GUIDE_CONFIGMAP as GUIDE_CONFIG
 
 from r3e_tee.config import parse_config
 from r3e_tee.errors import ConfigError
-
-GUIDE_CONFIG = """\
-providers:
-  - name: sgx
-    enabled: true
-    attestation:
-      service: "https://api.trustedservices.intel.com/sgx/attestation/v4"
-      apiKey: "${SGX_API_KEY}"
-  - name: nitro
-    enabled: true
-    attestation:
-      service: "https://vsock.nitro-enclaves.amazonaws.com"
-"""
 
 
 def tee_config(docs: list[dict[str, Any]], name: str = "tee-config") -> str:
