@@ -107,8 +107,31 @@ def _hardware_provider(name: str, config: TeeConfig, data_dir: Path) -> Provider
     return NitroProvider.from_config(config, data_dir)
 
 
-def build_verifiers(config: TeeConfig, providers: Mapping[str, Provider]) -> dict[str, Verifier]:
-    hardware = Verifier()  # pinned Intel / AWS roots, collateral from PCS/PCCS
+def hardware_collateral(config: TeeConfig, store: Any) -> Any:
+    """Where DCAP collateral for hardware quotes comes from: the configured offline bundle, else
+    the PCCS (or Intel PCS) with a cache in the store shared by every replica."""
+    from r3e_tee.attestation.collateral import PcsClient, load_collateral
+    from r3e_tee.store.cache import StoreCache
+
+    coll = config.attestation.collateral
+    if coll.offline_bundle is not None:
+        bundle = load_collateral(coll.offline_bundle)
+        return lambda _kind, _quote: bundle
+    client = PcsClient(
+        coll.pccs_url or coll.pcs_url,
+        api_key=coll.api_key.get_secret_value() if coll.api_key else None,
+        connect_timeout=coll.timeout,
+        read_timeout=coll.timeout,
+        cache=StoreCache(store, namespace="dcap-collateral") if store is not None else None,
+    )
+    return lambda _kind, quote: client.get_collateral_for_quote(quote)
+
+
+def build_verifiers(
+    config: TeeConfig, providers: Mapping[str, Provider], store: Any = None
+) -> dict[str, Verifier]:
+    # pinned Intel / AWS roots; collateral from the offline bundle or PCS/PCCS
+    hardware = Verifier(collateral_provider=hardware_collateral(config, store))
     verifiers: dict[str, Verifier] = {"sgx": hardware, "nitro": hardware}
     sim = providers.get("simulation")
     if sim is not None:
@@ -150,7 +173,7 @@ def install_components(ctx: ServiceContext) -> None:
         issuer,
         NonceStore(ctx.store, ttl=config.attestation.nonce_ttl),
         policy=base_policy(config),
-        verifiers=build_verifiers(config, providers),
+        verifiers=build_verifiers(config, providers, ctx.store),
     )
     directory = WorkerDirectory(ctx.store, heartbeat_timeout=config.workers.heartbeat_timeout)
     attestation.simulation_verifier = directory.simulation_verifier
