@@ -307,3 +307,36 @@ def test_released_blobs_open_with_the_rfc9180_reference(keys: Keys) -> None:
     info = hpke.secret_info(enclave.attestation_id, "api-key", sealed.revision)
     sk = enclave.private_key.private_bytes_raw()
     assert rfc9180_open(sk, enc, ct, info, b"", 32, 0x0002) == SECRET
+
+
+def test_a_remembered_token_still_expires_and_is_still_revocable(keys: Keys) -> None:
+    keys.broker.put_secret("api-key", SECRET, SIM_POLICY, actor="t")
+    enclave = keys.attest(measurement=M)
+    keys.broker.release(enclave.token, ["api-key"], actor="w")  # verified once, remembered
+    assert keys.broker.verify_token(enclave.token)["jti"] == enclave.attestation_id
+    keys.broker.clock = lambda: time.time() + keys.issuer.ttl + 1
+    with pytest.raises(ReleaseDenied) as err:
+        keys.broker.release(enclave.token, ["api-key"], actor="w")
+    assert err.value.reason == "expired"
+    keys.broker.clock = time.time
+    keys.broker.release(enclave.token, ["api-key"], actor="w")
+    keys.attestation.revoke_enclave(enclave.enclave_id)
+    with pytest.raises(ReleaseDenied) as err:
+        keys.broker.release(enclave.token, ["api-key"], actor="w")
+    assert err.value.reason == "revoked"
+    # a key gone from the JWKS (its tokens expired) is not honoured from memory either
+    other = keys.attest(measurement=M)
+    keys.broker.release(other.token, ["api-key"], actor="w")
+    keys.issuer._current["simulation"] = keys.issuer._current["simulation"].of(
+        "simulation", x25519_free_signing_key()
+    )
+    keys.broker.refresh_keys = None
+    with pytest.raises(ReleaseDenied) as err:
+        keys.broker.release(other.token, ["api-key"], actor="w")
+    assert err.value.reason == "invalid-token" and "unknown key" in err.value.message
+
+
+def x25519_free_signing_key() -> Any:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return ec.generate_private_key(ec.SECP256R1())

@@ -13,6 +13,7 @@ to: those enclaves must attest again and are checked against the new policy.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -47,8 +48,10 @@ _SECRET_COLUMNS = (
 _ENDED = ("terminated", "failed", "draining")
 # only "?" placeholders and a locking clause are formatted in
 _RELEASE_SQL = (
-    "SELECT name, owner, key_version, revision, ciphertext, policy, policy_digest "
-    "FROM secrets WHERE name IN ({marks}){lock}"
+    "SELECT s.name, s.owner, s.key_version, s.revision, s.ciphertext, s.policy, s.policy_digest, "
+    "k.state AS key_state, k.kek_id AS key_kek_id, k.wrapped AS key_wrapped "
+    "FROM secrets s LEFT JOIN data_keys k ON k.owner = s.owner AND k.version = s.key_version "
+    "WHERE s.name IN ({marks}){lock}"
 )
 
 
@@ -67,7 +70,7 @@ def record_id(name: str) -> str:
 
 
 def _share(tx: Tx) -> str:
-    return " FOR SHARE" if tx.dialect == "postgresql" else ""
+    return " FOR SHARE OF s" if tx.dialect == "postgresql" else ""
 
 
 def _update(tx: Tx) -> str:
@@ -183,6 +186,8 @@ class KeyBroker:
         self.refresh_keys = refresh_keys
         self._policies: dict[str, ReleasePolicy] = {}
         self._policies_lock = threading.Lock()
+        self._tokens: dict[bytes, tuple[dict[str, Any], str]] = {}
+        self._tokens_lock = threading.Lock()
 
     # -- secrets (admin) ----------------------------------------------------------------------------
 
@@ -366,12 +371,27 @@ class KeyBroker:
         return policy
 
     def verify_token(self, token: str) -> dict[str, Any]:
-        """The claims of a token this service signed, still valid now; :class:`ReleaseDenied` otherwise."""
+        """The claims of a token this service signed, still valid now; :class:`ReleaseDenied` otherwise.
+
+        A token whose signature verified once is remembered (by its SHA-256) with the key that
+        signed it: later checks of the same token re-check its validity window and that the key is
+        still in the JWKS, not the signature. Revocation is checked by the caller on every release.
+        """
         issuer = self.attestation.issuer
         now = self.clock()
+        digest = hashlib.sha256(token.encode(errors="replace")).digest()
+        kids = {str(k["kid"]) for k in issuer.jwks()["keys"]}
+        with self._tokens_lock:
+            hit = self._tokens.get(digest)
+        if hit is not None:
+            claims, kid = hit
+            if kid in kids and claims["iat"] <= now <= claims["exp"]:
+                return claims
+            with self._tokens_lock:
+                self._tokens.pop(digest, None)
         for attempt in (1, 2):
             try:
-                return verify_token(token, issuer.jwks(), issuer=issuer.issuer, at=now)
+                claims = verify_token(token, issuer.jwks(), issuer=issuer.issuer, at=now)
             except TokenError as exc:
                 if attempt == 1 and "unknown key" in exc.message and self.refresh_keys is not None:
                     self.refresh_keys()
@@ -386,11 +406,21 @@ class KeyBroker:
                 raise ReleaseDenied(
                     "invalid-token", f"the attestation token is not valid: {exc.message}"
                 ) from None
+            kid = str(jwt.get_unverified_header(token).get("kid"))
+            with self._tokens_lock:
+                if len(self._tokens) >= 4096:
+                    self._tokens.clear()
+                self._tokens[digest] = (claims, kid)
+            return claims
         raise AssertionError("unreachable")
 
     def _check_live(self, tx: Tx, claims: Mapping[str, Any]) -> None:
         att_id = str(claims.get("jti", ""))
-        row = tx.fetchone("SELECT verdict, revoked_at, enclave_id FROM attestations WHERE id = ?", (att_id,))
+        row = tx.fetchone(
+            "SELECT a.verdict, a.revoked_at, a.enclave_id, e.state FROM attestations a "
+            "LEFT JOIN enclaves e ON e.id = a.enclave_id WHERE a.id = ?",
+            (att_id,),
+        )
         if row is None or row["verdict"] != "valid":
             raise ReleaseDenied("revoked", f"attestation {att_id} is not on record as valid")
         if row["revoked_at"] is not None:
@@ -400,11 +430,8 @@ class KeyBroker:
                 "release policy changed)",
                 hint="attest the enclave again",
             )
-        enclave_id = row["enclave_id"]
-        if enclave_id:
-            enclave = tx.fetchone("SELECT state FROM enclaves WHERE id = ?", (enclave_id,))
-            if enclave is not None and enclave["state"] in _ENDED:
-                raise ReleaseDenied("revoked", f"enclave {enclave_id} is {enclave['state']}")
+        if row["state"] in _ENDED:
+            raise ReleaseDenied("revoked", f"enclave {row['enclave_id']} is {row['state']}")
 
     def _deny(
         self, exc: ReleaseDenied, *, actor: str, names: Sequence[str], digest: str | None, claims: Any
@@ -490,6 +517,7 @@ class KeyBroker:
                         record_id(name),
                         int(row["key_version"]),
                         bytes(row["ciphertext"]),
+                        key_row=_key_row(row),
                     )
                     sealed.append(
                         SealedSecret(
@@ -604,8 +632,6 @@ class KeyBroker:
 
 def nitro_seal_owner(claims: Mapping[str, Any]) -> str:
     """The key owner named by an enclave's PCRs (and whether its evidence was simulated)."""
-    import hashlib
-
     tee = claims.get("tee") if isinstance(claims.get("tee"), Mapping) else {}
     pcrs = tee.get("pcrs") if isinstance(tee, Mapping) else None
     if not isinstance(pcrs, Mapping):
@@ -619,6 +645,13 @@ def nitro_seal_owner(claims: Mapping[str, Any]) -> str:
     return f"{SEAL_PREFIX}nitro:{h.hexdigest()[:40]}"
 
 
+def _key_row(row: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The data-key columns joined onto a secret row (None when the key row is missing)."""
+    if row["key_state"] is None:
+        return None
+    return {"state": row["key_state"], "kek_id": row["key_kek_id"], "wrapped": row["key_wrapped"]}
+
+
 def _unverified_exp(token: str) -> float | None:
     try:
         exp = jwt.decode(token, options={"verify_signature": False}).get("exp")
@@ -628,8 +661,6 @@ def _unverified_exp(token: str) -> float | None:
 
 
 def _token_digest(token: str) -> str:
-    import hashlib
-
     return hashlib.sha256(token.encode(errors="replace")).hexdigest()
 
 

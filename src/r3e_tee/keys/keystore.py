@@ -19,7 +19,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -321,14 +321,20 @@ class KeyStore:
             self.drop_cache()
         return retired
 
-    def _cipher(self, tx: Tx | None, owner: str, version: int) -> AESGCM:
+    def _cipher(
+        self, tx: Tx | None, owner: str, version: int, key_row: Mapping[str, Any] | None = None
+    ) -> AESGCM:
+        """The cipher of a data key version. ``key_row`` (state, kek_id, wrapped) saves the lookup
+        when the caller read it in the same transaction."""
         now = time.monotonic()
-        sql = "SELECT state, kek_id, wrapped FROM data_keys WHERE owner = ? AND version = ?"
-        row = (
-            tx.fetchone(sql, (owner, version))
-            if tx is not None
-            else self.store.fetchone(sql, (owner, version))
-        )
+        row = key_row
+        if row is None:
+            sql = "SELECT state, kek_id, wrapped FROM data_keys WHERE owner = ? AND version = ?"
+            row = (
+                tx.fetchone(sql, (owner, version))
+                if tx is not None
+                else self.store.fetchone(sql, (owner, version))
+            )
         if row is None:
             raise KeyIntegrityError(
                 f"data key {owner} version {version} does not exist",
@@ -383,11 +389,20 @@ class KeyStore:
         )
         return version, blob
 
-    def decrypt(self, tx: Tx | None, owner: str, record_id: str, version: int, blob: bytes) -> bytes:
+    def decrypt(
+        self,
+        tx: Tx | None,
+        owner: str,
+        record_id: str,
+        version: int,
+        blob: bytes,
+        *,
+        key_row: Mapping[str, Any] | None = None,
+    ) -> bytes:
         blob = bytes(blob)
         if len(blob) < 1 + _NONCE + 16 or blob[:1] != _VALUE_FORMAT:
             raise KeyIntegrityError(f"the stored value of {record_id} is truncated or not of this product")
-        cipher = self._cipher(tx, owner, version)
+        cipher = self._cipher(tx, owner, version, key_row)
         try:
             return cipher.decrypt(
                 blob[1 : 1 + _NONCE], blob[1 + _NONCE :], _value_aad(owner, version, record_id)
