@@ -58,9 +58,18 @@ def parse_config(data: dict[str, Any]) -> FunctionConfig:
 
 
 class FunctionRegistry:
-    def __init__(self, store: Store) -> None:
+    """Versions in the store. :meth:`get` asks the store every time; :meth:`resolve`, for the
+    invocation path, remembers what a name (and version) resolved to for ``resolve_ttl``
+    seconds. Versions are immutable, so only "which version is the latest" and "was it
+    deleted" can change: a deploy or delete through this registry takes effect at once here,
+    and one made by another replica within ``resolve_ttl``."""
+
+    def __init__(self, store: Store, *, resolve_ttl: float = 1.0) -> None:
         self.store = store
+        self.resolve_ttl = resolve_ttl
         self._cache: dict[tuple[str, int], FunctionVersion] = {}
+        self._resolved: dict[tuple[str, int | None], tuple[float, FunctionVersion]] = {}
+        self._generation = 0  # bumped by every local deploy/delete (they run in worker threads)
 
     def deploy(self, config: FunctionConfig, code: bytes) -> FunctionVersion:
         check_code(config, code)
@@ -82,6 +91,7 @@ class FunctionRegistry:
                     now,
                 ),
             )
+        self._forget(config.name)
         return FunctionVersion(config, version, code, hashlib.sha256(code).hexdigest(), measurement, now)
 
     def _row(self, row: dict[str, Any]) -> FunctionVersion:
@@ -118,6 +128,25 @@ class FunctionRegistry:
             )
         return self._row(row)
 
+    def resolve(self, name: str, version: int | None = None) -> FunctionVersion:
+        """:meth:`get`, answered from memory for ``resolve_ttl`` seconds (the invocation path)."""
+        key = (name, version)
+        hit = self._resolved.get(key)
+        now = time.monotonic()
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        generation = self._generation
+        fv = self.get(name, version)
+        if generation == self._generation:  # no deploy/delete raced with the query
+            if len(self._resolved) > 10_000:
+                self._resolved.clear()
+            self._resolved[key] = (now + self.resolve_ttl, fv)
+        return fv
+
+    def _forget(self, name: str) -> None:
+        self._generation += 1
+        self._resolved = {k: v for k, v in self._resolved.items() if k[0] != name}
+
     def list(self) -> list[dict[str, Any]]:
         rows = self.store.fetchall(
             "SELECT name, max(version) AS version, count(*) AS versions FROM functions "
@@ -136,6 +165,7 @@ class FunctionRegistry:
         if n == 0:
             raise NotFoundError(f"no function {name!r}")
         self._cache = {k: v for k, v in self._cache.items() if k[0] != name}
+        self._forget(name)
         return n
 
 

@@ -10,6 +10,7 @@ start). An enclave that timed out is drained and replaced.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import math
@@ -72,7 +73,30 @@ Launcher = Callable[[FunctionVersion], Awaitable[tuple[str, EnclaveHandle]]]
 Destroyer = Callable[[str], Awaitable[None]]
 
 
+class _Waiter:
+    """A caller waiting for a sandbox: its future gets a slot (already counted as in flight)
+    or None (something changed: check again)."""
+
+    __slots__ = ("future", "enclave_id", "queued")
+
+    def __init__(self, future: asyncio.Future[Slot | None], enclave_id: str | None) -> None:
+        self.future = future
+        self.enclave_id = enclave_id
+        self.queued = True  # still in the pool's queue (False once handed a slot or woken)
+
+
+def _wake(future: asyncio.Future[Slot | None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 class Pool:
+    """The enclaves of one function version and the callers waiting for a free sandbox.
+
+    A free sandbox goes to the longest waiting caller that can use it (first come, first
+    served; one wake-up per freed sandbox). Everyone waiting checks again only when the set of
+    enclaves changes (one started, failed to start, ended or was drained)."""
+
     def __init__(self, fv: FunctionVersion, launch: Launcher, destroy: Destroyer) -> None:
         self.fv = fv
         self.slots: dict[str, Slot] = {}
@@ -82,21 +106,25 @@ class Pool:
         self.failures = 0  # failed scale-ups so far; a waiter gives up after one during its wait
         self._launch = launch
         self._destroy = destroy
-        self._changed = asyncio.Condition()
+        self._waiters: collections.deque[_Waiter] = collections.deque()
 
     @property
     def concurrency(self) -> int:
         return self.fv.config.concurrency
 
     def _pick(self, enclave_id: str | None) -> Slot | None:
-        candidates = [
-            s
-            for s in self.slots.values()
-            if s.usable
-            and s.inflight < self.concurrency
-            and (enclave_id is None or s.enclave_id == enclave_id)
-        ]
-        return min(candidates, key=lambda s: s.inflight) if candidates else None
+        """The least-loaded usable enclave with a free sandbox (the first such in start order)."""
+        limit = self.concurrency
+        if enclave_id is not None:
+            slot = self.slots.get(enclave_id)
+            return slot if slot is not None and slot.inflight < limit and slot.usable else None
+        best: Slot | None = None
+        for slot in self.slots.values():
+            if slot.inflight < limit and (best is None or slot.inflight < best.inflight) and slot.usable:
+                if slot.inflight == 0:
+                    return slot
+                best = slot
+        return best
 
     def scale_up(self) -> None:
         if len(self.slots) + self.starting >= self.fv.config.max_enclaves:
@@ -107,17 +135,18 @@ class Pool:
     async def _start_one(self) -> None:
         try:
             enclave_id, handle = await self._launch(self.fv)
-            self.slots[enclave_id] = Slot(enclave_id, handle)
+            slot = self.slots[enclave_id] = Slot(enclave_id, handle)
             self.last_error = None
             handle.on_exit.append(lambda h: self._forget(h.spec.id))
+            while slot.inflight < self.concurrency and self._hand_over(slot):
+                slot.inflight += 1
         except R3ETeeError as exc:
             self.last_error = exc.message
             self.failures += 1
             log.warning("scale-up failed", extra={"function": self.fv.name, "error": exc.message})
         finally:
             self.starting -= 1
-            async with self._changed:
-                self._changed.notify_all()
+            self._wake_all()
 
     def _purge(self) -> None:
         """Forget enclaves that ended (destroyed elsewhere, or died) and have nothing in flight."""
@@ -127,49 +156,105 @@ class Pool:
 
     def _forget(self, enclave_id: str) -> None:
         self.slots.pop(enclave_id, None)
+        self._wake_all()
+
+    def _wake_all(self) -> None:
+        """The set of enclaves changed: every waiter checks again (and may scale up)."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            waiter.queued = False
+            _wake(waiter.future)
+
+    def _hand_over(self, slot: Slot) -> bool:
+        """Give one sandbox of ``slot`` to the longest waiting caller that can use it."""
+        for i, waiter in enumerate(self._waiters):
+            if waiter.future.done():
+                continue  # timed out or cancelled: its owner removes it
+            if waiter.enclave_id is None or waiter.enclave_id == slot.enclave_id:
+                del self._waiters[i]
+                waiter.queued = False
+                slot.last_used = time.monotonic()
+                waiter.future.set_result(slot)
+                return True
+        return False
 
     async def acquire(self, timeout: float, enclave_id: str | None = None) -> Slot:
+        # Free capacity and waiters never coexist for the same enclave (a freed sandbox goes to
+        # a waiter), so taking a free sandbox here never overtakes a waiter that could use it.
+        slot = self._pick(enclave_id)
+        if slot is not None:
+            slot.inflight += 1
+            slot.last_used = time.monotonic()
+            return slot
+        return await self._wait(timeout, enclave_id)
+
+    async def _wait(self, timeout: float, enclave_id: str | None) -> Slot:
+        loop = asyncio.get_running_loop()
         deadline = time.monotonic() + timeout
         failures_before = self.failures
-        async with self._changed:
-            self.waiting += 1
-            try:
-                while True:
-                    self._purge()
-                    slot = self._pick(enclave_id)
-                    if slot is not None:
-                        slot.inflight += 1
-                        slot.last_used = time.monotonic()
-                        return slot
-                    if enclave_id is not None and enclave_id not in self.slots:
-                        raise FunctionError(
-                            f"enclave {enclave_id} is not serving {self.fv.name} any more",
-                            hint="fetch a fresh enclave key (GET /v1/functions/NAME/enclave), encrypt again",
-                        )
-                    nothing_usable = not any(s.usable for s in self.slots.values())
-                    if self.failures > failures_before and self.starting == 0 and nothing_usable:
-                        raise FunctionError(f"no enclave can run {self.fv.name}: {self.last_error}")
-                    if self.starting == 0 and len(self.slots) < self.fv.config.max_enclaves:
-                        self.scale_up()
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise FunctionError(
-                            f"no enclave of {self.fv.name} became free within {timeout:g} s",
-                            hint="raise max_enclaves or concurrency",
-                        )
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._changed.wait(), remaining)
-            finally:
-                self.waiting -= 1
+        self.waiting += 1
+        try:
+            while True:
+                self._purge()
+                slot = self._pick(enclave_id)
+                if slot is not None:
+                    slot.inflight += 1
+                    slot.last_used = time.monotonic()
+                    return slot
+                if enclave_id is not None and enclave_id not in self.slots:
+                    raise FunctionError(
+                        f"enclave {enclave_id} is not serving {self.fv.name} any more",
+                        hint="fetch a fresh enclave key (GET /v1/functions/NAME/enclave), encrypt again",
+                    )
+                nothing_usable = not any(s.usable for s in self.slots.values())
+                if self.failures > failures_before and self.starting == 0 and nothing_usable:
+                    raise FunctionError(f"no enclave can run {self.fv.name}: {self.last_error}")
+                if self.starting == 0 and len(self.slots) < self.fv.config.max_enclaves:
+                    self.scale_up()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise FunctionError(
+                        f"no enclave of {self.fv.name} became free within {timeout:g} s",
+                        hint="raise max_enclaves or concurrency",
+                    )
+                future: asyncio.Future[Slot | None] = loop.create_future()
+                waiter = _Waiter(future, enclave_id)
+                self._waiters.append(waiter)
+                timer = loop.call_later(remaining, _wake, future)
+                try:
+                    handed = await future
+                except BaseException:
+                    # cancelled after a sandbox was handed over: pass it on, do not leak it
+                    if future.done() and not future.cancelled():
+                        given = future.result()
+                        if given is not None:
+                            self.release_nowait(given)
+                    raise
+                finally:
+                    timer.cancel()
+                    if waiter.queued:  # timed out or cancelled while queued
+                        waiter.queued = False
+                        with contextlib.suppress(ValueError):
+                            self._waiters.remove(waiter)
+                if handed is not None:
+                    return handed
+        finally:
+            self.waiting -= 1
 
-    async def release(self, slot: Slot) -> None:
-        slot.inflight -= 1
+    def release_nowait(self, slot: Slot) -> None:
         slot.last_used = time.monotonic()
+        if self._waiters and slot.usable and self._hand_over(slot):
+            return  # the sandbox stays in flight, for the waiter it went to
+        slot.inflight -= 1
         if slot.draining and slot.inflight == 0:
             self.slots.pop(slot.enclave_id, None)
             asyncio.get_running_loop().create_task(self._destroy_quietly(slot.enclave_id))
-        async with self._changed:
-            self._changed.notify_all()
+            self._wake_all()
+        elif not slot.usable and self._waiters:
+            self._wake_all()
+
+    async def release(self, slot: Slot) -> None:
+        self.release_nowait(slot)
 
     async def _destroy_quietly(self, enclave_id: str) -> None:
         with contextlib.suppress(R3ETeeError):
@@ -200,6 +285,7 @@ class Pool:
         for enclave_id in list(self.slots):
             self.slots.pop(enclave_id, None)
             await self._destroy_quietly(enclave_id)
+        self._wake_all()
 
 
 class Scheduler:
@@ -243,7 +329,7 @@ class Scheduler:
                 last = exc if isinstance(exc, R3ETeeError) else EnclaveError(str(exc))
                 log.warning("enclave failed mid-invocation", extra={"enclave_id": slot.enclave_id})
             finally:
-                await pool.release(slot)
+                pool.release_nowait(slot)
         msg = f"the enclave running {fv.name} failed during the invocation"
         if not fv.config.idempotent:
             msg += "; it was not retried because the function is not marked idempotent"

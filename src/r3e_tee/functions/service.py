@@ -7,7 +7,6 @@ import binascii
 import contextlib
 import logging
 import time
-import uuid
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -16,6 +15,7 @@ from r3e_tee.errors import FunctionError, InvalidRequestError, ProviderUnavailab
 from r3e_tee.functions.invocations import Dispatcher, InvocationQueue
 from r3e_tee.functions.registry import FunctionRegistry, FunctionVersion
 from r3e_tee.functions.scheduler import InvokeResult, Scheduler
+from r3e_tee.ids import new_id
 from r3e_tee.providers.base import EnclaveHandle
 from r3e_tee.service.app import ServiceContext
 
@@ -49,6 +49,17 @@ class FunctionsService:
             registry=r,
         )
         self.m_enclaves = Gauge("r3e_tee_enclaves", "Enclaves by state", ["state"], registry=r)
+        self._children: dict[tuple[str, str], tuple[Any, Any]] = {}  # labelled metrics, by (function, status)
+
+    def _observe(self, name: str, status: str, elapsed: float) -> None:
+        children = self._children.get((name, status))
+        if children is None:
+            if len(self._children) > 10_000:
+                self._children.clear()
+            children = (self.m_latency.labels(name, status), self.m_total.labels(name, status))
+            self._children[(name, status)] = children
+        children[0].observe(elapsed)
+        children[1].inc()
 
     # -- enclaves for functions ------------------------------------------------------------------
 
@@ -106,7 +117,7 @@ class FunctionsService:
         version: int | None = None,
         retry: bool | None = None,
     ) -> InvokeResult:
-        fv = self.registry.get(name, version)
+        fv = self.registry.resolve(name, version)
         if encrypted and not enclave_id:
             raise InvalidRequestError(
                 "an encrypted input is sealed to one enclave's key: name it with X-R3E-Enclave",
@@ -116,7 +127,7 @@ class FunctionsService:
             "input": raw,
             "encrypted": encrypted,
             "function_timeout": fv.config.timeout,
-            "invocation_id": invocation_id or uuid.uuid4().hex,
+            "invocation_id": invocation_id or new_id(),
         }
         if reply_key is not None:
             request["reply_key"] = reply_key
@@ -126,8 +137,7 @@ class FunctionsService:
             reply, eid = await self.scheduler.invoke(fv, request, enclave_id=enclave_id, retry=retry)
             status = str(reply.get("status"))
         finally:
-            self.m_latency.labels(name, status).observe(time.perf_counter() - start)
-            self.m_total.labels(name, status).inc()
+            self._observe(name, status, time.perf_counter() - start)
         return InvokeResult(
             invocation_id=str(request["invocation_id"]),
             status=status,
@@ -218,5 +228,7 @@ def install(ctx: ServiceContext) -> None:
         from r3e_tee.functions import routes as function_routes
 
         app.include_router(function_routes.router)
+        if hasattr(app, "add_fast_route"):
+            app.add_fast_route(function_routes.fast_invoke(ctx))
 
     ctx.components["routers"].append(routes)

@@ -6,11 +6,11 @@ replicas behind Kubernetes build the same app; nothing here reads the environmen
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from r3e_tee import __version__
 from r3e_tee.config import TeeConfig
 from r3e_tee.errors import R3ETeeError
+from r3e_tee.ids import new_id
 from r3e_tee.logging import request_id_var
 from r3e_tee.service.auth import TokenAuthority
 from r3e_tee.store import Store
@@ -65,6 +66,56 @@ class _Metrics:
             registry=registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
         )
+        # labelled children, looked up once: labels() takes a lock and validates every call
+        self._counters: dict[tuple[str, str, int], Any] = {}
+        self._histograms: dict[tuple[str, str], Any] = {}
+
+    def observe(self, method: str, template: str, status: int, elapsed: float) -> None:
+        counter = self._counters.get((method, template, status))
+        if counter is None:
+            if len(self._counters) > 10_000:  # methods are client-chosen: bound the cache
+                self._counters.clear()
+            counter = self._counters[(method, template, status)] = self.requests.labels(
+                method, template, str(status)
+            )
+        histogram = self._histograms.get((method, template))
+        if histogram is None:
+            if len(self._histograms) > 10_000:
+                self._histograms.clear()
+            histogram = self._histograms[(method, template)] = self.latency.labels(method, template)
+        counter.inc()
+        histogram.observe(elapsed)
+
+
+_UNLOGGED_ROUTES = frozenset(("/healthz", "/readyz", "/metrics"))
+
+
+def request_id_for(scope: Scope) -> str:
+    """The client's X-Request-ID when it is well formed, else a fresh one."""
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            incoming: str = value.decode("latin-1")
+            if _REQUEST_ID_RE.match(incoming):
+                return incoming
+            break
+    return new_id()
+
+
+def finish_request(metrics: _Metrics, scope: Scope, template: str, status: int, elapsed: float) -> None:
+    """Metrics and the one access-log line of a request (both HTTP paths share this)."""
+    method = scope.get("method", "")
+    metrics.observe(method, template, status, elapsed)
+    if template not in _UNLOGGED_ROUTES and log.isEnabledFor(logging.INFO):
+        log.info(
+            "request",
+            extra={
+                "method": method,
+                "path": scope.get("path"),
+                "route": template,
+                "status": status,
+                "duration_ms": round(elapsed * 1000, 2),
+            },
+        )
 
 
 class RequestContextMiddleware:
@@ -78,12 +129,7 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        incoming = None
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                incoming = value.decode("latin-1")
-                break
-        rid = incoming if incoming and _REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
+        rid = request_id_for(scope)
         token = request_id_var.set(rid)
         start = time.perf_counter()
         status = 500
@@ -99,27 +145,169 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            elapsed = time.perf_counter() - start
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            method = scope.get("method", "")
-            self.metrics.requests.labels(method, template, str(status)).inc()
-            self.metrics.latency.labels(method, template).observe(elapsed)
-            if template not in ("/healthz", "/readyz", "/metrics"):
-                log.info(
-                    "request",
-                    extra={
-                        "method": method,
-                        "path": scope.get("path"),
-                        "route": template,
-                        "status": status,
-                        "duration_ms": round(elapsed * 1000, 2),
-                    },
-                )
+            finish_request(self.metrics, scope, template, status, time.perf_counter() - start)
             request_id_var.reset(token)
 
 
-def create_app(ctx: ServiceContext) -> FastAPI:
+def json_body(content: Any) -> bytes:
+    """The bytes Starlette's JSONResponse renders for ``content``."""
+    return json.dumps(
+        content, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")
+    ).encode("utf-8")
+
+
+def typed_error_response(exc: R3ETeeError) -> tuple[int, dict[str, Any], dict[str, str] | None]:
+    """Status, JSON body and headers of a typed error (the FastAPI handler and fast routes)."""
+    body = exc.to_dict()
+    body["request_id"] = request_id_var.get()
+    headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else None
+    return exc.http_status, body, headers
+
+
+def internal_error_body() -> dict[str, Any]:
+    # the type only: messages of unexpected errors may carry data we must not echo
+    return {
+        "error": "internal",
+        "message": "internal error; the request id locates it in the service log",
+        "request_id": request_id_var.get(),
+    }
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its request body arrived."""
+
+
+class FastRequest:
+    """What a fast route's handler sees: path parameters, headers, the body on demand."""
+
+    __slots__ = ("scope", "params", "_receive")
+
+    def __init__(self, scope: Scope, receive: Receive, params: tuple[str, ...]) -> None:
+        self.scope = scope
+        self.params = params
+        self._receive = receive
+
+    def header(self, name: bytes) -> str | None:
+        """The first value of a header (lower-case name), as Starlette's ``headers.get``."""
+        for key, value in self.scope["headers"]:
+            if key == name:
+                return str(value.decode("latin-1"))
+        return None
+
+    async def body(self) -> bytes:
+        chunks: list[bytes] = []
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnected
+            chunk = message.get("body", b"")
+            if chunk:
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+#: a fast route handler answers (status, JSON body bytes)
+FastHandler = Callable[[FastRequest], Awaitable[tuple[int, bytes]]]
+
+
+@dataclass(frozen=True)
+class FastRoute:
+    """A hot route served before FastAPI routing, as a plain ASGI handler.
+
+    The FastAPI route with the same method and template stays registered (OpenAPI, and the
+    reference behaviour); the fast one must answer the same bytes. The app adds what the
+    middleware and the exception handlers add on the FastAPI path: the request id (header and
+    log context), typed error bodies, metrics and the access-log line.
+    """
+
+    method: str
+    template: str
+    handler: FastHandler
+    pattern: re.Pattern[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Starlette's default "str" convertor: one non-empty path segment
+        regex = re.sub(r"\\\{[A-Za-z_][A-Za-z0-9_]*\\\}", "([^/]+)", re.escape(self.template))
+        object.__setattr__(self, "pattern", re.compile(f"^{regex}$"))
+
+
+def route_path(scope: Scope) -> str:
+    """The path routing sees (``root_path`` removed), as Starlette's ``get_route_path``."""
+    path: str = scope["path"]
+    root_path = scope.get("root_path", "")
+    if not root_path or not path.startswith(root_path):
+        return path
+    if path == root_path:
+        return ""
+    return path[len(root_path) :] if path[len(root_path)] == "/" else path
+
+
+class ServiceApp(FastAPI):
+    """FastAPI with fast routes in front: a hot route skips the middleware stack, routing,
+    dependency solving and the thread pool, and keeps everything they guarantee."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fast_routes: list[FastRoute] = []
+        self.fast_routes_enabled = True  # False serves every request through FastAPI (tests)
+        self.http_metrics: _Metrics | None = None
+
+    def add_fast_route(self, route: FastRoute) -> None:
+        self.fast_routes.append(route)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.fast_routes and self.fast_routes_enabled:
+            method = scope["method"]
+            path = None
+            for route in self.fast_routes:
+                if route.method != method:
+                    continue
+                if path is None:
+                    path = route_path(scope)
+                match = route.pattern.match(path)
+                if match is not None:
+                    await self._serve_fast(route, match.groups(), scope, receive, send)
+                    return
+        await super().__call__(scope, receive, send)
+
+    async def _serve_fast(
+        self, route: FastRoute, params: tuple[str, ...], scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        rid = request_id_for(scope)
+        token = request_id_var.set(rid)
+        start = time.perf_counter()
+        status = 500
+        try:
+            headers: list[tuple[bytes, bytes]] = []
+            try:
+                status, body = await route.handler(FastRequest(scope, receive, params))
+            except R3ETeeError as exc:
+                status, content, extra = typed_error_response(exc)
+                body = json_body(content)
+                if extra:
+                    headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()]
+            except ClientDisconnected:
+                return
+            except Exception as exc:  # noqa: BLE001 - answered as the 500 handler answers
+                log.error("unhandled error", extra={"exc_type": type(exc).__name__})
+                status, body = 500, json_body(internal_error_body())
+            headers += [
+                (b"content-length", str(len(body)).encode()),
+                (b"content-type", b"application/json"),
+                (b"x-request-id", rid.encode()),
+            ]
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+        finally:
+            if self.http_metrics is not None:
+                finish_request(self.http_metrics, scope, route.template, status, time.perf_counter() - start)
+            request_id_var.reset(token)
+
+
+def create_app(ctx: ServiceContext) -> ServiceApp:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         for start in ctx.components.get("startup", []):
@@ -141,7 +329,7 @@ def create_app(ctx: ServiceContext) -> FastAPI:
                     log.warning("shutdown hook failed", extra={"error": str(exc)})
             ctx.store.close()
 
-    app = FastAPI(
+    app = ServiceApp(
         title="R3E TEE Service",
         version=__version__,
         description=(
@@ -154,10 +342,8 @@ def create_app(ctx: ServiceContext) -> FastAPI:
 
     @app.exception_handler(R3ETeeError)
     async def _typed_error(_: Request, exc: R3ETeeError) -> JSONResponse:
-        body = exc.to_dict()
-        body["request_id"] = request_id_var.get()
-        headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else None
-        return JSONResponse(body, status_code=exc.http_status, headers=headers)
+        status, body, headers = typed_error_response(exc)
+        return JSONResponse(body, status_code=status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -177,16 +363,8 @@ def create_app(ctx: ServiceContext) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        # the type only: messages of unexpected errors may carry data we must not echo
         log.error("unhandled error", extra={"exc_type": type(exc).__name__})
-        return JSONResponse(
-            {
-                "error": "internal",
-                "message": "internal error; the request id locates it in the service log",
-                "request_id": request_id_var.get(),
-            },
-            status_code=500,
-        )
+        return JSONResponse(internal_error_body(), status_code=500)
 
     from r3e_tee.service.routes import health, tokens
 
@@ -195,5 +373,6 @@ def create_app(ctx: ServiceContext) -> FastAPI:
     for register in ctx.components.get("routers", []):
         register(app)
 
-    app.add_middleware(RequestContextMiddleware, metrics=_Metrics(ctx.registry))
+    app.http_metrics = _Metrics(ctx.registry)
+    app.add_middleware(RequestContextMiddleware, metrics=app.http_metrics)
     return app

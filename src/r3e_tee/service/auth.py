@@ -115,6 +115,29 @@ class TokenAuthority:
         return self._store.execute("DELETE FROM admin_tokens WHERE token_hash = ?", (digest,)) > 0
 
     def authenticate(self, authorization: str | None) -> Principal:
+        principal, digest = self._static_check(authorization)
+        if principal is None:
+            principal = self._lookup(digest)
+            if principal is None:
+                raise AuthenticationError("invalid or revoked token")
+        return principal
+
+    def authenticate_cached(self, authorization: str | None) -> Principal | None:
+        """:meth:`authenticate` without the store: the principal, an error, or None when only
+        the store can tell (then call :meth:`authenticate` off the event loop)."""
+        principal, digest = self._static_check(authorization)
+        if principal is not None:
+            return principal
+        with self._lock:
+            hit = self._cache.get(digest)
+        if hit is None or hit[0] <= time.monotonic():
+            return None
+        if hit[1] is None:
+            raise AuthenticationError("invalid or revoked token")
+        return hit[1]
+
+    def _static_check(self, authorization: str | None) -> tuple[Principal | None, str]:
+        """The static admin principal, or None and the token's digest (malformed: raises)."""
         if not authorization:
             raise AuthenticationError(
                 "missing bearer token", hint="send 'Authorization: Bearer <token>' (r3e-tee-cli --token)"
@@ -127,11 +150,8 @@ class TokenAuthority:
         for known in self._static:
             found |= hmac.compare_digest(known, digest)
         if found:
-            return Principal(Scope.ADMIN, "static admin token", digest)
-        principal = self._lookup(digest)
-        if principal is None:
-            raise AuthenticationError("invalid or revoked token")
-        return principal
+            return Principal(Scope.ADMIN, "static admin token", digest), digest
+        return None, digest
 
     def _lookup(self, digest: str) -> Principal | None:
         now = time.monotonic()

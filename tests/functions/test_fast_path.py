@@ -1,0 +1,254 @@
+"""The warm invocation fast route answers exactly what the FastAPI route answers.
+
+``POST /v1/functions/{name}/invoke`` is served by a plain ASGI handler in front of FastAPI; the
+FastAPI route stays as the reference. Every case here runs through both (the app's
+``fast_routes_enabled`` switch) and compares status, headers and body bytes, with an enclave
+stand-in whose replies cover the awkward JSON (non-ASCII, big and small numbers, NaN, nesting).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from r3e_tee.config import TeeConfig
+from r3e_tee.functions import service as functions_service
+from r3e_tee.functions.model import FunctionConfig
+from r3e_tee.logging import JsonFormatter
+from r3e_tee.service.__main__ import build_context
+from r3e_tee.service.app import ServiceApp, create_app
+from r3e_tee.service.auth import Scope, token_hash
+
+ADMIN = "r3e_fast-path-admin-token-0123456789"
+ROUTE = "/v1/functions/{name}/invoke"
+
+OUTPUTS: list[bytes] = [
+    b'{"pair":"NEO/USD","price":12.0}',
+    '{"text":"h\u00e9llo \u2028 \U0001f600","quote":"\\"<&>\'"}'.encode(),
+    b'{"big":123456789012345678901234567890,"small":1e-300,"huge":1e300,"neg":-0.0}',
+    b'{"nested":[{"a":[1,[2,[3,{"b":null}]]]},true,false],"empty":{},"list":[]}',
+    b"[1,2,3]",
+    b'"just a string"',
+    b"null",
+    b"NaN",
+]
+
+
+class _Closed:
+    def is_set(self) -> bool:
+        return False
+
+
+class _Channel:
+    is_open = True
+
+    def __init__(self) -> None:
+        self.outputs = iter(())  # type: Iterator[bytes]
+        self.last: dict[str, Any] = {}
+
+    async def request(self, op: str, timeout: float | None = None, **args: Any) -> dict[str, Any]:
+        self.last = args
+        out = next(self.outputs)
+        receipt = {
+            "body": {"v": 1, "function": "echo", "output_sha256": "ab" * 32, "note": "r\u00e9sum\u00e9"},
+            "signature": "c2ln",
+            "alg": "ES256",
+        }
+        if out == b"error":
+            return {"status": "error", "receipt": receipt, "error": "ValueError: nope", "output": b"null"}
+        reply: dict[str, Any] = {"status": "ok", "receipt": receipt, "error": None}
+        if args.get("reply_key") is not None:
+            reply["output_encrypted"] = b"\x00sealed" + out
+        else:
+            reply["output"] = out
+        return reply
+
+
+class _Handle:
+    def __init__(self, channel: _Channel) -> None:
+        self.channel = channel
+        self.exited = _Closed()
+        self.on_exit: list[Any] = []
+
+    @property
+    def alive(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def app_and_channel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[TestClient, _Channel]]:
+    cfg = TeeConfig()
+    cfg = cfg.model_copy(
+        update={
+            "server": cfg.server.model_copy(
+                update={"data_dir": tmp_path / "data", "admin_token_hashes": (token_hash(ADMIN),)}
+            ),
+            "workers": cfg.workers.model_copy(update={"embedded": False}),
+        }
+    )
+    ctx = build_context(cfg)
+    svc = ctx.components["functions"]
+    svc.registry.deploy(FunctionConfig(name="echo", runtime="python"), b"def handler(e, c):\n    return e\n")
+    channel = _Channel()
+
+    async def launch(fv: Any) -> tuple[str, Any]:
+        return "e" * 32, _Handle(channel)
+
+    svc.scheduler._launch = launch
+    monkeypatch.setattr(functions_service, "new_id", lambda: "0123456789abcdef0123456789abcdef")
+    app = create_app(ctx)
+    assert isinstance(app, ServiceApp) and app.fast_routes
+    with TestClient(app) as client:
+        yield client, channel
+
+
+def _both(client: TestClient, channel: _Channel, outputs: list[bytes], **kwargs: Any) -> tuple[Any, Any]:
+    app = client.app
+    assert isinstance(app, ServiceApp)
+    answers = []
+    for fast in (True, False):
+        app.fast_routes_enabled = fast
+        channel.outputs = iter(outputs)
+        answers.append(client.post("/v1/functions/echo/invoke", **kwargs))
+    app.fast_routes_enabled = True
+    return answers[0], answers[1]
+
+
+def _same(fast: Any, ref: Any) -> None:
+    assert fast.status_code == ref.status_code, (fast.text, ref.text)
+    assert fast.content == ref.content
+    drop = {"date"}
+    assert [(k, v) for k, v in fast.headers.items() if k not in drop] == [
+        (k, v) for k, v in ref.headers.items() if k not in drop
+    ]
+
+
+def test_fast_route_answers_the_reference_bytes(app_and_channel: tuple[TestClient, _Channel]) -> None:
+    client, channel = app_and_channel
+    headers = {"Authorization": f"Bearer {ADMIN}", "X-Request-ID": "req-1"}
+    for output in [*OUTPUTS, b"error"]:
+        fast, ref = _both(client, channel, [output], content=b'{"x": 1}', headers=headers)
+        _same(fast, ref)
+        assert fast.status_code == 200 and fast.headers["x-request-id"] == "req-1"
+    # the body reached the enclave byte for byte, and nothing was encrypted
+    assert channel.last["input"] == b'{"x": 1}' and channel.last["encrypted"] is False
+
+
+def test_fast_route_headers_encryption_and_errors(app_and_channel: tuple[TestClient, _Channel]) -> None:
+    client, channel = app_and_channel
+    auth = {"Authorization": f"Bearer {ADMIN}", "X-Request-ID": "req-2"}
+    reply_key = base64.b64encode(b"k" * 32).decode()
+    cases: list[dict[str, Any]] = [
+        # a reply key: the output comes back sealed (base64)
+        {"headers": {**auth, "X-R3E-Reply-Key": reply_key}},
+        # encrypted input without the enclave it is sealed to
+        {"headers": {**auth, "Content-Type": "application/r3e-hpke; x=1"}},
+        # a bad reply key
+        {"headers": {**auth, "X-R3E-Reply-Key": "not base64!"}},
+        # the enclave named is not serving the function
+        {"headers": {**auth, "X-R3E-Enclave": "f" * 32}},
+    ]
+    statuses = []
+    for case in cases:
+        fast, ref = _both(client, channel, [OUTPUTS[0]], content=b"{}", **case)
+        _same(fast, ref)
+        statuses.append(fast.status_code)
+    assert statuses == [200, 400, 400, 502]
+    fast, ref = _both(
+        client, channel, [OUTPUTS[0]], content=b"{}", headers={**auth, "X-R3E-Reply-Key": reply_key}
+    )
+    assert "output" not in fast.json() and base64.b64decode(fast.json()["output_encrypted"]).startswith(
+        b"\x00"
+    )
+    # an unknown function
+    app = client.app
+    assert isinstance(app, ServiceApp)
+    for fast_on in (True, False):
+        app.fast_routes_enabled = fast_on
+        r = client.post("/v1/functions/nope/invoke", content=b"{}", headers=auth)
+        assert r.status_code == 404 and r.json()["request_id"] == "req-2"
+    app.fast_routes_enabled = True
+
+
+def test_fast_route_auth_is_the_reference_auth(app_and_channel: tuple[TestClient, _Channel]) -> None:
+    client, channel = app_and_channel
+    ctx = client.app.state.ctx  # type: ignore[attr-defined]
+    reader = ctx.tokens.issue(Scope.READ, "reader")
+    invoker = ctx.tokens.issue(Scope.INVOKE, "invoker")
+    rid = {"X-Request-ID": "req-3"}
+    for headers, status in [
+        ({}, 401),
+        ({"Authorization": "Bearer nope"}, 401),
+        ({"Authorization": "Basic abc"}, 401),
+        ({"Authorization": "Bearer "}, 401),
+        ({"Authorization": f"Bearer {reader}"}, 403),
+        ({"Authorization": f"Bearer {invoker}"}, 200),
+        ({"Authorization": f"bearer {ADMIN}"}, 200),
+    ]:
+        fast, ref = _both(client, channel, [OUTPUTS[0]], content=b"{}", headers={**headers, **rid})
+        _same(fast, ref)
+        assert fast.status_code == status, fast.text
+        if status == 401:
+            assert fast.headers["www-authenticate"] == "Bearer"
+    # a revoked token stops working on the fast route too (after the authority's cache)
+    ctx.tokens.revoke(token_hash(invoker))
+    fast, ref = _both(
+        client, channel, [OUTPUTS[0]], content=b"{}", headers={"Authorization": f"Bearer {invoker}"}
+    )
+    assert fast.status_code == ref.status_code == 401
+
+
+def test_fast_route_logs_and_counts_like_the_middleware(app_and_channel: tuple[TestClient, _Channel]) -> None:
+    client, channel = app_and_channel
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("r3e_tee")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        _both(
+            client,
+            channel,
+            [OUTPUTS[0]],
+            content=b"{}",
+            headers={"Authorization": f"Bearer {ADMIN}", "X-Request-ID": "req-log"},
+        )
+    finally:
+        logger.removeHandler(handler)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    entries = [e for e in lines if e.get("msg") == "request" and e.get("route") == ROUTE]
+    assert len(entries) == 2
+    for entry in entries:
+        assert entry["request_id"] == "req-log" and entry["status"] == 200 and entry["method"] == "POST"
+        assert entry["path"] == "/v1/functions/echo/invoke"
+    assert [sorted(e) for e in entries][0] == [sorted(e) for e in entries][1]
+    assert ADMIN not in stream.getvalue()
+    metrics = client.get("/metrics").text
+    assert f'r3e_tee_http_requests_total{{method="POST",route="{ROUTE}",status="200"}} 2.0' in metrics
+    assert 'r3e_tee_invocation_duration_seconds_count{function="echo",status="ok"} 2.0' in metrics
+    # a generated request id when the client's is missing or malformed
+    for rid in ({}, {"X-Request-ID": "bad id"}):
+        channel.outputs = iter([OUTPUTS[0]])
+        r = client.post(
+            "/v1/functions/echo/invoke", content=b"{}", headers={"Authorization": f"Bearer {ADMIN}", **rid}
+        )
+        assert r.status_code == 200 and len(r.headers["x-request-id"]) == 32
+
+
+def test_other_methods_and_paths_fall_through_to_fastapi(
+    app_and_channel: tuple[TestClient, _Channel],
+) -> None:
+    client, _ = app_and_channel
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    assert client.get("/v1/functions/echo/invoke", headers=auth).status_code == 405
+    assert client.post("/v1/functions/echo/invoke/extra", headers=auth).status_code == 404
+    assert client.get("/v1/functions/echo", headers=auth).json()["name"] == "echo"
