@@ -461,7 +461,7 @@ class KeyBroker:
             "secret release denied",
             extra={
                 "reason": exc.reason,
-                "secret_names": list(names),
+                "secret_name": ",".join(names),
                 "attestation_id": detail.get("attestation_id"),
                 "actor": actor,
             },
@@ -564,7 +564,7 @@ class KeyBroker:
         log.info(
             "secrets released",
             extra={
-                "secret_names": wanted,
+                "secret_name": ",".join(wanted),
                 "attestation_id": att_id,
                 "enclave_id": enclave_id,
                 "actor": actor,

@@ -5,6 +5,10 @@ the X25519 key the enclave bound into its attestation evidence (the token's ``cn
 sealed blob is ``enc (32 bytes) || ciphertext || tag``. The HPKE ``info`` binds what the blob is
 for: the attestation it was released against, the secret's name and revision (or the sealing
 key's owner and version), so a host that swaps or replays blobs makes the open fail.
+
+Base mode gives confidentiality, not origin: only the enclave reads a blob, but anyone holding the
+enclave's (public) key could seal a value of their own to it. The enclave has no pinned key of
+the broker to check against; binding one into the measured image (or HPKE auth mode) would.
 """
 
 from __future__ import annotations

@@ -288,3 +288,5 @@ class KeyRotation:
                 await anyio.to_thread.run_sync(self.erase_expired_signing_keys)
             except R3ETeeError as exc:
                 log.error("key rotation check failed", extra={"error": exc.message})
+            except Exception as exc:  # noqa: BLE001 - the schedule must survive a store hiccup
+                log.error("key rotation check failed", extra={"error": type(exc).__name__})

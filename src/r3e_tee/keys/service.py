@@ -128,7 +128,7 @@ def install(ctx: ServiceContext) -> None:
         raise
     log.info(
         "key management ready",
-        extra={"kek_provider": kek.provider, "kek_id": kek.kek_id, "kek_registered": status["registered"]},
+        extra={"provider": kek.provider, "kek_id": kek.kek_id, "registered": status["registered"]},
     )
     keys = KeyManagement(audit, keystore, broker, rotation)
     ctx.components["keys"] = keys
@@ -300,7 +300,11 @@ async def deliver(body: DeliverRequest, ctx: Ctx, principal: Admin) -> dict[str,
         )
     log.info(
         "delivering secrets",
-        extra={"enclave_id": body.enclave_id, "secret_names": body.names, "actor": actor_of(principal)},
+        extra={
+            "enclave_id": body.enclave_id,
+            "secret_name": ",".join(body.names),
+            "actor": actor_of(principal),
+        },
     )
     reply = await manager.deliver_secrets(body.enclave_id, body.names)
     return {"enclave_id": body.enclave_id, "received": reply.get("received", [])}
