@@ -158,6 +158,54 @@ def test_each_denial_class_over_http(
     assert code == 0 and "SEQ" in out and "ACTION" in out
 
 
+def test_remote_worker_secret_source(live: LiveService) -> None:
+    """What r3e-tee-worker uses: release over HTTP with an enclave-scope token; denials keep their reason."""
+    import asyncio
+
+    from r3e_tee.keys.errors import ReleaseDenied
+    from r3e_tee.keys.remote import HttpSecretSource
+
+    with live.client() as c:
+        enclave = _enclave(c)
+        grant = c.post(f"/v1/enclaves/{enclave['id']}/attest").json()
+        worker_token = c.post("/v1/tokens", json={"scope": "enclave", "label": "worker-test"}).json()["token"]
+        m = enclave["measurement"]
+        c.put(
+            "/v1/secrets/remote-ok",
+            json={"value": TEXT, "policy": {"measurements": [m], "allow_simulation": True}},
+        )
+
+    async def main() -> None:
+        source = HttpSecretSource(live.url, worker_token)
+        try:
+            out = await source.release(token=grant["token"], names=["remote-ok"])
+            assert out["attestation_id"] == grant["attestation_id"]
+            (item,) = out["secrets"]
+            assert (
+                item["name"] == "remote-ok"
+                and isinstance(item["sealed"], bytes)
+                and SECRET not in item["sealed"]
+            )
+            with pytest.raises(ReleaseDenied) as err:
+                await source.release(token=grant["token"], names=["wrong-code"])
+            assert err.value.reason == "measurement-mismatch"
+            with pytest.raises(ReleaseDenied) as err:
+                await source.sealing_key(token=grant["token"])
+            assert err.value.reason == "kind-not-allowed"
+        finally:
+            await source.aclose()
+        reader = HttpSecretSource(live.url, "r3e_not-a-valid-token")
+        try:
+            with pytest.raises(Exception, match="HTTP 401"):
+                await reader.release(token=grant["token"], names=["remote-ok"])
+        finally:
+            await reader.aclose()
+
+    asyncio.run(main())
+    with live.client() as c:
+        c.delete(f"/v1/enclaves/{enclave['id']}")
+
+
 def test_cli_rotate_delete_and_audit_verify(live: LiveService, capsys: pytest.CaptureFixture[str]) -> None:
     code, out = cli(live, capsys, "rotate-keys")
     assert code == 0 and "data key secret:sim-ok: now v2, 1 secret(s) re-encrypted" in out
