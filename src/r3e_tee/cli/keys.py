@@ -16,20 +16,8 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from r3e_tee.cli.client import ServiceClient
-from r3e_tee.cli.output import CliState, console, print_json, print_table
+from r3e_tee.cli.output import cli_state, console, print_json, print_table, service_client
 from r3e_tee.errors import InvalidRequestError
-
-
-def _state(ctx: typer.Context) -> CliState:
-    obj = ctx.find_root().obj
-    assert isinstance(obj, CliState)
-    return obj
-
-
-def _client(ctx: typer.Context) -> ServiceClient:
-    s = _state(ctx)
-    return ServiceClient(s.server, s.token)
 
 
 def _when(ts: float | None) -> str:
@@ -79,7 +67,7 @@ def put_secret(
     the policy ever receive it; the value is never shown again by any command or endpoint."""
     from r3e_tee.keys.policy import ReleasePolicy
 
-    s = _state(ctx)
+    s = cli_state(ctx)
     doc = ReleasePolicy.from_file(policy)  # checked here so mistakes name the file and the key
     value = _read_value(value_file, value_env)
     body: dict[str, Any] = {"value_b64": base64.b64encode(value).decode(), "policy": doc.to_dict()}
@@ -87,7 +75,7 @@ def put_secret(
         body["owner"] = owner
     if description is not None:
         body["description"] = description
-    c = _client(ctx)
+    c = service_client(ctx)
     try:
         out = c.request("PUT", f"/v1/secrets/{name}", json=body)
     finally:
@@ -111,8 +99,8 @@ def put_secret(
 
 def list_secrets(ctx: typer.Context) -> None:
     """Secrets with their revision, size, key version and policy (never values)."""
-    s = _state(ctx)
-    c = _client(ctx)
+    s = cli_state(ctx)
+    c = service_client(ctx)
     try:
         secrets = c.get("/v1/secrets")
     finally:
@@ -136,8 +124,8 @@ def list_secrets(ctx: typer.Context) -> None:
 
 def delete_secret(ctx: typer.Context, name: Annotated[str, typer.Argument(help="secret name")]) -> None:
     """Delete a secret; the attestation tokens it was released to are revoked."""
-    s = _state(ctx)
-    c = _client(ctx)
+    s = cli_state(ctx)
+    c = service_client(ctx)
     try:
         out = c.delete(f"/v1/secrets/{name}")
     finally:
@@ -163,11 +151,11 @@ def rotate_keys(
     """Rotate now: a new version of every data key (secrets re-encrypted, versions beyond
     retain_versions retired) and new token signing keys (old ones stay in the JWKS until their
     tokens expire)."""
-    s = _state(ctx)
+    s = cli_state(ctx)
     body: dict[str, Any] = {"data_keys": data_keys, "signing_keys": signing_keys}
     if owner:
         body["owners"] = list(owner)
-    c = _client(ctx)
+    c = service_client(ctx)
     try:
         out = c.post("/v1/keys/rotate", json=body)
     finally:
@@ -192,8 +180,8 @@ def rotate_keys(
 
 def list_keys(ctx: typer.Context) -> None:
     """The KEK in use, data key versions and token signing keys (metadata only)."""
-    s = _state(ctx)
-    c = _client(ctx)
+    s = cli_state(ctx)
+    c = service_client(ctx)
     try:
         out = c.get("/v1/keys")
     finally:
@@ -235,8 +223,8 @@ def audit_log(
 ) -> None:
     """List audit-log entries (key creation, rotation, releases, denials, secret changes); with
     --verify, check that no entry was edited, inserted or deleted and name the first broken link."""
-    s = _state(ctx)
-    c = _client(ctx)
+    s = cli_state(ctx)
+    c = service_client(ctx)
     try:
         if verify:
             verdict = c.get("/v1/audit/verify")
