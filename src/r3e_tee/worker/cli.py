@@ -86,6 +86,10 @@ class WorkerProcess:
             HttpSink(self.link, args.id),
             heartbeat_interval=config.workers.heartbeat_interval,
         )
+        from r3e_tee.keys.remote import HttpSecretSource
+
+        # secrets and Nitro sealing keys come from the service's key broker, sealed to each enclave
+        self.manager.secret_source = HttpSecretSource(args.server, args.token)
         pod_ip = os.environ.get("POD_IP") or socket.gethostbyname(socket.gethostname())
         self.url = args.advertise_url or f"http://{pod_ip}:{args.port}"
         self.secret: str | None = None
