@@ -292,11 +292,12 @@ class DeliverRequest(BaseModel):
 
 @router.post("/v1/secrets/deliver", summary="Release secrets to a running enclave of this service")
 async def deliver(body: DeliverRequest, ctx: Ctx, principal: Admin) -> dict[str, Any]:
-    manager: EnclaveManager | None = ctx.components.get("manager")
-    if manager is None or body.enclave_id not in manager.handles:
+    registry = ctx.components["enclaves"]
+    worker = registry.worker_of(registry.get(body.enclave_id))
+    if worker is None:
         raise NotFoundError(
-            f"enclave {body.enclave_id} does not run on this service's embedded worker",
-            hint="secrets reach enclaves of remote workers through POST /v1/secrets/release",
+            f"enclave {body.enclave_id} runs on no worker this service can reach",
+            hint="list enclaves and workers: r3e-tee-cli list-enclaves, GET /v1/workers",
         )
     log.info(
         "delivering secrets",
@@ -306,7 +307,7 @@ async def deliver(body: DeliverRequest, ctx: Ctx, principal: Admin) -> dict[str,
             "actor": actor_of(principal),
         },
     )
-    reply = await manager.deliver_secrets(body.enclave_id, body.names)
+    reply = await worker.deliver_secrets(body.enclave_id, list(body.names))
     return {"enclave_id": body.enclave_id, "received": reply.get("received", [])}
 
 

@@ -173,7 +173,7 @@ class EnclaveRegistry:
             raise
         return self.get(spec.id)
 
-    def _worker_of(self, enclave: Mapping[str, Any]) -> WorkerClient | None:
+    def worker_of(self, enclave: Mapping[str, Any]) -> WorkerClient | None:
         wid = enclave.get("worker_id")
         if self.local is not None and wid == self.local.worker_id:
             return self.local
@@ -188,7 +188,7 @@ class EnclaveRegistry:
         """Until ready, failed or terminated, or ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         enclave = self.get(enclave_id)
-        worker = self._worker_of(enclave)
+        worker = self.worker_of(enclave)
         if worker is not None:
             try:
                 await worker.wait_ready(enclave_id, timeout)
@@ -221,7 +221,7 @@ class EnclaveRegistry:
     async def attest(self, enclave_id: str) -> dict[str, Any]:
         """A fresh round trip for a running enclave: new nonce, new evidence, new token."""
         enclave = self.get(enclave_id)
-        worker = self._worker_of(enclave)
+        worker = self.worker_of(enclave)
         if enclave["state"] != "ready" or worker is None:
             raise InvalidRequestError(
                 f"enclave {enclave_id} is {enclave['state']}, not ready", hint="only ready enclaves re-attest"
@@ -239,7 +239,7 @@ class EnclaveRegistry:
         enclave = self.get(enclave_id)
         if enclave["state"] == "terminated":
             return enclave
-        worker = self._worker_of(enclave)
+        worker = self.worker_of(enclave)
         if worker is not None and enclave["state"] != "failed":
             await worker.destroy(enclave_id)
         else:

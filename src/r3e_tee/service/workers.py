@@ -11,11 +11,13 @@ import threading
 import time
 from typing import Any
 
+import cbor2
 import httpx
 
 from r3e_tee.attestation.verify import Verifier
 from r3e_tee.errors import CapacityError, ConflictError, EnclaveError, NotFoundError, ProviderUnavailableError
 from r3e_tee.providers.base import EnclaveSpec
+from r3e_tee.runtime.channel import ChannelClosed, RemoteError
 from r3e_tee.store import Store
 from r3e_tee.worker.manager import AttestationGrant, EnclaveManager
 
@@ -38,6 +40,19 @@ class WorkerClient(abc.ABC):
     async def wait_ready(self, enclave_id: str, timeout: float) -> None:  # noqa: B027 - optional
         """Return early when the worker can tell; the registry polls the store otherwise."""
 
+    @abc.abstractmethod
+    async def deliver_secrets(self, enclave_id: str, names: list[str]) -> dict[str, Any]:
+        """Have the broker release ``names`` to the enclave, sealed to its attested key."""
+
+    @abc.abstractmethod
+    def channel(self, enclave_id: str) -> Any:
+        """Something with ``request(op, timeout=, **args)`` and ``is_open`` for the enclave's runtime
+        (only the operations in RELAYED_OPS when the worker is remote)."""
+
+
+# what the service may ask a remote worker to pass to an enclave's runtime
+RELAYED_OPS = frozenset({"load_function", "invoke", "get_token", "ping"})
+
 
 class LocalWorker(WorkerClient):
     def __init__(self, manager: EnclaveManager) -> None:
@@ -59,6 +74,51 @@ class LocalWorker(WorkerClient):
     async def wait_ready(self, enclave_id: str, timeout: float) -> None:
         await self.manager.wait_ready(enclave_id, timeout)
 
+    async def deliver_secrets(self, enclave_id: str, names: list[str]) -> dict[str, Any]:
+        return await self.manager.deliver_secrets(enclave_id, names)
+
+    def channel(self, enclave_id: str) -> Any:
+        handle = self.manager.handles.get(enclave_id)
+        if handle is None:
+            raise NotFoundError(f"enclave {enclave_id} is not running on worker {self.worker_id}")
+        return handle.channel
+
+
+class RemoteChannel:
+    """The runtime of an enclave on a remote worker, reached through the worker's relay (CBOR)."""
+
+    def __init__(self, worker: RemoteWorker, enclave_id: str) -> None:
+        self.worker = worker
+        self.enclave_id = enclave_id
+        self.is_open = True
+
+    async def request(self, op: str, timeout: float | None = None, **args: Any) -> dict[str, Any]:
+        if op not in RELAYED_OPS:
+            raise EnclaveError(f"operation {op!r} is not relayed to remote enclaves")
+        body = cbor2.dumps({"op": op, "args": args, "timeout": timeout})
+        try:
+            reply = await self.worker._call(
+                "POST",
+                f"/enclaves/{self.enclave_id}/call",
+                content=body,
+                headers={"Content-Type": "application/cbor"},
+                timeout=(timeout or 30) + 5,
+                raw=True,
+            )
+        except NotFoundError:
+            self.is_open = False
+            raise ChannelClosed(
+                f"enclave {self.enclave_id} is gone from worker {self.worker.worker_id}"
+            ) from None
+        except EnclaveError:
+            self.is_open = False
+            raise
+        message = cbor2.loads(reply)
+        if not message.get("ok"):
+            raise RemoteError(str(message.get("error")), kind=str(message.get("kind")))
+        result: dict[str, Any] = message.get("result") or {}
+        return result
+
 
 class RemoteWorker(WorkerClient):
     """Commands to a registered worker's own HTTP API, authenticated with its registration secret."""
@@ -72,9 +132,11 @@ class RemoteWorker(WorkerClient):
     def serves(self, provider: str) -> bool:
         return provider in self.providers
 
-    async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+    async def _call(
+        self, method: str, path: str, *, timeout: float = 30.0, raw: bool = False, **kwargs: Any
+    ) -> Any:
         try:
-            async with httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=3.0)) as client:
+            async with httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=3.0)) as client:
                 resp = await client.request(
                     method, f"{self.url}{path}", headers={"Authorization": f"Bearer {self._secret}"}, **kwargs
                 )
@@ -94,6 +156,8 @@ class RemoteWorker(WorkerClient):
             if resp.status_code == 404:
                 raise NotFoundError(message)
             raise EnclaveError(message, hint=body.get("hint"))
+        if raw:
+            return resp.content
         return resp.json() if resp.content else None
 
     async def launch(self, provider: str, spec: EnclaveSpec) -> None:
@@ -105,6 +169,15 @@ class RemoteWorker(WorkerClient):
     async def reattest(self, enclave_id: str) -> AttestationGrant:
         reply = await self._call("POST", f"/enclaves/{enclave_id}/attest")
         return AttestationGrant(**reply)
+
+    async def deliver_secrets(self, enclave_id: str, names: list[str]) -> dict[str, Any]:
+        reply: dict[str, Any] = await self._call(
+            "POST", f"/enclaves/{enclave_id}/secrets", json={"names": names}
+        )
+        return reply
+
+    def channel(self, enclave_id: str) -> Any:
+        return RemoteChannel(self, enclave_id)
 
 
 class WorkerDirectory:

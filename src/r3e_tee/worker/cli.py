@@ -213,6 +213,39 @@ def create_worker_app(worker: WorkerProcess) -> FastAPI:
         worker.check(authorization)
         await worker.manager.destroy(enclave_id)
 
+    @app.post("/enclaves/{enclave_id}/secrets")
+    async def secrets(enclave_id: str, body: dict[str, Any], authorization: Auth = None) -> dict[str, Any]:
+        worker.check(authorization)
+        names = body.get("names")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise R3ETeeError("names must be a list of secret names")
+        return await worker.manager.deliver_secrets(enclave_id, names)
+
+    @app.post("/enclaves/{enclave_id}/call")
+    async def call(enclave_id: str, request: Request, authorization: Auth = None) -> Response:
+        """Relay one operation to the enclave's runtime (only those the service may ask for)."""
+        import cbor2
+
+        from r3e_tee.runtime.channel import RemoteError
+        from r3e_tee.service.workers import RELAYED_OPS
+
+        worker.check(authorization)
+        message = cbor2.loads(await request.body())
+        op = str(message.get("op"))
+        if op not in RELAYED_OPS:
+            raise AuthenticationError(f"operation {op!r} is not relayed")
+        handle = worker.manager.handles.get(enclave_id)
+        if handle is None:
+            return JSONResponse({"message": f"no enclave {enclave_id} here"}, status_code=404)
+        try:
+            result = await handle.channel.request(
+                op, timeout=message.get("timeout"), **dict(message.get("args") or {})
+            )
+            reply = {"ok": True, "result": result}
+        except RemoteError as exc:
+            reply = {"ok": False, "error": exc.message, "kind": exc.kind}
+        return Response(cbor2.dumps(reply), media_type="application/cbor")
+
     @app.post("/enclaves/{enclave_id}/attest")
     async def attest(enclave_id: str, authorization: Auth = None) -> dict[str, Any]:
         worker.check(authorization)
