@@ -42,15 +42,7 @@ def encode_frame(message: dict[str, Any]) -> bytes:
     return _LEN.pack(len(body)) + body
 
 
-async def read_frame(reader: asyncio.StreamReader) -> dict[str, Any]:
-    try:
-        header = await reader.readexactly(4)
-        (length,) = _LEN.unpack(header)
-        if length > MAX_FRAME:
-            raise EnclaveError(f"peer sent a {length}-byte frame (limit {MAX_FRAME})")
-        body = await reader.readexactly(length)
-    except asyncio.IncompleteReadError:
-        raise ChannelClosed("the channel was closed by the other side") from None
+def decode_body(body: bytes | memoryview) -> dict[str, Any]:
     try:
         message = cbor2.loads(body)
     except (cbor2.CBORDecodeError, ValueError) as exc:
@@ -60,8 +52,32 @@ async def read_frame(reader: asyncio.StreamReader) -> dict[str, Any]:
     return message
 
 
+async def read_frame(reader: asyncio.StreamReader) -> dict[str, Any]:
+    try:
+        header = await reader.readexactly(4)
+        (length,) = _LEN.unpack(header)
+        if length > MAX_FRAME:
+            raise EnclaveError(f"peer sent a {length}-byte frame (limit {MAX_FRAME})")
+        body = await reader.readexactly(length)
+    except asyncio.IncompleteReadError:
+        raise ChannelClosed("the channel was closed by the other side") from None
+    return decode_body(body)
+
+
+def _expire(fut: asyncio.Future[dict[str, Any]]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
+
+
 class Channel:
-    """A request/response multiplexer over one stream. Runs its reader as a task."""
+    """A request/response multiplexer over one stream. Runs its reader as a task.
+
+    The reader takes whatever bytes have arrived and handles every whole frame in them; frames
+    written during one turn of the event loop leave in one write (one wake-up of the peer).
+    """
+
+    #: write-buffer size above which a writer waits for the peer to catch up
+    HIGH_WATER = 256 * 1024
 
     def __init__(
         self,
@@ -80,6 +96,7 @@ class Channel:
         self._closed_reason: str | None = None
         self.closed = asyncio.Event()
         self.name = name
+        self._outbox: list[bytes] = []
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._read_loop(), name=f"{self.name}-reader")
@@ -88,21 +105,48 @@ class Channel:
     def is_open(self) -> bool:
         return not self.closed.is_set()
 
+    def _send(self, frame: bytes) -> None:
+        """Queue a frame; the queue is written once the current turn of the loop is done."""
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outbox.append(frame)
+
+    def _flush(self) -> None:
+        frames, self._outbox = self._outbox, []
+        if not frames or self.closed.is_set():
+            return
+        try:
+            self._writer.write(frames[0] if len(frames) == 1 else b"".join(frames))
+        except (ConnectionError, OSError, RuntimeError) as exc:
+            self._close(f"write failed: {exc}")
+
+    async def _drain(self) -> None:
+        transport = self._writer.transport
+        if transport.get_write_buffer_size() + sum(map(len, self._outbox)) > self.HIGH_WATER:
+            self._flush()
+            await self._writer.drain()
+
     async def request(self, op: str, timeout: float | None = None, **args: Any) -> dict[str, Any]:
         if self.closed.is_set():
             raise ChannelClosed(f"{self.name}: closed ({self._closed_reason})")
         rid = next(self._ids)
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[dict[str, Any]] = loop.create_future()
         self._pending[rid] = fut
+        timer = loop.call_later(timeout, _expire, fut) if timeout is not None else None
         try:
-            self._writer.write(encode_frame({"id": rid, "op": op, **args}))
-            await self._writer.drain()
-            return await asyncio.wait_for(fut, timeout)
+            args["id"] = rid
+            args["op"] = op
+            self._send(encode_frame(args))
+            await self._drain()
+            return await fut
         except TimeoutError:
             raise EnclaveError(f"{self.name}: no answer to {op!r} within {timeout:g} s") from None
         except (ConnectionError, OSError) as exc:
             raise ChannelClosed(f"{self.name}: {exc}") from None
         finally:
+            if timer is not None:
+                timer.cancel()
             self._pending.pop(rid, None)
 
     async def _respond(self, message: dict[str, Any]) -> None:
@@ -122,28 +166,55 @@ class Channel:
         if self.closed.is_set():
             return
         try:
-            self._writer.write(encode_frame(reply))
-            await self._writer.drain()
+            self._send(encode_frame(reply))
+            await self._drain()
         except (ConnectionError, OSError):
             self._close("peer went away while answering")
 
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        if "op" in message:
+            asyncio.get_running_loop().create_task(self._respond(message))
+            return
+        fut = self._pending.get(int(message.get("id", -1)))
+        if fut is None or fut.done():
+            return
+        if message.get("ok"):
+            result = message.get("result")
+            fut.set_result(result if isinstance(result, dict) else {"value": result})
+        else:
+            fut.set_exception(
+                RemoteError(str(message.get("error", "unknown error")), kind=str(message.get("kind")))
+            )
+
     async def _read_loop(self) -> None:
+        parts: list[bytes] = []  # bytes of an incomplete frame
+        have, need = 0, 4  # their length; how many the frame needs
         try:
             while True:
-                message = await read_frame(self._reader)
-                if "op" in message:
-                    asyncio.get_running_loop().create_task(self._respond(message))
-                    continue
-                fut = self._pending.get(int(message.get("id", -1)))
-                if fut is None or fut.done():
-                    continue
-                if message.get("ok"):
-                    result = message.get("result")
-                    fut.set_result(result if isinstance(result, dict) else {"value": result})
+                chunk = await self._reader.read(1 << 18)
+                if not chunk:
+                    raise ChannelClosed("the channel was closed by the other side")
+                if parts or len(chunk) < need:
+                    parts.append(chunk)
+                    have += len(chunk)
+                    if have < need:
+                        continue
+                    data = b"".join(parts)
                 else:
-                    fut.set_exception(
-                        RemoteError(str(message.get("error", "unknown error")), kind=str(message.get("kind")))
-                    )
+                    data = chunk
+                view, start, size, need = memoryview(data), 0, len(data), 4
+                while size - start >= 4:
+                    (length,) = _LEN.unpack_from(data, start)
+                    if length > MAX_FRAME:
+                        raise EnclaveError(f"peer sent a {length}-byte frame (limit {MAX_FRAME})")
+                    end = start + 4 + length
+                    if end > size:
+                        need = 4 + length
+                        break
+                    self._dispatch(decode_body(view[start + 4 : end]))
+                    start = end
+                parts = [data[start:]] if start < size else []
+                have = size - start
         except ChannelClosed as exc:
             self._close(exc.message)
         except (EnclaveError, ConnectionError, OSError) as exc:
@@ -154,6 +225,7 @@ class Channel:
             return
         self._closed_reason = reason
         self.closed.set()
+        self._outbox = []
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(ChannelClosed(f"{self.name}: {reason}"))
@@ -163,6 +235,7 @@ class Channel:
             pass
 
     async def aclose(self) -> None:
+        self._flush()
         self._close("closed locally")
         if self._task is not None:
             self._task.cancel()

@@ -1,14 +1,20 @@
 """The function sandbox: a process forked inside the enclave that runs one function's code.
 
-It is kept warm and serves invocations one at a time over a socketpair (length-prefixed CBOR).
-During an invocation the handler may call back into the enclave runtime through ``ctx``
-(sign with the attested key, seal/unseal, log); the runtime answers on the same socket. The
-parent enforces the deadline by killing this process; the memory limit is an rlimit set here.
+It is kept warm and serves invocations one at a time over a socketpair. During an invocation
+the handler may call back into the enclave runtime through ``ctx`` (sign with the attested
+key, seal/unseal, log); the runtime answers on the same socket. The parent enforces the
+deadline by killing this process; the memory limit is an rlimit set here.
+
+Frames: a 4-byte big-endian length, then one kind byte and the payload. The hot path needs no
+encoding: an invocation is ``I`` + deadline (double) + invocation id + the input bytes, its
+answer ``O`` + the output bytes or ``E`` + the (scrubbed) error text. Calls back into the
+runtime (``C``) and the load report (``L``) carry a CBOR map.
 """
 
 from __future__ import annotations
 
 import base64
+import gc
 import io
 import json
 import os
@@ -27,22 +33,51 @@ import cbor2
 _LEN = struct.Struct(">I")
 MAX_FRAME = 64 * 1024 * 1024
 
+INVOKE, OUTPUT, ERROR, CALL, LOADED = b"I", b"O", b"E", b"C", b"L"
+_INVOKE_HEAD = struct.Struct(">dH")  # deadline (epoch seconds), length of the invocation id
+
 
 class FunctionFailed(Exception):
     """The handler raised; carries a message already scrubbed of secrets."""
 
 
-def send(sock: socket.socket, message: dict[str, Any]) -> None:
-    body = cbor2.dumps(message)
-    sock.sendall(_LEN.pack(len(body)) + body)
+def frame(kind: bytes, payload: bytes) -> bytes:
+    return _LEN.pack(len(payload) + 1) + kind + payload
+
+
+def invoke_payload(deadline: float, invocation_id: str, input_bytes: bytes) -> bytes:
+    ident = invocation_id.encode()
+    return _INVOKE_HEAD.pack(deadline, len(ident)) + ident + input_bytes
+
+
+def parse_invoke(payload: bytes) -> tuple[float, str, bytes]:
+    deadline, n = _INVOKE_HEAD.unpack_from(payload)
+    start = _INVOKE_HEAD.size
+    return deadline, payload[start : start + n].decode(), payload[start + n :]
+
+
+def send_frame(sock: socket.socket, kind: bytes, payload: bytes) -> None:
+    sock.sendall(frame(kind, payload))
+
+
+def recv_frame(sock: socket.socket) -> tuple[bytes, bytes]:
+    (length,) = _LEN.unpack(_recv_exact(sock, 4))
+    if not 1 <= length <= MAX_FRAME:
+        raise EOFError("bad frame length")
+    body = _recv_exact(sock, length)
+    return body[:1], body[1:]
+
+
+def send(sock: socket.socket, message: dict[str, Any], kind: bytes = CALL) -> None:
+    send_frame(sock, kind, cbor2.dumps(message))
 
 
 def recv(sock: socket.socket) -> dict[str, Any]:
-    header = _recv_exact(sock, 4)
-    (length,) = _LEN.unpack(header)
-    if length > MAX_FRAME:
-        raise EOFError("frame too large")
-    message = cbor2.loads(_recv_exact(sock, length))
+    """The runtime's answer to a call."""
+    kind, payload = recv_frame(sock)
+    if kind != CALL:
+        raise EOFError("expected the answer to a call")
+    message = cbor2.loads(payload)
     if not isinstance(message, dict):
         raise EOFError("not a map")
     return message
@@ -71,7 +106,7 @@ class _Bridge:
         self.sock = sock
 
     def call(self, fn: str, **args: Any) -> Any:
-        send(self.sock, {"op": "call", "fn": fn, **args})
+        send(self.sock, {"op": "call", "fn": fn, **args}, CALL)
         reply = recv(self.sock)
         if not reply.get("ok"):
             raise RuntimeError(str(reply.get("error", f"{fn} failed")))
@@ -208,32 +243,28 @@ def serve(sock: socket.socket, spec: dict[str, Any], secrets: dict[str, bytes]) 
             fn = _load_python(code, handler)
     except Exception as exc:  # noqa: BLE001 - reported to the caller, scrubbed
         load_error = _scrub(f"loading the function failed: {type(exc).__name__}: {exc}", secrets)
-    send(sock, {"op": "loaded", "ok": load_error is None, "error": load_error})
+    send(sock, {"ok": load_error is None, "error": load_error}, LOADED)
     if fn is None:
         return
+    gc.freeze()  # what loading built stays: keep it out of the collector's full passes
     while True:
         try:
-            request = recv(sock)
+            kind, payload = recv_frame(sock)
         except EOFError:
             return
-        meta = {
-            **base_meta,
-            "invocation_id": request.get("invocation_id"),
-            "deadline": request.get("deadline"),
-        }
-        ctx = Context(bridge, secrets, meta)
+        if kind != INVOKE:
+            return  # out of step with the runtime: it replaces a sandbox that goes away
+        deadline, invocation_id, input_bytes = parse_invoke(payload)
+        ctx = Context(bridge, secrets, {**base_meta, "invocation_id": invocation_id, "deadline": deadline})
         try:
-            event = json.loads(bytes(request["input"]))
+            event = json.loads(input_bytes)
             output = fn(event, ctx)
             out_bytes = canonical_json(output)
-            send(sock, {"op": "result", "ok": True, "output": out_bytes})
+            send_frame(sock, OUTPUT, out_bytes)
         except MemoryError:
-            send(
-                sock,
-                {"op": "result", "ok": False, "error": "MemoryError: the function exceeded its memory limit"},
-            )
+            send_frame(sock, ERROR, b"MemoryError: the function exceeded its memory limit")
         except Exception as exc:  # noqa: BLE001 - the function's own failure, returned as a result
             tb = traceback.extract_tb(exc.__traceback__)
             where = f" (line {tb[-1].lineno})" if tb else ""
             message = _scrub(f"{type(exc).__name__}: {exc}{where}", secrets)
-            send(sock, {"op": "result", "ok": False, "error": message[:2000]})
+            send_frame(sock, ERROR, message[:2000].encode(errors="replace"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import hashlib
 import json
@@ -17,13 +18,13 @@ import os
 import signal
 import socket
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import cbor2
 
 from r3e_tee.errors import EnclaveError
+from r3e_tee.ids import new_id
 from r3e_tee.runtime import function_worker
 
 if TYPE_CHECKING:
@@ -38,34 +39,168 @@ def canonical(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+class _SandboxProtocol(asyncio.Protocol):
+    """The runtime's end of a sandbox socket: whole frames, as (kind, payload), in order."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.frames: collections.deque[tuple[bytes, bytes]] = collections.deque()
+        self.waiter: asyncio.Future[tuple[bytes, bytes]] | None = None
+        self.lost: str | None = None
+        self._parts: list[bytes] = []
+        self._have = 0
+        self._need = 4
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self._parts or len(data) < self._need:
+            self._parts.append(data)
+            self._have += len(data)
+            if self._have < self._need:
+                return
+            data = b"".join(self._parts)
+        start, size, self._need = 0, len(data), 4
+        while size - start >= 4:
+            (length,) = _LEN.unpack_from(data, start)
+            if not 1 <= length <= function_worker.MAX_FRAME:
+                self._fail("the function sandbox sent a malformed frame")
+                return
+            end = start + 4 + length
+            if end > size:
+                self._need = 4 + length
+                break
+            self._deliver((data[start + 4 : start + 5], data[start + 5 : end]))
+            start = end
+        self._parts = [data[start:]] if start < size else []
+        self._have = size - start
+
+    def _deliver(self, item: tuple[bytes, bytes]) -> None:
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(item)
+        else:
+            self.frames.append(item)
+
+    def _fail(self, reason: str) -> None:
+        self.lost = reason
+        if self.transport is not None:
+            self.transport.close()
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ConnectionError(reason))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(self.lost or "the function sandbox went away")
+
+
 @dataclass
 class _Sandbox:
     pid: int
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-    busy: bool = False
+    transport: asyncio.Transport
+    protocol: _SandboxProtocol
+    timed_out: bool = False
 
-    async def send(self, message: dict[str, Any]) -> None:
-        body = cbor2.dumps(message)
-        self.writer.write(_LEN.pack(len(body)) + body)
-        await self.writer.drain()
+    def send(self, kind: bytes, payload: bytes) -> None:
+        self.transport.write(function_worker.frame(kind, payload))
 
-    async def recv(self) -> dict[str, Any]:
-        header = await self.reader.readexactly(4)
-        (length,) = _LEN.unpack(header)
-        if length > function_worker.MAX_FRAME:
-            raise EnclaveError("function sandbox sent an oversized frame")
-        message = cbor2.loads(await self.reader.readexactly(length))
+    async def recv(self) -> tuple[bytes, bytes]:
+        protocol = self.protocol
+        if protocol.frames:
+            return protocol.frames.popleft()
+        if protocol.lost is not None:
+            raise ConnectionError(protocol.lost)
+        waiter: asyncio.Future[tuple[bytes, bytes]] = asyncio.get_running_loop().create_future()
+        protocol.waiter = waiter
+        return await waiter
+
+    async def recv_map(self) -> dict[str, Any]:
+        kind, payload = await self.recv()
+        message = cbor2.loads(payload) if kind in (function_worker.CALL, function_worker.LOADED) else None
         if not isinstance(message, dict):
             raise EnclaveError("function sandbox sent a malformed frame")
         return message
+
+    def expire(self) -> None:
+        """The deadline passed: stop the function now (its invocation reports a timeout)."""
+        self.timed_out = True
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
 
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGKILL)
         with contextlib.suppress(ChildProcessError):
             os.waitpid(self.pid, 0)
-        self.writer.close()
+        self.transport.close()
+
+
+_encode_str = json.encoder.encode_basestring  # json.dumps(str, ensure_ascii=False)
+
+
+class ReceiptSigner:
+    """What a receipt signature covers, ``RECEIPT_DOMAIN + canonical(body)``, made cheaply.
+
+    The canonical form sorts the keys, and the first three (attestation, enclave_id,
+    enclave_key) are the same for every invocation of this enclave under one attestation
+    token: they are encoded, and hashed, once. Each receipt hashes the rest on a copy of that
+    hash state and signs the digest; the signature is the one ``keys.sign`` would make over
+    the whole message, so verifiers are unchanged.
+    """
+
+    def __init__(
+        self, spec: dict[str, Any], keys: Any, attestation_id: str | None, token: str | None
+    ) -> None:
+        self.attestation_id = attestation_id
+        self.token = token
+        self.enclave_key = base64.urlsafe_b64encode(keys.p256_public).rstrip(b"=").decode()
+        head = canonical(
+            {
+                "attestation": {"id": attestation_id, "token": token},
+                "enclave_id": spec["enclave_id"],
+                "enclave_key": self.enclave_key,
+            }
+        )
+        self.head = head[:-1] + b","
+        self._hash = hashlib.sha256(RECEIPT_DOMAIN + self.head)
+        self._attestation = {"id": attestation_id, "token": token}
+        self._spec = {k: spec[k] for k in ("enclave_id", "function", "measurement", "version")}
+        self._function = canonical(spec["function"])
+        self._measurement = canonical(spec["measurement"])
+        self._version = canonical(spec["version"])
+
+    def tail(self, body: dict[str, Any]) -> bytes:
+        """The canonical bytes after :attr:`head` (the keys that change per invocation)."""
+        if (
+            body["attestation"] != self._attestation
+            or body["enclave_id"] != self._spec["enclave_id"]
+            or body["enclave_key"] != self.enclave_key
+            or body["function"] != self._spec["function"]
+            or body["measurement"] != self._spec["measurement"]
+            or body["version"] != self._spec["version"]
+            or body["v"] != 1
+            or len(body) != 14
+        ):
+            raise EnclaveError("a receipt body does not match its enclave")  # a bug: never signed
+        error = body["error_sha256"]
+        return (
+            f'"error_sha256":{"null" if error is None else _encode_str(error)},'
+            f'"finished_at":{float.__repr__(body["finished_at"])},'
+            f'"function":{self._function.decode()},'
+            f'"input_sha256":{_encode_str(body["input_sha256"])},'
+            f'"invocation_id":{_encode_str(body["invocation_id"])},'
+            f'"measurement":{self._measurement.decode()},'
+            f'"output_sha256":{_encode_str(body["output_sha256"])},'
+            f'"started_at":{float.__repr__(body["started_at"])},'
+            f'"status":{_encode_str(body["status"])},'
+            f'"v":1,"version":{self._version.decode()}}}'
+        ).encode()
+
+    def digest(self, body: dict[str, Any]) -> bytes:
+        h = self._hash.copy()
+        h.update(self.tail(body))
+        return h.digest()
 
 
 @dataclass
@@ -74,6 +209,7 @@ class LoadedFunction:
     sandboxes: list[_Sandbox] = field(default_factory=list)
     idle: asyncio.Queue[_Sandbox] = field(default_factory=asyncio.Queue)
     logs: list[dict[str, Any]] = field(default_factory=list)
+    signer: ReceiptSigner | None = None
 
 
 class FunctionHost:
@@ -101,9 +237,14 @@ class FunctionHost:
             finally:
                 os._exit(code)
         child.close()
-        reader, writer = await asyncio.open_connection(sock=parent)
-        sandbox = _Sandbox(pid, reader, writer)
-        loaded = await asyncio.wait_for(sandbox.recv(), 30)
+        loop = asyncio.get_running_loop()
+        transport, protocol = await loop.create_connection(_SandboxProtocol, sock=parent)
+        sandbox = _Sandbox(pid, transport, protocol)
+        try:
+            loaded = await asyncio.wait_for(sandbox.recv_map(), 30)
+        except (TimeoutError, ConnectionError, EnclaveError, ValueError):
+            sandbox.kill()
+            raise EnclaveError("the function sandbox did not start") from None
         if not loaded.get("ok"):
             sandbox.kill()
             raise EnclaveError(str(loaded.get("error") or "the function did not load"))
@@ -175,14 +316,19 @@ class FunctionHost:
             return {"ok": False, "error": exc.message}
         return {"ok": False, "error": f"unknown call {fn!r}"}
 
-    async def _run(self, sandbox: _Sandbox, request: dict[str, Any]) -> dict[str, Any]:
-        await sandbox.send(request)
+    async def _run(self, sandbox: _Sandbox, payload: bytes, deadline: float) -> tuple[bytes, bytes]:
+        """Send an invocation; answer the handler's calls back until its result comes."""
+        sandbox.send(function_worker.INVOKE, payload)
         while True:
-            message = await sandbox.recv()
-            if message.get("op") == "call":
-                await sandbox.send(await self._bridge(message))
-                continue
-            return message
+            kind, body = await sandbox.recv()
+            if kind != function_worker.CALL:
+                return kind, body
+            call = cbor2.loads(body)
+            if not isinstance(call, dict):
+                raise EnclaveError("function sandbox sent a malformed call")
+            remaining = deadline - asyncio.get_running_loop().time()
+            answer = await asyncio.wait_for(self._bridge(call), max(remaining, 0))
+            sandbox.send(function_worker.CALL, cbor2.dumps(answer))
 
     async def op_invoke(self, msg: dict[str, Any]) -> dict[str, Any]:
         loaded = self.loaded
@@ -201,34 +347,40 @@ class FunctionHost:
             raise EnclaveError("the input is not JSON") from None
         input_bytes = canonical(event)
         timeout = float(msg.get("function_timeout") or 30)
-        invocation_id = str(msg.get("invocation_id") or uuid.uuid4().hex)
+        invocation_id = str(msg.get("invocation_id") or new_id())
         started = time.time()
         sandbox = await loaded.idle.get()
         status, output, error = "ok", b"null", None
+        loop = asyncio.get_running_loop()
+        # the deadline kills the sandbox process, wherever the function is
+        timer = loop.call_later(timeout, sandbox.expire)
+        healthy = False
         try:
-            reply = await asyncio.wait_for(
-                self._run(
-                    sandbox,
-                    {
-                        "op": "invoke",
-                        "input": input_bytes,
-                        "invocation_id": invocation_id,
-                        "deadline": started + timeout,
-                    },
-                ),
-                timeout,
+            kind, body = await self._run(
+                sandbox,
+                function_worker.invoke_payload(started + timeout, invocation_id, input_bytes),
+                loop.time() + timeout,
             )
-            if reply.get("ok"):
-                output = bytes(reply["output"])
+            if kind == function_worker.OUTPUT:
+                output = body
+            elif kind == function_worker.ERROR:
+                status, error = "error", body.decode(errors="replace")
             else:
-                status, error = "error", str(reply.get("error"))
-            loaded.idle.put_nowait(sandbox)
+                raise EnclaveError("function sandbox sent a malformed frame")
+            healthy = True
         except TimeoutError:
             status, error = "timeout", f"the function did not finish within {timeout:g} s and was stopped"
-            await self._replace(sandbox)
-        except (asyncio.IncompleteReadError, ConnectionError, EnclaveError) as exc:
-            status = "error"
-            error = f"the function's sandbox died ({type(exc).__name__}); it was replaced"
+        except (ConnectionError, EnclaveError, ValueError) as exc:
+            if sandbox.timed_out:
+                status, error = "timeout", f"the function did not finish within {timeout:g} s and was stopped"
+            else:
+                status = "error"
+                error = f"the function's sandbox died ({type(exc).__name__}); it was replaced"
+        finally:
+            timer.cancel()
+        if healthy and not sandbox.timed_out:
+            loaded.idle.put_nowait(sandbox)
+        else:  # killed at the deadline (perhaps just as it answered), died, or out of step
             await self._replace(sandbox)
         finished = time.time()
         receipt = self._receipt(loaded, invocation_id, input_bytes, output, status, error, started, finished)
@@ -267,6 +419,16 @@ class FunctionHost:
         started: float,
         finished: float,
     ) -> dict[str, Any]:
+        runtime = self.runtime
+        signer = loaded.signer
+        if (
+            signer is None
+            or signer.token is not runtime.token
+            or signer.attestation_id is not runtime.attestation_id
+        ):
+            signer = loaded.signer = ReceiptSigner(
+                loaded.spec, runtime.keys, runtime.attestation_id, runtime.token
+            )
         spec = loaded.spec
         body = {
             "v": 1,
@@ -279,12 +441,12 @@ class FunctionHost:
             "output_sha256": hashlib.sha256(output).hexdigest(),
             "error_sha256": hashlib.sha256(error.encode()).hexdigest() if error else None,
             "enclave_id": spec["enclave_id"],
-            "enclave_key": base64.urlsafe_b64encode(self.runtime.keys.p256_public).rstrip(b"=").decode(),
-            "attestation": {"id": self.runtime.attestation_id, "token": self.runtime.token},
+            "enclave_key": signer.enclave_key,
+            "attestation": {"id": runtime.attestation_id, "token": runtime.token},
             "started_at": round(started, 6),
             "finished_at": round(finished, 6),
         }
-        signature = self.runtime.keys.sign(RECEIPT_DOMAIN + canonical(body))
+        signature = runtime.keys.sign_digest(signer.digest(body))
         return {"body": body, "signature": base64.b64encode(signature).decode(), "alg": "ES256"}
 
     def shutdown(self) -> None:

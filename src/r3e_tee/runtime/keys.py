@@ -8,10 +8,13 @@ the raw copies this module made; the process exit that follows frees the rest.
 from __future__ import annotations
 
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, x25519
+from cryptography.hazmat.primitives.asymmetric import ec, utils, x25519
 
 from r3e_tee.attestation.binding import report_data_for
 from r3e_tee.errors import EnclaveError
+
+_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
+_ECDSA_PREHASHED = ec.ECDSA(utils.Prehashed(hashes.SHA256()))
 
 
 class EnclaveKeys:
@@ -41,7 +44,13 @@ class EnclaveKeys:
         """DER ECDSA-P256-SHA256 signature with the attested key."""
         if self._signing is None:
             raise EnclaveError("enclave keys were zeroized")
-        return self._signing.sign(data, ec.ECDSA(hashes.SHA256()))
+        return self._signing.sign(data, _ECDSA_SHA256)
+
+    def sign_digest(self, digest: bytes) -> bytes:
+        """:meth:`sign` of the data whose SHA-256 is ``digest`` (the same signature)."""
+        if self._signing is None:
+            raise EnclaveError("enclave keys were zeroized")
+        return self._signing.sign(digest, _ECDSA_PREHASHED)
 
     def zeroize(self) -> None:
         self._hpke = None

@@ -1,0 +1,305 @@
+"""Units of the warm invocation path: channel framing, the sandbox frames, the receipt
+signer, the scheduler's hand-off and the function-version cache."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from r3e_tee.errors import EnclaveError, FunctionError
+from r3e_tee.functions.model import FunctionConfig
+from r3e_tee.functions.receipts import RECEIPT_DOMAIN, canonical
+from r3e_tee.functions.registry import FunctionRegistry, FunctionVersion
+from r3e_tee.functions.scheduler import Pool
+from r3e_tee.runtime import function_worker
+from r3e_tee.runtime.channel import Channel, encode_frame
+from r3e_tee.runtime.functions import ReceiptSigner, _SandboxProtocol
+from r3e_tee.runtime.keys import EnclaveKeys
+from r3e_tee.store import open_store
+
+
+async def _pair() -> tuple[Channel, Channel, socket.socket]:
+    a, b = socket.socketpair()
+    ra, wa = await asyncio.open_connection(sock=a)
+    rb, wb = await asyncio.open_connection(sock=b)
+    return Channel(ra, wa, name="a"), Channel(rb, wb, name="b"), a
+
+
+def test_channel_reassembles_frames_split_anywhere_and_batched() -> None:
+    async def main() -> None:
+        raw_a, raw_b = socket.socketpair()
+        rb, wb = await asyncio.open_connection(sock=raw_b)
+        b = Channel(rb, wb, name="b")
+        seen: list[int] = []
+
+        async def note(msg: dict[str, Any]) -> dict[str, Any]:
+            seen.append(msg["n"])
+            return {}
+
+        b.handlers["note"] = note
+        b.start()
+        payloads = [b"", b"x" * 5, b"y" * 70_000, b"z" * 3]
+        stream = b"".join(
+            encode_frame({"id": n, "op": "note", "n": n, "pad": payloads[n % len(payloads)]})
+            for n in range(60)
+        )
+        rng = random.Random(7)
+        raw_a.setblocking(False)
+        loop = asyncio.get_running_loop()
+        i = 0
+        while i < len(stream):  # 1-byte pieces, whole batches and everything between
+            step = rng.choice([1, 2, 3, 4, 5, 17, 4096, 100_000])
+            await loop.sock_sendall(raw_a, stream[i : i + step])
+            i += step
+            if rng.random() < 0.2:
+                await asyncio.sleep(0)
+        deadline = time.monotonic() + 5
+        while len(seen) < 60 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert sorted(seen) == list(range(60))
+        assert b.is_open
+        raw_a.close()
+        await asyncio.wait_for(b.closed.wait(), 2)
+        await b.aclose()
+
+    asyncio.run(main())
+
+
+def test_channel_concurrent_requests_times_out_and_fails_pending_on_close() -> None:
+    async def main() -> None:
+        a, b, _ = await _pair()
+
+        async def echo(msg: dict[str, Any]) -> dict[str, Any]:
+            await asyncio.sleep(random.random() / 100)
+            return {"n": msg["n"]}
+
+        b.handlers["echo"] = echo
+        b.handlers["hang"] = lambda _: asyncio.sleep(10)  # type: ignore[assignment,return-value]
+        a.start()
+        b.start()
+        results = await asyncio.gather(*(a.request("echo", n=n, timeout=5) for n in range(200)))
+        assert [r["n"] for r in results] == list(range(200))
+        with pytest.raises(EnclaveError, match="no answer"):
+            await a.request("hang", timeout=0.05)
+        pending = asyncio.ensure_future(a.request("hang", timeout=10))
+        await asyncio.sleep(0.05)
+        await b.aclose()
+        with pytest.raises(EnclaveError):
+            await pending
+        assert not a._pending
+        await a.aclose()
+
+    asyncio.run(main())
+
+
+def test_sandbox_frames_round_trip_through_the_runtime_protocol() -> None:
+    deadline, ident, data = 1796404240.25, "inv-\u00e9", b'{"a": 1}'
+    payload = function_worker.invoke_payload(deadline, ident, data)
+    assert function_worker.parse_invoke(payload) == (deadline, ident, data)
+
+    proto = _SandboxProtocol()
+    frames = [(function_worker.OUTPUT, b"o" * n) for n in (0, 1, 5000, 100_000)]
+    stream = b"".join(function_worker.frame(k, p) for k, p in frames)
+    for cut in (1, 3, 4, 5, 1000, len(stream)):
+        proto = _SandboxProtocol()
+        for i in range(0, len(stream), cut):
+            proto.data_received(stream[i : i + cut])
+        assert list(proto.frames) == frames and proto.lost is None
+    bad = _SandboxProtocol()
+    bad.data_received((0).to_bytes(4, "big"))  # an empty frame has no kind: malformed
+    assert bad.lost and "malformed" in bad.lost
+
+
+def test_receipt_signer_signs_exactly_the_canonical_body() -> None:
+    keys = EnclaveKeys()
+    public = keys._signing.public_key()  # type: ignore[union-attr]
+    specs = [
+        {"enclave_id": "e" * 32, "function": "echo", "measurement": "m" * 64, "version": 3},
+        {"enclave_id": "\u00e9\u2028\"'\\", "function": None, "measurement": None, "version": None},
+    ]
+    for spec in specs:
+        for att, token in ((None, None), ("att-1", "h.p.\u00e9")):
+            signer = ReceiptSigner(spec, keys, att, token)
+            for error, status, inv, t0 in (
+                (None, "ok", "0" * 32, 1796404240.12248),
+                ("ab" * 32, "error", 'in"v\\\u00e9\n\x00', 0.1),
+                (None, "timeout", "x", 1e-7),
+                (None, "ok", "y", 12345678901.0),
+            ):
+                body = {
+                    "v": 1,
+                    "function": spec["function"],
+                    "version": spec["version"],
+                    "measurement": spec["measurement"],
+                    "invocation_id": inv,
+                    "status": status,
+                    "input_sha256": "1" * 64,
+                    "output_sha256": "2" * 64,
+                    "error_sha256": error,
+                    "enclave_id": spec["enclave_id"],
+                    "enclave_key": signer.enclave_key,
+                    "attestation": {"id": att, "token": token},
+                    "started_at": round(t0, 6),
+                    "finished_at": round(t0 + 0.001, 6),
+                }
+                message = RECEIPT_DOMAIN + canonical(body)
+                assert RECEIPT_DOMAIN + signer.head + signer.tail(body) == message
+                assert signer.digest(body) == hashlib.sha256(message).digest()
+                public.verify(keys.sign_digest(signer.digest(body)), message, ec.ECDSA(hashes.SHA256()))
+            with pytest.raises(EnclaveError):
+                signer.tail({**body, "enclave_id": "other"})
+            with pytest.raises(EnclaveError):
+                signer.tail({**body, "extra": 1})
+
+
+# -- scheduler ------------------------------------------------------------------------------------
+
+
+class _Flag:
+    def __init__(self) -> None:
+        self.value = False
+
+    def is_set(self) -> bool:
+        return self.value
+
+
+class _Handle:
+    def __init__(self, eid: str) -> None:
+        self.exited = _Flag()
+        self.on_exit: list[Any] = []
+        self.spec = type("Spec", (), {"id": eid})()
+
+    @property
+    def alive(self) -> bool:
+        return not self.exited.value
+
+
+def _fv(**settings: Any) -> FunctionVersion:
+    config = FunctionConfig(name="f", runtime="python", **settings)
+    return FunctionVersion(config, 1, b"x=1", "0" * 64, None, 0.0)
+
+
+def test_pool_hands_a_freed_sandbox_to_the_longest_waiter_only() -> None:
+    async def main() -> None:
+        launched: list[str] = []
+
+        async def launch(fv: FunctionVersion) -> tuple[str, Any]:
+            eid = f"e{len(launched)}"
+            launched.append(eid)
+            return eid, _Handle(eid)
+
+        async def destroy(eid: str) -> None:
+            pass
+
+        pool = Pool(_fv(concurrency=2, max_enclaves=1), launch, destroy)
+        first = await pool.acquire(5)  # scales up to the one enclave
+        second = await pool.acquire(5)
+        assert first is second and first.inflight == 2 and launched == ["e0"]
+        order: list[int] = []
+
+        async def wait(n: int) -> None:
+            slot = await pool.acquire(5)
+            order.append(n)
+            await asyncio.sleep(0)
+            pool.release_nowait(slot)
+
+        waiters = [asyncio.ensure_future(wait(n)) for n in range(6)]
+        await asyncio.sleep(0.01)
+        assert pool.waiting == 6 and order == []
+        pool.release_nowait(first)
+        pool.release_nowait(second)
+        await asyncio.gather(*waiters)
+        assert order == list(range(6)) and first.inflight == 0 and pool.waiting == 0
+        # a waiter that times out leaves the queue; the capacity it did not take stays free
+        held = [await pool.acquire(5), await pool.acquire(5)]
+        with pytest.raises(FunctionError, match="became free"):
+            await pool.acquire(0.05)
+        assert not pool._waiters
+        for slot in held:
+            pool.release_nowait(slot)
+        assert first.inflight == 0
+
+    asyncio.run(main())
+
+
+def test_pool_cancelled_waiter_passes_its_sandbox_on_and_exits_wake_everyone() -> None:
+    async def main() -> None:
+        handles: dict[str, _Handle] = {}
+
+        async def launch(fv: FunctionVersion) -> tuple[str, Any]:
+            eid = f"e{len(handles)}"
+            handles[eid] = _Handle(eid)
+            return eid, handles[eid]
+
+        async def destroy(eid: str) -> None:
+            pass
+
+        pool = Pool(_fv(concurrency=1, max_enclaves=2), launch, destroy)
+        a = await pool.acquire(5)
+        b = await pool.acquire(5)  # a second enclave
+        assert a.enclave_id != b.enclave_id
+        w1 = asyncio.ensure_future(pool.acquire(5))
+        w2 = asyncio.ensure_future(pool.acquire(5))
+        await asyncio.sleep(0.01)
+        pool.release_nowait(a)  # handed to w1 ...
+        w1.cancel()  # ... which is cancelled before it runs: w2 gets the sandbox
+        got = await w2
+        assert got is a and a.inflight == 1
+        with pytest.raises(asyncio.CancelledError):
+            await w1
+        pool.release_nowait(got)
+        # both enclaves busy, one waiter; an enclave that ends wakes it and it scales up again
+        x = await pool.acquire(5)
+        assert x is a
+        w3 = asyncio.ensure_future(pool.acquire(5))
+        await asyncio.sleep(0.01)
+        assert pool.waiting == 1 and len(handles) == 2
+        handles[b.enclave_id].exited.value = True
+        pool._forget(b.enclave_id)
+        slot = await asyncio.wait_for(w3, 2)
+        assert slot.enclave_id not in (a.enclave_id, b.enclave_id) and len(handles) == 3
+        pool.release_nowait(x)
+        pool.release_nowait(slot)
+        pool.release_nowait(b)  # the ended enclave's invocation finishes late: nothing breaks
+        assert b.enclave_id not in pool.slots
+
+    asyncio.run(main())
+
+
+# -- registry -------------------------------------------------------------------------------------
+
+
+def test_resolve_caches_briefly_and_local_deploys_and_deletes_take_effect_at_once(tmp_path: Path) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'r.sqlite3'}")  # absolute: sqlite:////tmp/...
+    store.migrate()
+    try:
+        registry = FunctionRegistry(store, resolve_ttl=30)
+        other = FunctionRegistry(store, resolve_ttl=0.2)  # another replica
+        config = FunctionConfig(name="f", runtime="python")
+        registry.deploy(config, b"x = 1")
+        assert registry.resolve("f").version == other.resolve("f").version == 1
+        registry.deploy(config, b"x = 2")
+        assert registry.resolve("f").version == 2  # this replica: at once
+        assert other.resolve("f").version == 1  # the other: within its TTL
+        time.sleep(0.25)
+        assert other.resolve("f").version == 2
+        assert registry.resolve("f", 1).code == b"x = 1"
+        registry.delete("f")
+        with pytest.raises(Exception, match="no function"):
+            registry.resolve("f")
+        with pytest.raises(Exception, match="no function"):
+            registry.resolve("f", 1)
+        time.sleep(0.25)
+        with pytest.raises(Exception, match="no function"):
+            other.resolve("f")
+    finally:
+        store.close()
