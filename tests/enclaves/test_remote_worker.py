@@ -118,3 +118,55 @@ def test_worker_restart_reconciles_its_enclaves(tmp_path: Path) -> None:
         worker.terminate()
         worker.wait(20)
         stop_service(svc)
+
+
+def test_functions_and_secrets_run_on_a_remote_worker(tmp_path: Path) -> None:
+    import base64
+    import json
+
+    from r3e_tee.functions.receipts import verify_receipt
+
+    cfg = tmp_path / "svc.yaml"
+    cfg.write_text("workers:\n  embedded: false\n")
+    svc = start_service(tmp_path / "data", tmp_path / "state", config=cfg)
+    worker, _ = start_worker(svc.url, svc.token, tmp_path, "node-c")
+    code = (
+        b"def handler(event, ctx):\n    return {'echo': event, 'secret_len': len(ctx.secrets.get('k', ''))}\n"
+    )
+    try:
+        with svc.client() as c:
+            fv = c.post(
+                "/v1/functions",
+                json={
+                    "name": "remote-echo",
+                    "runtime": "python",
+                    "secrets": ["k"],
+                    "code": base64.b64encode(code).decode(),
+                },
+            ).json()
+            c.put(
+                "/v1/secrets/k",
+                json={
+                    "value": "remote-secret-value",
+                    "policy": {"measurements": [fv["measurement"]], "allow_simulation": True},
+                },
+            ).raise_for_status()
+            out = c.post("/v1/functions/remote-echo/invoke", content=b'{"x": 1}').json()
+            assert out["status"] == "ok", out
+            assert out["output"] == {"echo": {"x": 1}, "secret_len": 19}
+            enclave = c.get(f"/v1/enclaves/{out['enclave_id']}").json()
+            assert enclave["worker_id"] == "node-c"
+            jwks = c.get("/.well-known/jwks.json").json()
+            verify_receipt(
+                out["receipt"], jwks, input_bytes=b'{"x": 1}', output_bytes=json.dumps(out["output"]).encode()
+            )
+            queued = c.post("/v1/functions/remote-echo/invocations", content=b'{"x": 2}').json()
+            deadline = time.monotonic() + 20
+            while (state := c.get(queued["status_url"]).json())["status"] not in ("succeeded", "failed"):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            assert state["output"]["echo"] == {"x": 2}
+    finally:
+        worker.terminate()
+        worker.wait(20)
+        stop_service(svc)

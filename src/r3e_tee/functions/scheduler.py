@@ -17,20 +17,42 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from r3e_tee.errors import EnclaveError, FunctionError, R3ETeeError
 from r3e_tee.functions.registry import FunctionVersion
-from r3e_tee.providers.base import EnclaveHandle
 from r3e_tee.runtime.channel import ChannelClosed
 
 log = logging.getLogger("r3e_tee.functions")
 
 
+class EnclaveRef(Protocol):
+    """What the scheduler needs of an enclave: a runtime channel and whether it still lives.
+    A local EnclaveHandle is one; so is a remote worker's enclave (service/workers.py)."""
+
+    channel: Any
+    on_exit: list[Any]
+
+    @property
+    def alive(self) -> bool: ...
+
+
+@dataclass
+class RemoteEnclave:
+    """An enclave on a remote worker: alive until its relay fails."""
+
+    channel: Any
+    on_exit: list[Any] = field(default_factory=list)
+
+    @property
+    def alive(self) -> bool:
+        return bool(self.channel.is_open)
+
+
 @dataclass
 class Slot:
     enclave_id: str
-    handle: EnclaveHandle
+    handle: EnclaveRef
     inflight: int = 0
     last_used: float = field(default_factory=time.monotonic)
     draining: bool = False
@@ -69,7 +91,7 @@ class InvokeResult:
 
 
 # launches an enclave for a function version and returns its id once ready and loaded
-Launcher = Callable[[FunctionVersion], Awaitable[tuple[str, EnclaveHandle]]]
+Launcher = Callable[[FunctionVersion], Awaitable[tuple[str, EnclaveRef]]]
 Destroyer = Callable[[str], Awaitable[None]]
 
 
@@ -140,8 +162,10 @@ class Pool:
             handle.on_exit.append(lambda h: self._forget(h.spec.id))
             while slot.inflight < self.concurrency and self._hand_over(slot):
                 slot.inflight += 1
-        except R3ETeeError as exc:
-            self.last_error = exc.message
+        except Exception as exc:  # noqa: BLE001 - any failure must reach the waiters, never hang them
+            self.last_error = (
+                exc.message if isinstance(exc, R3ETeeError) else f"internal error ({type(exc).__name__})"
+            )
             self.failures += 1
             log.warning("scale-up failed", extra={"function": self.fv.name, "error": exc.message})
         finally:

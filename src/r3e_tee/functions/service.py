@@ -11,13 +11,13 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from r3e_tee.errors import FunctionError, InvalidRequestError, ProviderUnavailableError, R3ETeeError
+from r3e_tee.errors import FunctionError, InvalidRequestError, R3ETeeError
 from r3e_tee.functions.invocations import Dispatcher, InvocationQueue
 from r3e_tee.functions.registry import FunctionRegistry, FunctionVersion
-from r3e_tee.functions.scheduler import InvokeResult, Scheduler
+from r3e_tee.functions.scheduler import EnclaveRef, InvokeResult, RemoteEnclave, Scheduler
 from r3e_tee.ids import new_id
-from r3e_tee.providers.base import EnclaveHandle
 from r3e_tee.service.app import ServiceContext
+from r3e_tee.service.workers import LocalWorker
 
 log = logging.getLogger("r3e_tee.functions")
 
@@ -63,12 +63,9 @@ class FunctionsService:
 
     # -- enclaves for functions ------------------------------------------------------------------
 
-    async def _launch(self, fv: FunctionVersion) -> tuple[str, EnclaveHandle]:
-        if self.manager is None:
-            raise ProviderUnavailableError(
-                "functions run on the embedded worker; this replica has none",
-                hint="set workers.embedded: true on the replicas that serve invocations",
-            )
+    async def _launch(self, fv: FunctionVersion) -> tuple[str, EnclaveRef]:
+        """An enclave measured with this version, its secrets released to it, the code loaded;
+        on the embedded worker or a registered remote one."""
         cfg = fv.config
         enclave = await self.enclaves.create(
             provider=cfg.provider,
@@ -82,12 +79,16 @@ class FunctionsService:
             raise FunctionError(f"the enclave for {fv.name} did not become ready: {enclave.get('reason')}")
         eid = str(enclave["id"])
         try:
-            handle: EnclaveHandle = self.manager.handles[eid]
+            worker = self.enclaves.worker_of(enclave)
+            if worker is None:
+                raise FunctionError(f"enclave {eid} runs on no worker this service can reach")
+            handle: EnclaveRef = (
+                self.manager.handles[eid]
+                if isinstance(worker, LocalWorker) and self.manager is not None
+                else RemoteEnclave(worker.channel(eid))
+            )
             if cfg.secrets:
-                deliver = getattr(self.manager, "deliver_secrets", None)
-                if deliver is None:
-                    raise FunctionError("this service cannot release secrets to enclaves (no key broker)")
-                await deliver(eid, list(cfg.secrets))
+                await worker.deliver_secrets(eid, list(cfg.secrets))
             await handle.channel.request(
                 "load_function", code=fv.code, measurement=enclave["measurement"], enclave_id=eid, timeout=60
             )

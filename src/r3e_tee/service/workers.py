@@ -137,9 +137,8 @@ class RemoteWorker(WorkerClient):
     ) -> Any:
         try:
             async with httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=3.0)) as client:
-                resp = await client.request(
-                    method, f"{self.url}{path}", headers={"Authorization": f"Bearer {self._secret}"}, **kwargs
-                )
+                headers = {**kwargs.pop("headers", {}), "Authorization": f"Bearer {self._secret}"}
+                resp = await client.request(method, f"{self.url}{path}", headers=headers, **kwargs)
         except httpx.HTTPError as exc:
             raise EnclaveError(
                 f"worker {self.worker_id} at {self.url} unreachable: {exc or type(exc).__name__}",
