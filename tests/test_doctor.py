@@ -47,7 +47,17 @@ def tools(*names: str):  # type: ignore[no-untyped-def]
 
 
 def config(tmp_path: Path, providers: list[str]) -> TeeConfig:
-    lines = ["server:", f"  data_dir: {tmp_path / 'data'}", "providers:"]
+    kek = tmp_path / "kek.key"
+    kek.write_bytes(bytes(range(32)))
+    kek.chmod(0o600)
+    lines = [
+        "server:",
+        f"  data_dir: {tmp_path / 'data'}",
+        "keys:",
+        "  file:",
+        f"    path: {kek}",
+        "providers:",
+    ]
     for p in providers:
         lines += [f"  - name: {p}", "    enabled: true"]
     return parse_config("\n".join(lines) + "\n", env={})
@@ -165,3 +175,27 @@ def test_cli_doctor_json_and_exit_codes(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["doctor", "--config", str(sgx), "--root", str(root), "--timeout", "0.5"]) == 1
     out = capsys.readouterr().out
     assert "CANNOT run" in out
+
+
+def test_kek_file_checks(tmp_path: Path) -> None:
+    root = fake_root(tmp_path)
+    kek = tmp_path / "kek.key"
+    cfg = parse_config(
+        f"keys:\n  file:\n    path: {kek}\nproviders:\n  - name: sgx\n    enabled: false\n", env={}
+    )
+
+    def kek_check() -> tuple[str, str]:
+        c = next(
+            c for c in run_doctor(cfg, root=root, env={}, which=NO_TOOLS).checks if c.name == "KEK (file)"
+        )
+        return c.status, c.detail
+
+    assert kek_check()[0] == "fail" and "missing" in kek_check()[1]
+    kek.write_bytes(b"\x01" * 16)
+    assert kek_check()[0] == "fail" and "16 bytes" in kek_check()[1]
+    kek.write_bytes(bytes(range(32)))
+    kek.chmod(0o644)
+    assert kek_check()[0] == "warn"
+    kek.chmod(0o600)
+    status, detail = kek_check()
+    assert status == "ok" and bytes(range(32)).hex() not in detail

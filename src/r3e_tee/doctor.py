@@ -220,6 +220,50 @@ def _key_checks(config: TeeConfig) -> list[Check]:
     return out
 
 
+def _kek_check(config: TeeConfig) -> Check:
+    """The key-encryption key the service will open at start (never read into the report)."""
+    keys = config.keys
+    if keys.kek_provider == "pkcs11":
+        module = keys.pkcs11.module
+        if not module.exists():
+            return Check(
+                "keys",
+                "KEK (PKCS#11)",
+                "fail",
+                f"PKCS#11 module {module} not found",
+                "install the HSM's PKCS#11 library (SoftHSM2: apt-get install softhsm2) "
+                "or fix keys.pkcs11.module",
+            )
+        return Check("keys", "KEK (PKCS#11)", "ok", f"module {module}, token {keys.pkcs11.token_label!r}")
+    path = keys.file.path or config.server.data_dir / "kek.key"
+    if not path.exists():
+        if config.server.dev or config.enabled_providers == ("simulation",):
+            return Check("keys", "KEK (file)", "ok", f"{path} absent: generated at first start (development)")
+        return Check(
+            "keys",
+            "KEK (file)",
+            "fail",
+            f"KEK file {path} missing",
+            "mount the Secret r3e-tee-kek (32 random bytes: openssl rand -out kek.key 32) at keys.file.path",
+        )
+    try:
+        size = path.stat().st_size
+        mode = path.stat().st_mode & 0o777
+    except OSError as exc:
+        return Check(
+            "keys", "KEK (file)", "fail", f"{path}: {exc.strerror}", "make it readable by the service"
+        )
+    if size != 32:
+        return Check(
+            "keys", "KEK (file)", "fail", f"{path} holds {size} bytes, not 32", "write 32 raw random bytes"
+        )
+    if mode & 0o077:
+        return Check(
+            "keys", "KEK (file)", "warn", f"{path} is readable by others (mode {mode:o})", "chmod 600"
+        )
+    return Check("keys", "KEK (file)", "ok", f"{path}: 32 bytes, mode {mode:o}")
+
+
 def _store_check(config: TeeConfig) -> Check:
     url = config.store_url
     if url.startswith("sqlite://"):
@@ -276,5 +320,6 @@ def run_doctor(
     checks += _kubernetes_checks(config, env, root)
     checks += _service_checks(config, network_timeout)
     checks += _key_checks(config)
+    checks.append(_kek_check(config))
     checks.append(_store_check(config))
     return DoctorReport(tuple(checks), runnable)
