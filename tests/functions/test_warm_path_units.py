@@ -101,6 +101,40 @@ def test_channel_concurrent_requests_times_out_and_fails_pending_on_close() -> N
     asyncio.run(main())
 
 
+def test_channel_over_socket_keeps_what_arrives_before_start_and_answers_both_ways() -> None:
+    async def main() -> None:
+        raw_a, raw_b = socket.socketpair()
+        a = await Channel.over_socket(raw_a, name="a")
+        b = await Channel.over_socket(raw_b, name="b")
+
+        async def echo(msg: dict[str, Any]) -> dict[str, Any]:
+            return {"n": msg["n"]}
+
+        async def nested(msg: dict[str, Any]) -> dict[str, Any]:
+            return await b.request("echo", n=msg["n"] + 1, timeout=5)
+
+        a.handlers["echo"] = echo
+        b.handlers["nested"] = nested
+        a.start()
+        # b has not started: what a sends waits for it, nothing is lost
+        early = [asyncio.ensure_future(a.request("nested", n=n, timeout=5)) for n in range(50)]
+        await asyncio.sleep(0.05)
+        assert not any(f.done() for f in early)
+        b.start()
+        assert [(await f)["n"] for f in early] == [n + 1 for n in range(50)]
+        big = b"\x01" * (3 << 20)  # bigger than any one read: backpressure and reassembly
+        b.handlers["size"] = lambda msg: asyncio.sleep(0, {"len": len(msg["blob"])})  # type: ignore[assignment,return-value,misc]
+        sizes = await asyncio.gather(*(a.request("size", blob=big, timeout=10) for _ in range(4)))
+        assert [r["len"] for r in sizes] == [len(big)] * 4
+        await b.aclose()
+        await asyncio.wait_for(a.closed.wait(), 2)
+        with pytest.raises(EnclaveError):
+            await a.request("nested", n=1, timeout=1)
+        await a.aclose()
+
+    asyncio.run(main())
+
+
 def test_sandbox_frames_round_trip_through_the_runtime_protocol() -> None:
     deadline, ident, data = 1796404240.25, "inv-\u00e9", b'{"a": 1}'
     payload = function_worker.invoke_payload(deadline, ident, data)

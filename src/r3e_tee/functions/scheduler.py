@@ -167,7 +167,7 @@ class Pool:
                 exc.message if isinstance(exc, R3ETeeError) else f"internal error ({type(exc).__name__})"
             )
             self.failures += 1
-            log.warning("scale-up failed", extra={"function": self.fv.name, "error": exc.message})
+            log.warning("scale-up failed", extra={"function": self.fv.name, "error": self.last_error})
         finally:
             self.starting -= 1
             self._wake_all()

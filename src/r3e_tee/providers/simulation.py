@@ -163,8 +163,7 @@ class SimulationProvider(Provider):
             seccomp=self.use_seccomp,
             measured=spec.payload,
         )
-        reader, writer = await asyncio.open_connection(sock=sock)
-        channel = Channel(reader, writer, name=f"enclave-{spec.id[:8]}")
+        channel = await Channel.over_socket(sock, name=f"enclave-{spec.id[:8]}")
         measurement = (pcr0 if spec.evidence_format == "nitro" else mrenclave).hex()
         handle = EnclaveHandle(
             spec=spec, provider=self.name, pid=pid, channel=channel, measurement=measurement

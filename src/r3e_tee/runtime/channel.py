@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
 import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -64,16 +65,142 @@ async def read_frame(reader: asyncio.StreamReader) -> dict[str, Any]:
     return decode_body(body)
 
 
+class FrameSplitter:
+    """Whole length-prefixed frames out of a byte stream that arrives in arbitrary pieces."""
+
+    __slots__ = ("_parts", "_have", "_need")
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []  # the bytes of an incomplete frame
+        self._have = 0  # their length
+        self._need = 4  # how many the frame needs
+
+    def feed(self, chunk: bytes) -> list[memoryview]:
+        """The bodies of the frames ``chunk`` completes (views: decode before the next feed)."""
+        if self._parts or len(chunk) < self._need:
+            self._parts.append(chunk)
+            self._have += len(chunk)
+            if self._have < self._need:
+                return []
+            data = b"".join(self._parts)
+        else:
+            data = chunk
+        view, start, size, self._need = memoryview(data), 0, len(data), 4
+        bodies = []
+        while size - start >= 4:
+            (length,) = _LEN.unpack_from(data, start)
+            if length > MAX_FRAME:
+                raise EnclaveError(f"peer sent a {length}-byte frame (limit {MAX_FRAME})")
+            end = start + 4 + length
+            if end > size:
+                self._need = 4 + length
+                break
+            bodies.append(view[start + 4 : end])
+            start = end
+        self._parts = [data[start:]] if start < size else []
+        self._have = size - start
+        return bodies
+
+
+class _TransportWriter:
+    """The part of a StreamWriter a Channel uses, over a bare transport (protocol mode)."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self._resumed: asyncio.Future[None] | None = None
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self.transport.is_closing():
+            raise ConnectionResetError("the channel's transport is closed")
+        if self._resumed is not None:
+            await asyncio.shield(self._resumed)
+
+    def pause(self) -> None:
+        if self._resumed is None:
+            self._resumed = asyncio.get_running_loop().create_future()
+
+    def resume(self) -> None:
+        resumed, self._resumed = self._resumed, None
+        if resumed is not None and not resumed.done():
+            resumed.set_result(None)
+
+    def close(self) -> None:
+        self.resume()
+        self.transport.close()
+
+
+class _ChannelProtocol(asyncio.Protocol):
+    """Feeds a Channel from its transport's callbacks: no reader task, no stream buffer.
+    Bytes that arrive before the channel starts wait for it (with reading paused)."""
+
+    def __init__(self) -> None:
+        self.channel: Channel | None = None
+        self.transport: asyncio.Transport | None = None
+        self.splitter = FrameSplitter()
+        self.writer: _TransportWriter | None = None
+        self.started = False
+        self._early: list[bytes] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.writer = _TransportWriter(self.transport)  # type: ignore[arg-type]
+
+    def start(self) -> None:
+        self.started = True
+        early, self._early = self._early, []
+        for chunk in early:
+            self.data_received(chunk)
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        channel = self.channel
+        if not self.started or channel is None:
+            self._early.append(data)
+            if self.transport is not None:
+                self.transport.pause_reading()
+            return
+        if channel.closed.is_set():
+            return
+        try:
+            for body in self.splitter.feed(data):
+                channel._dispatch(decode_body(body))
+        except EnclaveError as exc:
+            channel._close(exc.message)
+
+    def eof_received(self) -> bool:
+        return False  # close the transport; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.writer is not None:
+            self.writer.resume()
+        if self.channel is not None:
+            self.channel._close(str(exc) if exc else "the channel was closed by the other side")
+
+    def pause_writing(self) -> None:
+        if self.writer is not None:
+            self.writer.pause()
+
+    def resume_writing(self) -> None:
+        if self.writer is not None:
+            self.writer.resume()
+
+
 def _expire(fut: asyncio.Future[dict[str, Any]]) -> None:
     if not fut.done():
         fut.set_exception(TimeoutError())
 
 
 class Channel:
-    """A request/response multiplexer over one stream. Runs its reader as a task.
+    """A request/response multiplexer over one stream.
 
-    The reader takes whatever bytes have arrived and handles every whole frame in them; frames
-    written during one turn of the event loop leave in one write (one wake-up of the peer).
+    Built on a StreamReader/StreamWriter pair it runs its reader as a task; built with
+    :meth:`over_socket` the transport's callbacks feed it directly. Either way every whole
+    frame that has arrived is handled at once, and frames written during one turn of the event
+    loop leave in one write (one wake-up of the peer).
     """
 
     #: write-buffer size above which a writer waits for the peer to catch up
@@ -81,14 +208,16 @@ class Channel:
 
     def __init__(
         self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        reader: asyncio.StreamReader | None,
+        writer: asyncio.StreamWriter | _TransportWriter,
         handlers: dict[str, Handler] | None = None,
         *,
         name: str = "channel",
+        _protocol: _ChannelProtocol | None = None,
     ) -> None:
         self._reader = reader
         self._writer = writer
+        self._protocol = _protocol
         self.handlers: dict[str, Handler] = dict(handlers or {})
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
@@ -98,7 +227,24 @@ class Channel:
         self.name = name
         self._outbox: list[bytes] = []
 
+    @classmethod
+    async def over_socket(
+        cls, sock: socket.socket, handlers: dict[str, Handler] | None = None, *, name: str = "channel"
+    ) -> Channel:
+        """A channel on a connected stream socket, read by protocol callbacks (the fast way).
+        Nothing is read before :meth:`start`."""
+        protocol = _ChannelProtocol()
+        await asyncio.get_running_loop().create_connection(lambda: protocol, sock=sock)
+        assert protocol.writer is not None
+        channel = cls(None, protocol.writer, handlers, name=name, _protocol=protocol)
+        protocol.channel = channel
+        return channel
+
     def start(self) -> None:
+        if self._protocol is not None:
+            if not self.closed.is_set():
+                self._protocol.start()
+            return
         self._task = asyncio.get_running_loop().create_task(self._read_loop(), name=f"{self.name}-reader")
 
     @property
@@ -149,6 +295,9 @@ class Channel:
                 timer.cancel()
             self._pending.pop(rid, None)
 
+    def _start_respond(self, loop: asyncio.AbstractEventLoop, message: dict[str, Any]) -> None:
+        loop.create_task(self._respond(message))
+
     async def _respond(self, message: dict[str, Any]) -> None:
         op = message.get("op")
         rid = message.get("id")
@@ -173,7 +322,10 @@ class Channel:
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         if "op" in message:
-            asyncio.get_running_loop().create_task(self._respond(message))
+            # A request starts on the next pass of the ready queue, after what is already due
+            # (answers that arrived with it, results to send): work in flight finishes first.
+            loop = asyncio.get_running_loop()
+            loop.call_soon(self._start_respond, loop, message)
             return
         fut = self._pending.get(int(message.get("id", -1)))
         if fut is None or fut.done():
@@ -187,34 +339,15 @@ class Channel:
             )
 
     async def _read_loop(self) -> None:
-        parts: list[bytes] = []  # bytes of an incomplete frame
-        have, need = 0, 4  # their length; how many the frame needs
+        assert self._reader is not None
+        splitter = FrameSplitter()
         try:
             while True:
                 chunk = await self._reader.read(1 << 18)
                 if not chunk:
                     raise ChannelClosed("the channel was closed by the other side")
-                if parts or len(chunk) < need:
-                    parts.append(chunk)
-                    have += len(chunk)
-                    if have < need:
-                        continue
-                    data = b"".join(parts)
-                else:
-                    data = chunk
-                view, start, size, need = memoryview(data), 0, len(data), 4
-                while size - start >= 4:
-                    (length,) = _LEN.unpack_from(data, start)
-                    if length > MAX_FRAME:
-                        raise EnclaveError(f"peer sent a {length}-byte frame (limit {MAX_FRAME})")
-                    end = start + 4 + length
-                    if end > size:
-                        need = 4 + length
-                        break
-                    self._dispatch(decode_body(view[start + 4 : end]))
-                    start = end
-                parts = [data[start:]] if start < size else []
-                have = size - start
+                for body in splitter.feed(chunk):
+                    self._dispatch(decode_body(body))
         except ChannelClosed as exc:
             self._close(exc.message)
         except (EnclaveError, ConnectionError, OSError) as exc:

@@ -37,9 +37,13 @@ except (ImportError, OSError):  # not installed (or not readable inside this enc
     _loop_factory = None
 
 
-def run_loop(main: Coroutine[Any, Any, None]) -> None:
-    """``asyncio.run`` on uvloop's loop when it is available."""
-    with asyncio.Runner(loop_factory=_loop_factory) as runner:
+def run_loop(main: Coroutine[Any, Any, None], sock: socket.socket | None = None) -> None:
+    """``asyncio.run`` on uvloop's loop when it is available (and, given the host socket, it is
+    one libuv handles: UNIX or TCP; an AF_VSOCK channel stays on asyncio's loop)."""
+    factory = _loop_factory
+    if sock is not None and sock.family not in (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6):
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
         runner.run(main)
 
 
@@ -131,8 +135,7 @@ class EnclaveRuntime:
 async def serve(
     sock: socket.socket, device_factory: DeviceFactory, measured: dict[str, Any] | None = None
 ) -> None:
-    reader, writer = await asyncio.open_connection(sock=sock)
-    channel = Channel(reader, writer, name="host")
+    channel = await Channel.over_socket(sock, name="host")
     runtime = EnclaveRuntime(channel, device_factory(channel), measured)
     channel.start()
     await runtime.run()
@@ -149,7 +152,7 @@ def warm() -> None:
 
 def run_in_child(sock: socket.socket, measured: dict[str, Any] | None = None) -> None:
     """Entry of a simulated enclave process (forked by the zygote)."""
-    run_loop(serve(sock, HostQuotingDevice, measured))
+    run_loop(serve(sock, HostQuotingDevice, measured), sock)
 
 
 #: the address the runtime connects to, when no option gives one (Gramine passes it through the
@@ -266,7 +269,7 @@ def main(argv: list[str] | None = None, *, nsm_transport: NsmTransport | None = 
             return NsmAttestationDevice(nsm_transport, path=nsm_path)
         return HostQuotingDevice(channel)
 
-    run_loop(serve(sock, factory))
+    run_loop(serve(sock, factory), sock)
     return 0
 
 

@@ -26,13 +26,13 @@ import cbor2
 from r3e_tee.errors import EnclaveError
 from r3e_tee.ids import new_id
 from r3e_tee.runtime import function_worker
+from r3e_tee.runtime.channel import FrameSplitter
 
 if TYPE_CHECKING:
     from r3e_tee.runtime.enclave import EnclaveRuntime
 
 RECEIPT_DOMAIN = b"r3e-receipt/v1\n"
 SIGN_DOMAIN = b"r3e-function-sign/v1\n"
-_LEN = function_worker._LEN
 
 
 def canonical(value: Any) -> bytes:
@@ -47,34 +47,21 @@ class _SandboxProtocol(asyncio.Protocol):
         self.frames: collections.deque[tuple[bytes, bytes]] = collections.deque()
         self.waiter: asyncio.Future[tuple[bytes, bytes]] | None = None
         self.lost: str | None = None
-        self._parts: list[bytes] = []
-        self._have = 0
-        self._need = 4
+        self._splitter = FrameSplitter()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        if self._parts or len(data) < self._need:
-            self._parts.append(data)
-            self._have += len(data)
-            if self._have < self._need:
-                return
-            data = b"".join(self._parts)
-        start, size, self._need = 0, len(data), 4
-        while size - start >= 4:
-            (length,) = _LEN.unpack_from(data, start)
-            if not 1 <= length <= function_worker.MAX_FRAME:
+        try:
+            bodies = self._splitter.feed(data)
+        except EnclaveError:
+            bodies = [memoryview(b"")]  # oversized: malformed
+        for body in bodies:
+            if not body:
                 self._fail("the function sandbox sent a malformed frame")
                 return
-            end = start + 4 + length
-            if end > size:
-                self._need = 4 + length
-                break
-            self._deliver((data[start + 4 : start + 5], data[start + 5 : end]))
-            start = end
-        self._parts = [data[start:]] if start < size else []
-        self._have = size - start
+            self._deliver((bytes(body[:1]), bytes(body[1:])))
 
     def _deliver(self, item: tuple[bytes, bytes]) -> None:
         waiter, self.waiter = self.waiter, None
