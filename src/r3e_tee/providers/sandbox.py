@@ -238,7 +238,10 @@ def apply_in_child(limits: SandboxLimits, *, new_session: bool = True) -> list[s
 
 
 def bubblewrap_argv(*, writable: Sequence[str] = ()) -> list[str] | None:
-    """The bwrap prefix for a network-less, read-only-root process tree, or None without bwrap."""
+    """The bwrap prefix for a network-less, read-only-root process tree, or None without bwrap.
+
+    /tmp stays the host's (read-only here): the code may live under it, and every enclave
+    mounts a private tmpfs of its own on /tmp (see private_tmp)."""
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         return None
@@ -247,7 +250,6 @@ def bubblewrap_argv(*, writable: Sequence[str] = ()) -> list[str] | None:
         "--ro-bind", "/", "/",
         "--dev", "/dev",
         "--proc", "/proc",
-        "--tmpfs", "/tmp",  # noqa: S108 - a private tmpfs, not the host /tmp
         "--unshare-net",
         "--unshare-ipc",
         "--unshare-uts",
