@@ -226,3 +226,25 @@ def test_simulated_evidence_is_marked_simulated_and_rejected_by_default(tmp_path
     debug = auth.sgx_quote(mrenclave=b"\x11" * 32, report_data=b"\x22" * 64, debug=True)
     with pytest.raises(VerificationError, match="debug"):
         v.verify(debug, policy=Policy(allow_simulation=True))
+
+
+@pytest.mark.skipif(not seccomp_supported()[0], reason=seccomp_supported()[1])
+def test_hidden_directories_are_unreadable_inside_the_sandbox(tmp_path: Path) -> None:
+    secret_dir = tmp_path / "data"
+    secret_dir.mkdir()
+    (secret_dir / "kek.key").write_bytes(b"k" * 32)
+
+    def child() -> int:
+        missing = apply_in_child(SandboxLimits(hidden_paths=(str(secret_dir),)))
+        if any("hiding" in m for m in missing):
+            return 10
+        if (secret_dir / "kek.key").exists():
+            return 11
+        try:
+            (secret_dir / "planted").write_text("x")
+            return 12
+        except OSError:
+            return 0
+
+    assert _in_child(child) == 0
+    assert (secret_dir / "kek.key").read_bytes() == b"k" * 32  # the host still sees it

@@ -145,7 +145,7 @@ def handler(event, ctx):
         return {"wrote": True}
     if event.get("op") == "read":
         try:
-            return {"read": open("/tmp/marker").read()}
+            return {"read": open(event.get("path", "/tmp/marker")).read()}
         except OSError as exc:
             return {"read": None, "error": type(exc).__name__}
     if event.get("op") == "alloc":
@@ -177,6 +177,11 @@ def test_limits_failures_and_isolation(live: LiveService) -> None:
         assert call("bomb-a", {"op": "write", "text": "a-private"})["output"] == {"wrote": True}
         assert call("bomb-a", {"op": "read"})["output"]["read"] == "a-private"
         assert call("bomb-b", {"op": "read"})["output"] == {"read": None, "error": "FileNotFoundError"}
+        # the service's own files (KEK, admin token, simulated roots) are not visible to functions
+        for name in ("kek.key", "admin-token"):
+            assert (live.data_dir / name).exists()
+            seen = call("bomb-a", {"op": "read", "path": str(live.data_dir / name)})["output"]
+            assert seen["read"] is None, f"a function read the service's {name}"
 
         over = call("bomb-a", {"op": "alloc", "mib": 512})
         assert over["status"] == "error" and "MemoryError" in over["error"]

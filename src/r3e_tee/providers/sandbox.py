@@ -84,16 +84,31 @@ class SandboxLimits:
     deny_network: bool = True
     seccomp: bool = True
     private_tmp: bool = True  # own mount namespace with a private /tmp (no files shared between enclaves)
+    # host directories enclave code must never read (the service's data directory: KEK, tokens,
+    # simulated roots; its configuration and key files): an empty read-only tmpfs covers each
+    hidden_paths: tuple[str, ...] = ()
 
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
 MS_REC = 0x4000
 MS_PRIVATE = 0x40000
+MS_RDONLY = 0x1
 
 
-def private_tmp(size_bytes: int = 64 * 1024 * 1024) -> None:
-    """A mount namespace of our own with an empty tmpfs on /tmp (and /dev/shm when present)."""
+def _code_under(path: str) -> bool:
+    """Whether the interpreter or this package lives below ``path`` (a checkout or venv in /tmp)."""
+    import sys
+
+    import r3e_tee
+
+    roots = (sys.prefix, sys.base_prefix, os.path.dirname(os.path.dirname(r3e_tee.__file__)))
+    return any(os.path.realpath(r).startswith(path.rstrip("/") + "/") for r in roots)
+
+
+def private_tmp(size_bytes: int = 64 * 1024 * 1024, hidden: tuple[str, ...] = ()) -> list[str]:
+    """A mount namespace of our own with an empty tmpfs on /tmp (and /dev/shm when present), and
+    empty read-only tmpfs over every ``hidden`` directory. Returns what it had to leave out."""
     libc = _libc()
     uid, gid = os.getuid(), os.getgid()
     flags = CLONE_NEWNS if uid == 0 else CLONE_NEWNS | CLONE_NEWUSER
@@ -110,11 +125,26 @@ def private_tmp(size_bytes: int = 64 * 1024 * 1024) -> None:
     if libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"making mounts private: {os.strerror(err)}")
+    skipped: list[str] = []
     options = f"size={size_bytes},mode=0700".encode()
-    for target in (b"/tmp", b"/dev/shm"):
-        if os.path.isdir(target) and libc.mount(b"tmpfs", target, b"tmpfs", 0, options) != 0:
+    for target in ("/tmp", "/dev/shm"):  # noqa: S108 - the mount points we replace
+        if not os.path.isdir(target):
+            continue
+        if _code_under(target):
+            # a checkout or venv under /tmp must stay visible (development only)
+            skipped.append(f"private {target}: the code lives under it")
+            continue
+        if libc.mount(b"tmpfs", target.encode(), b"tmpfs", 0, options) != 0:
             err = ctypes.get_errno()
-            raise OSError(err, f"mounting a private tmpfs on {target.decode()}: {os.strerror(err)}")
+            raise OSError(err, f"mounting a private tmpfs on {target}: {os.strerror(err)}")
+    for path in hidden:
+        if (
+            os.path.isdir(path)
+            and libc.mount(b"tmpfs", path.encode(), b"tmpfs", MS_RDONLY, b"size=4k,mode=0") != 0
+        ):
+            err = ctypes.get_errno()
+            raise OSError(err, f"hiding {path}: {os.strerror(err)}")
+    return skipped
 
 
 _LIBC: ctypes.CDLL | None = None
@@ -226,7 +256,7 @@ def apply_in_child(limits: SandboxLimits, *, new_session: bool = True) -> list[s
         resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 5))
     if limits.private_tmp:
         try:
-            private_tmp()
+            missing += private_tmp(hidden=limits.hidden_paths)
         except OSError as exc:
             missing.append(f"private /tmp: {exc.strerror}")
     if limits.seccomp:

@@ -83,6 +83,7 @@ class SimulationProvider(Provider):
         cpu_seconds: int | None = 3600,
         use_bubblewrap: bool = True,
         use_seccomp: bool = True,
+        extra_hidden: tuple[Path, ...] = (),
     ) -> None:
         super().__init__()
         self.authority = SimulationAuthority.load_or_create(data_dir / "simulation")
@@ -91,7 +92,12 @@ class SimulationProvider(Provider):
         self.cpu_seconds = cpu_seconds
         self.use_seccomp = use_seccomp and seccomp_supported()[0]
         self.code_digest = runtime_code_digest()
-        self.zygote = ZygoteClient(use_bubblewrap=use_bubblewrap, on_exit=self._child_exited)
+        # enclave code must never read the service's data directory or configuration
+        hidden = tuple(
+            str(p)
+            for p in (data_dir.resolve(), Path("/etc/r3e-tee"), Path("/var/lib/r3e-tee"), *extra_hidden)
+        )
+        self.zygote = ZygoteClient(use_bubblewrap=use_bubblewrap, on_exit=self._child_exited, hidden=hidden)
         self._by_pid: dict[int, EnclaveHandle] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 

@@ -27,8 +27,11 @@ _LEN = struct.Struct(">I")
 class ZygoteClient:
     """Starts the zygote, asks it to fork enclaves, learns about their exits."""
 
-    def __init__(self, *, use_bubblewrap: bool, on_exit: Callable[[int, int], None]) -> None:
+    def __init__(
+        self, *, use_bubblewrap: bool, on_exit: Callable[[int, int], None], hidden: tuple[str, ...] = ()
+    ) -> None:
         self.use_bubblewrap = use_bubblewrap
+        self.hidden = hidden
         self.on_exit = on_exit
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
@@ -136,6 +139,7 @@ class ZygoteClient:
                 "cpu_seconds": cpu_seconds,
                 "seccomp": seccomp,
                 "measured": measured or {},
+                "hidden": list(self.hidden),
             }
         )
         pid, fd = await asyncio.wait_for(fut, 30)

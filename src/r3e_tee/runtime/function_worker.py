@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 import cbor2
+import quickjs  # loaded before the zygote forks: sandboxes may not see the install path
 
 _LEN = struct.Struct(">I")
 MAX_FRAME = 64 * 1024 * 1024
@@ -185,8 +186,6 @@ class _JsFunction:
     """One QuickJS context per function, with its own memory limit."""
 
     def __init__(self, code: bytes, handler: str, memory: int, ctx: Context) -> None:
-        import quickjs
-
         self._ctx = ctx
         self.js = quickjs.Context()
         self.js.set_memory_limit(memory)

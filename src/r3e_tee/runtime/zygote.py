@@ -75,6 +75,7 @@ def _child(control: socket.socket, mine: socket.socket, message: dict[str, Any],
             memory_bytes=int(message["memory"]) if message.get("memory") else None,
             cpu_seconds=int(message["cpu_seconds"]) if message.get("cpu_seconds") else None,
             seccomp=bool(message.get("seccomp", True)),
+            hidden_paths=tuple(str(p) for p in message.get("hidden", ())),
         )
         apply_in_child(limits)
         measured = message.get("measured")
