@@ -94,16 +94,18 @@ CLONE_NEWUSER = 0x10000000
 MS_REC = 0x4000
 MS_PRIVATE = 0x40000
 MS_RDONLY = 0x1
+MS_BIND = 0x1000
 
 
-def _code_under(path: str) -> bool:
-    """Whether the interpreter or this package lives below ``path`` (a checkout or venv in /tmp)."""
+def _code_roots_under(path: str) -> list[str]:
+    """The interpreter's and this package's directories below ``path`` (a checkout or venv in /tmp)."""
     import sys
 
     import r3e_tee
 
     roots = (sys.prefix, sys.base_prefix, os.path.dirname(os.path.dirname(r3e_tee.__file__)))
-    return any(os.path.realpath(r).startswith(path.rstrip("/") + "/") for r in roots)
+    prefix = path.rstrip("/") + "/"
+    return sorted({os.path.realpath(r) for r in roots if os.path.realpath(r).startswith(prefix)})
 
 
 def private_tmp(size_bytes: int = 64 * 1024 * 1024, hidden: tuple[str, ...] = ()) -> list[str]:
@@ -130,13 +132,21 @@ def private_tmp(size_bytes: int = 64 * 1024 * 1024, hidden: tuple[str, ...] = ()
     for target in ("/tmp", "/dev/shm"):  # noqa: S108 - the mount points we replace
         if not os.path.isdir(target):
             continue
-        if _code_under(target):
-            # a checkout or venv under /tmp must stay visible (development only)
-            skipped.append(f"private {target}: the code lives under it")
-            continue
-        if libc.mount(b"tmpfs", target.encode(), b"tmpfs", 0, options) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"mounting a private tmpfs on {target}: {os.strerror(err)}")
+        # code living below the mount point (a checkout or venv in /tmp) is bound back on top
+        keep = [(root, os.open(root, os.O_PATH | os.O_DIRECTORY)) for root in _code_roots_under(target)]
+        try:
+            if libc.mount(b"tmpfs", target.encode(), b"tmpfs", 0, options) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"mounting a private tmpfs on {target}: {os.strerror(err)}")
+            for root, fd in keep:
+                os.makedirs(root, exist_ok=True)
+                source = f"/proc/self/fd/{fd}".encode()
+                if libc.mount(source, root.encode(), None, MS_BIND | MS_REC, None) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"keeping {root} visible: {os.strerror(err)}")
+        finally:
+            for _, fd in keep:
+                os.close(fd)
     for path in hidden:
         if (
             os.path.isdir(path)
