@@ -177,7 +177,6 @@ def main() -> int:
             **os.environ,
             "XDG_STATE_HOME": str(Path(tmp) / "state"),
             "R3E_TEE_CONFIG": "",
-            "R3E_TEE_LOG_LEVEL": "warning",
         }
         svc = subprocess.Popen(
             [
