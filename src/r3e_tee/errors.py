@@ -165,6 +165,13 @@ class Reason(StrEnum):
     KIND_NOT_ALLOWED = "kind-not-allowed"
 
 
+def with_observation(message: str, observed: str | None, expected: str | None) -> str:
+    """``message (observed X, expected Y)``: how every rejection reports what it compared."""
+    if observed is None and expected is None:
+        return message
+    return f"{message} (observed {observed!s}, expected {expected!s})"
+
+
 class VerificationError(R3ETeeError):
     """Evidence was parsed but rejected. Names the check, what was observed and what was expected."""
 
@@ -186,10 +193,9 @@ class VerificationError(R3ETeeError):
         self.check = check
         self.observed = observed
         self.expected = expected
-        detail = message
-        if observed is not None or expected is not None:
-            detail += f" (observed {observed!s}, expected {expected!s})"
-        super().__init__(f"[{reason.value}] {check}: {detail}", hint=hint)
+        super().__init__(
+            f"[{reason.value}] {check}: {with_observation(message, observed, expected)}", hint=hint
+        )
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from r3e_tee.errors import KeyManagementError, SecretReleaseDenied
+from r3e_tee.errors import KeyManagementError, SecretReleaseDenied, with_observation
 
 
 class KekError(KeyManagementError):
@@ -62,10 +62,7 @@ class ReleaseDenied(SecretReleaseDenied):
         self.check = check
         self.observed = observed
         self.expected = expected
-        detail = message
-        if observed is not None or expected is not None:
-            detail += f" (observed {observed!s}, expected {expected!s})"
-        super().__init__(f"[{reason}] {detail}", hint=hint)
+        super().__init__(f"[{reason}] {with_observation(message, observed, expected)}", hint=hint)
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
