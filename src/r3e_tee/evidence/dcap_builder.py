@@ -42,6 +42,7 @@ from r3e_tee.evidence.dcap_collateral import (
     enclave_identity_json,
     tcb_info_json,
 )
+from r3e_tee.evidence.encoding import issue_certificate
 from r3e_tee.evidence.sgx_quote import (
     BODY_TD10,
     BODY_TD15,
@@ -203,34 +204,21 @@ def _cert(
     path_length: int | None = None,
     extra: list[x509.ExtensionType] | None = None,
 ) -> x509.Certificate:
-    b = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer)
-        .public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=path_length if ca else None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=not ca,
-                content_commitment=not ca,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=ca,
-                crl_sign=ca,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+    """A certificate shaped like Intel's (P-256, SHA-256, key identifier, non-repudiation on leaves)."""
+    return issue_certificate(
+        subject,
+        public_key,
+        issuer=issuer,
+        issuer_key=signer,
+        not_before=not_before,
+        not_after=not_after,
+        ca=ca,
+        path_length=path_length,
+        extensions=[(ext, False) for ext in extra or []],
+        hash_alg=_SHA256,
+        content_commitment=True,
+        subject_key_id=True,
     )
-    for ext in extra or []:
-        b = b.add_extension(ext, critical=False)
-    return b.sign(signer, _SHA256)
 
 
 def build_crl(

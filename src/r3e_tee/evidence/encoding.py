@@ -313,7 +313,7 @@ def issue_certificate(
     subject: str | x509.Name,
     public_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey,
     *,
-    issuer: x509.Certificate | None,
+    issuer: x509.Certificate | x509.Name | None,
     issuer_key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey,
     not_before: datetime,
     not_after: datetime,
@@ -323,8 +323,13 @@ def issue_certificate(
     serial: int | None = None,
     hash_alg: hashes.SHA256 | hashes.SHA384 | hashes.SHA512 | None = None,
     rsa_pss: bool = False,
+    content_commitment: bool = False,
+    subject_key_id: bool = False,
 ) -> x509.Certificate:
-    """Issue a certificate for builders and test PKIs (self-signed when ``issuer`` is None)."""
+    """Issue a certificate for builders and test PKIs (self-signed when ``issuer`` is None).
+
+    ``issuer`` is the issuing certificate or just its name; Intel's PCK and TCB certificates set
+    ``content_commitment`` (non-repudiation) on leaves and carry a subject key identifier."""
     name = (
         subject
         if isinstance(subject, x509.Name)
@@ -333,7 +338,7 @@ def issue_certificate(
     builder = (
         x509.CertificateBuilder()
         .subject_name(name)
-        .issuer_name(issuer.subject if issuer is not None else name)
+        .issuer_name(name if issuer is None else issuer if isinstance(issuer, x509.Name) else issuer.subject)
         .public_key(public_key)
         .serial_number(serial if serial is not None else x509.random_serial_number())
         .not_valid_before(not_before)
@@ -342,7 +347,7 @@ def issue_certificate(
         .add_extension(
             x509.KeyUsage(
                 digital_signature=not ca,
-                content_commitment=False,
+                content_commitment=content_commitment and not ca,
                 key_encipherment=False,
                 data_encipherment=False,
                 key_agreement=False,
@@ -354,6 +359,8 @@ def issue_certificate(
             critical=True,
         )
     )
+    if subject_key_id:
+        builder = builder.add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
     for ext, critical in extensions:
         builder = builder.add_extension(ext, critical=critical)
     alg = hash_alg or hashes.SHA384()
