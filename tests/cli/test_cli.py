@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -119,48 +118,17 @@ def test_local_dev_token_is_discovered(tmp_path: Path) -> None:
 
 
 def test_cli_against_a_running_dev_service(tmp_path: Path) -> None:
-    port = _free_port()
-    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state"), "R3E_TEE_CONFIG": ""}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "r3e_tee.service",
-            "--dev",
-            "--data-dir",
-            str(tmp_path / "d"),
-            "--port",
-            str(port),
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    """The dev token is found by itself: no --token, no R3E_TEE_TOKEN."""
+    from tests.enclaves.conftest import start_service, stop_service
+
+    svc = start_service(tmp_path / "d", tmp_path / "state")
     try:
-        import time
-
-        import httpx
-
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=0.5)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        cli = [
-            sys.executable,
-            "-m",
-            "r3e_tee.cli.main",
-            "--server",
-            f"http://127.0.0.1:{port}",
-            "-o",
-            "json",
-            "version",
-        ]
-        out = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=30)
+        env = {k: v for k, v in svc.env.items() if k != "R3E_TEE_TOKEN"}
+        cli = [sys.executable, "-m", "r3e_tee.cli.main", "--server", svc.url, "-o", "json"]
+        out = subprocess.run([*cli, "version"], env=env, capture_output=True, text=True, timeout=30)
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout)["server"]["providers"] == ["simulation"]
+        listing = subprocess.run([*cli, "list-enclaves"], env=env, capture_output=True, text=True, timeout=30)
+        assert listing.returncode == 0 and json.loads(listing.stdout) == []
     finally:
-        proc.terminate()
-        proc.wait(timeout=15)
+        stop_service(svc)
