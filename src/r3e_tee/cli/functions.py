@@ -246,6 +246,11 @@ def verify_receipt_cmd(
     except ValueError:
         raise InvalidRequestError(f"{file} is not JSON") from None
     receipt = doc.get("receipt", doc) if isinstance(doc, dict) else doc
+    if not isinstance(receipt, dict) or not {"body", "signature"} <= receipt.keys():
+        raise InvalidRequestError(
+            f"{file} holds no receipt (a 'body' and a 'signature')",
+            hint="pass the file written by `r3e-tee-cli invoke --save`, or a receipt from an invocation",
+        )
     policy = Policy.from_file(policy_file) if policy_file else None
     c = service_client(ctx)
     try:
