@@ -2,6 +2,11 @@
 
 One pool per function version. An invocation takes the least-loaded ready enclave with a
 free sandbox; when none is free the pool scales up (to max_enclaves) and the caller waits.
+Idempotent functions are pipelined: an enclave holds up to PIPELINE_DEPTH invocations per
+sandbox, the extra ones queued inside it, so a sandbox that finishes starts the next one
+without a round trip to the service (the warm path's throughput). Invocations queued inside
+an enclave that dies are retried elsewhere, which only an idempotent function allows; others
+run one per sandbox.
 The autoscaler keeps min_enclaves, adds enclaves when demand per enclave passes the target,
 and retires idle ones after a cooldown (down to min, zero allowed: the next call is a cold
 start). An enclave that timed out is drained and replaced.
@@ -92,6 +97,9 @@ class InvokeResult:
 
 # launches an enclave for a function version and returns its id once ready and loaded
 Launcher = Callable[[FunctionVersion], Awaitable[tuple[str, EnclaveRef]]]
+
+#: invocations an enclave may hold per sandbox (running plus queued inside it), idempotent functions
+PIPELINE_DEPTH = 4
 Destroyer = Callable[[str], Awaitable[None]]
 
 
@@ -134,9 +142,19 @@ class Pool:
     def concurrency(self) -> int:
         return self.fv.config.concurrency
 
+    @property
+    def depth(self) -> int:
+        """How many invocations one sandbox may have on hand (see the module docstring)."""
+        return PIPELINE_DEPTH if self.fv.config.idempotent else 1
+
+    @property
+    def capacity(self) -> int:
+        """Invocations one enclave may hold at once."""
+        return self.fv.config.concurrency * self.depth
+
     def _pick(self, enclave_id: str | None) -> Slot | None:
         """The least-loaded usable enclave with a free sandbox (the first such in start order)."""
-        limit = self.concurrency
+        limit = self.capacity
         if enclave_id is not None:
             slot = self.slots.get(enclave_id)
             return slot if slot is not None and slot.inflight < limit and slot.usable else None
@@ -160,7 +178,7 @@ class Pool:
             slot = self.slots[enclave_id] = Slot(enclave_id, handle)
             self.last_error = None
             handle.on_exit.append(lambda h: self._forget(h.spec.id))
-            while slot.inflight < self.concurrency and self._hand_over(slot):
+            while slot.inflight < self.capacity and self._hand_over(slot):
                 slot.inflight += 1
         except Exception as exc:  # noqa: BLE001 - any failure must reach the waiters, never hang them
             self.last_error = (
@@ -344,7 +362,10 @@ class Scheduler:
         for _ in range(attempts):
             slot = await pool.acquire(timeout + 30, enclave_id)
             try:
-                reply = await slot.handle.channel.request("invoke", timeout=timeout + 5, **request)
+                # queued inside the enclave, it may wait for depth - 1 invocations to end first
+                reply = await slot.handle.channel.request(
+                    "invoke", timeout=timeout * pool.depth + 5, **request
+                )
                 if reply.get("status") == "timeout":
                     slot.draining = True  # a timed-out enclave is recycled
                 return reply, slot.enclave_id

@@ -22,6 +22,9 @@ MAX_FRAME = 64 * 1024 * 1024
 _LEN = struct.Struct(">I")
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+#: a handler that runs inside the read callback, with no task; it answers later through
+#: :meth:`Channel.respond` or :meth:`Channel.respond_error` (the invocation path)
+DirectHandler = Callable[[dict[str, Any]], None]
 
 
 class ChannelClosed(EnclaveError):
@@ -219,6 +222,7 @@ class Channel:
         self._writer = writer
         self._protocol = _protocol
         self.handlers: dict[str, Handler] = dict(handlers or {})
+        self.direct: dict[str, DirectHandler] = {}
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._task: asyncio.Task[None] | None = None
@@ -320,8 +324,35 @@ class Channel:
         except (ConnectionError, OSError):
             self._close("peer went away while answering")
 
+    def respond(self, rid: Any, result: dict[str, Any]) -> None:
+        """Answer a request a direct handler took (the frame leaves with this turn's others)."""
+        if not self.closed.is_set():
+            self._send(encode_frame({"id": rid, "ok": True, "result": result}))
+
+    def respond_error(self, rid: Any, exc: EnclaveError) -> None:
+        if not self.closed.is_set():
+            self._send(encode_frame({"id": rid, "ok": False, "error": exc.message, "kind": exc.code}))
+
     def _dispatch(self, message: dict[str, Any]) -> None:
         if "op" in message:
+            direct = self.direct.get(str(message["op"]))
+            if direct is not None:
+                try:
+                    direct(message)
+                except EnclaveError as exc:
+                    self.respond_error(message.get("id"), exc)
+                except Exception as exc:  # noqa: BLE001 - a handler bug must not kill the channel
+                    self._send(
+                        encode_frame(
+                            {
+                                "id": message.get("id"),
+                                "ok": False,
+                                "error": type(exc).__name__,
+                                "kind": "internal",
+                            }
+                        )
+                    )
+                return
             # A request starts on the next pass of the ready queue, after what is already due
             # (answers that arrived with it, results to send): work in flight finishes first.
             loop = asyncio.get_running_loop()

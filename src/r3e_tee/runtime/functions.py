@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -40,13 +41,18 @@ def canonical(value: Any) -> bytes:
 
 
 class _SandboxProtocol(asyncio.Protocol):
-    """The runtime's end of a sandbox socket: whole frames, as (kind, payload), in order."""
+    """The runtime's end of a sandbox socket: whole frames, as (kind, payload), in order.
+
+    Until the sandbox is put to work its frames queue for :meth:`_Sandbox.recv` (the load
+    report); after that each frame goes straight to ``on_frame`` from the read callback."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.frames: collections.deque[tuple[bytes, bytes]] = collections.deque()
         self.waiter: asyncio.Future[tuple[bytes, bytes]] | None = None
         self.lost: str | None = None
+        self.on_frame: Callable[[bytes, bytes], None] | None = None
+        self.on_lost: Callable[[str], None] | None = None
         self._splitter = FrameSplitter()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -61,9 +67,14 @@ class _SandboxProtocol(asyncio.Protocol):
             if not body:
                 self._fail("the function sandbox sent a malformed frame")
                 return
+            if self.lost is not None:
+                return
             self._deliver((bytes(body[:1]), bytes(body[1:])))
 
     def _deliver(self, item: tuple[bytes, bytes]) -> None:
+        if self.on_frame is not None:
+            self.on_frame(*item)
+            return
         waiter, self.waiter = self.waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(item)
@@ -71,15 +82,32 @@ class _SandboxProtocol(asyncio.Protocol):
             self.frames.append(item)
 
     def _fail(self, reason: str) -> None:
+        first = self.lost is None
         self.lost = reason
         if self.transport is not None:
             self.transport.close()
         waiter, self.waiter = self.waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_exception(ConnectionError(reason))
+        if first and self.on_lost is not None:
+            self.on_lost(reason)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(self.lost or "the function sandbox went away")
+
+
+@dataclass
+class _Invocation:
+    """One invocation in this enclave, from its request frame to its signed answer."""
+
+    rid: Any  # the host's request id, which the answer echoes
+    invocation_id: str
+    input_bytes: bytes  # the canonical JSON input (what the receipt hashes)
+    timeout: float
+    reply_key: bytes | None
+    decrypted_from: bytes | None
+    started: float = 0.0
+    timer: asyncio.TimerHandle | None = None
 
 
 @dataclass
@@ -88,6 +116,8 @@ class _Sandbox:
     transport: asyncio.Transport
     protocol: _SandboxProtocol
     timed_out: bool = False
+    current: _Invocation | None = None  # what it runs now
+    bridging: asyncio.Task[None] | None = None  # a ctx call being answered
 
     def send(self, kind: bytes, payload: bytes) -> None:
         self.transport.write(function_worker.frame(kind, payload))
@@ -120,6 +150,7 @@ class _Sandbox:
             os.kill(self.pid, signal.SIGKILL)
         with contextlib.suppress(ChildProcessError):
             os.waitpid(self.pid, 0)
+        self.protocol.on_lost = None
         self.transport.close()
 
 
@@ -194,17 +225,32 @@ class ReceiptSigner:
 class LoadedFunction:
     spec: dict[str, Any]
     sandboxes: list[_Sandbox] = field(default_factory=list)
-    idle: asyncio.Queue[_Sandbox] = field(default_factory=asyncio.Queue)
+    idle: list[_Sandbox] = field(default_factory=list)
+    pending: collections.deque[_Invocation] = field(default_factory=collections.deque)
     logs: list[dict[str, Any]] = field(default_factory=list)
     signer: ReceiptSigner | None = None
+    concurrency: int = 1
+    respawning: int = 0
 
 
 class FunctionHost:
+    """Invocations run without tasks: the request frame starts one on an idle sandbox (or
+    queues it) from the channel's read callback, and the sandbox's answer is signed and sent
+    from the sandbox's read callback. Only a handler's calls back into the runtime (ctx.sign,
+    seal, log) and replacing a sandbox run as tasks."""
+
     def __init__(self, runtime: EnclaveRuntime) -> None:
         self.runtime = runtime
         self.loaded: LoadedFunction | None = None
-        runtime.channel.handlers.update({"load_function": self.op_load, "invoke": self.op_invoke})
+        runtime.channel.handlers.update({"load_function": self.op_load})
+        runtime.channel.direct["invoke"] = self.start_invoke
         runtime.on_shutdown.append(self.shutdown)
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def _task(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # -- sandboxes --------------------------------------------------------------------------------
 
@@ -235,6 +281,8 @@ class FunctionHost:
         if not loaded.get("ok"):
             sandbox.kill()
             raise EnclaveError(str(loaded.get("error") or "the function did not load"))
+        protocol.on_frame = lambda kind, body: self._on_frame(sandbox, kind, body)
+        protocol.on_lost = lambda reason: self._on_lost(sandbox)
         return sandbox
 
     async def op_load(self, msg: dict[str, Any]) -> dict[str, Any]:
@@ -260,23 +308,45 @@ class FunctionHost:
             "measurement": msg.get("measurement"),
             "enclave_id": msg.get("enclave_id"),
         }
-        loaded = LoadedFunction(spec)
         concurrency = max(1, int(measured.get("concurrency", 1)))
+        loaded = LoadedFunction(spec, concurrency=concurrency)
         for _ in range(concurrency):
             sandbox = await self._spawn(spec)
             loaded.sandboxes.append(sandbox)
-            loaded.idle.put_nowait(sandbox)
+            loaded.idle.append(sandbox)
         self.loaded = loaded
         return {"loaded": measured.get("function"), "sandboxes": concurrency}
 
-    async def _replace(self, dead: _Sandbox) -> None:
-        assert self.loaded is not None
+    def _available(self, loaded: LoadedFunction, sandbox: _Sandbox) -> None:
+        """A sandbox is free: the longest waiting invocation takes it."""
+        if loaded.pending:
+            self._begin(sandbox, loaded.pending.popleft())
+        else:
+            loaded.idle.append(sandbox)
+
+    async def _replace(self, loaded: LoadedFunction, dead: _Sandbox) -> None:
         dead.kill()
         with contextlib.suppress(ValueError):
-            self.loaded.sandboxes.remove(dead)
-        fresh = await self._spawn(self.loaded.spec)
-        self.loaded.sandboxes.append(fresh)
-        self.loaded.idle.put_nowait(fresh)
+            loaded.sandboxes.remove(dead)
+        loaded.respawning += 1
+        try:
+            fresh = await self._spawn(loaded.spec)
+        except EnclaveError as exc:
+            if not loaded.sandboxes and loaded.respawning == 1:
+                # nothing can run what waits: answer it rather than leave it hanging
+                while loaded.pending:
+                    inv = loaded.pending.popleft()
+                    self.runtime.channel.respond_error(
+                        inv.rid, EnclaveError(f"the function's sandbox could not be restarted: {exc.message}")
+                    )
+            return
+        finally:
+            loaded.respawning -= 1
+        if self.loaded is not loaded:  # unloaded meanwhile (shutdown)
+            fresh.kill()
+            return
+        loaded.sandboxes.append(fresh)
+        self._available(loaded, fresh)
 
     # -- invocation ------------------------------------------------------------------------------
 
@@ -303,21 +373,22 @@ class FunctionHost:
             return {"ok": False, "error": exc.message}
         return {"ok": False, "error": f"unknown call {fn!r}"}
 
-    async def _run(self, sandbox: _Sandbox, payload: bytes, deadline: float) -> tuple[bytes, bytes]:
-        """Send an invocation; answer the handler's calls back until its result comes."""
-        sandbox.send(function_worker.INVOKE, payload)
-        while True:
-            kind, body = await sandbox.recv()
-            if kind != function_worker.CALL:
-                return kind, body
+    async def _answer_call(self, sandbox: _Sandbox, inv: _Invocation, body: bytes) -> None:
+        """Answer a handler's ctx call (the handler waits for it; its deadline keeps running)."""
+        try:
             call = cbor2.loads(body)
-            if not isinstance(call, dict):
-                raise EnclaveError("function sandbox sent a malformed call")
-            remaining = deadline - asyncio.get_running_loop().time()
-            answer = await asyncio.wait_for(self._bridge(call), max(remaining, 0))
+            answer = (
+                await self._bridge(call)
+                if isinstance(call, dict)
+                else {"ok": False, "error": "malformed call"}
+            )
+        except (cbor2.CBORDecodeError, ValueError):
+            answer = {"ok": False, "error": "malformed call"}
+        if sandbox.current is inv and sandbox.protocol.lost is None:
             sandbox.send(function_worker.CALL, cbor2.dumps(answer))
 
-    async def op_invoke(self, msg: dict[str, Any]) -> dict[str, Any]:
+    def start_invoke(self, msg: dict[str, Any]) -> None:
+        """The ``invoke`` request (a direct handler): check it, then run or queue it."""
         loaded = self.loaded
         if loaded is None:
             raise EnclaveError("no function is loaded in this enclave")
@@ -332,54 +403,99 @@ class FunctionHost:
             event = json.loads(raw)
         except ValueError:
             raise EnclaveError("the input is not JSON") from None
-        input_bytes = canonical(event)
-        timeout = float(msg.get("function_timeout") or 30)
-        invocation_id = str(msg.get("invocation_id") or new_id())
-        started = time.time()
-        sandbox = await loaded.idle.get()
-        status, output, error = "ok", b"null", None
-        loop = asyncio.get_running_loop()
-        # the deadline kills the sandbox process, wherever the function is
-        timer = loop.call_later(timeout, sandbox.expire)
-        healthy = False
-        try:
-            kind, body = await self._run(
-                sandbox,
-                function_worker.invoke_payload(started + timeout, invocation_id, input_bytes),
-                loop.time() + timeout,
-            )
-            if kind == function_worker.OUTPUT:
-                output = body
-            elif kind == function_worker.ERROR:
-                status, error = "error", body.decode(errors="replace")
-            else:
-                raise EnclaveError("function sandbox sent a malformed frame")
-            healthy = True
-        except TimeoutError:
-            status, error = "timeout", f"the function did not finish within {timeout:g} s and was stopped"
-        except (ConnectionError, EnclaveError, ValueError) as exc:
-            if sandbox.timed_out:
-                status, error = "timeout", f"the function did not finish within {timeout:g} s and was stopped"
-            else:
-                status = "error"
-                error = f"the function's sandbox died ({type(exc).__name__}); it was replaced"
-        finally:
-            timer.cancel()
-        if healthy and not sandbox.timed_out:
-            loaded.idle.put_nowait(sandbox)
-        else:  # killed at the deadline (perhaps just as it answered), died, or out of step
-            await self._replace(sandbox)
-        finished = time.time()
-        receipt = self._receipt(loaded, invocation_id, input_bytes, output, status, error, started, finished)
-        out: dict[str, Any] = {"status": status, "receipt": receipt, "error": error}
         reply_key = msg.get("reply_key")
-        if isinstance(reply_key, bytes):
-            out["output_encrypted"] = self._seal_output(output, reply_key)
+        if reply_key is not None and (not isinstance(reply_key, bytes) or len(reply_key) != 32):
+            raise EnclaveError("the reply key must be a raw 32-byte X25519 public key")
+        inv = _Invocation(
+            rid=msg.get("id"),
+            invocation_id=str(msg.get("invocation_id") or new_id()),
+            input_bytes=canonical(event),
+            timeout=float(msg.get("function_timeout") or 30),
+            reply_key=reply_key,
+            decrypted_from=decrypted_from,
+        )
+        if loaded.idle:
+            self._begin(loaded.idle.pop(), inv)
+        else:
+            loaded.pending.append(inv)
+
+    def _begin(self, sandbox: _Sandbox, inv: _Invocation) -> None:
+        inv.started = time.time()
+        sandbox.current = inv
+        # the deadline kills the sandbox process, wherever the function is
+        inv.timer = asyncio.get_running_loop().call_later(inv.timeout, sandbox.expire)
+        sandbox.send(
+            function_worker.INVOKE,
+            function_worker.invoke_payload(inv.started + inv.timeout, inv.invocation_id, inv.input_bytes),
+        )
+
+    def _on_frame(self, sandbox: _Sandbox, kind: bytes, body: bytes) -> None:
+        inv = sandbox.current
+        if inv is None:  # a frame nobody asked for: out of step, replace it
+            sandbox.protocol._fail("the function sandbox sent a frame out of turn")
+            return
+        if kind == function_worker.CALL:
+            self._task(self._answer_call(sandbox, inv, body))
+        elif kind == function_worker.OUTPUT:
+            self._finish(sandbox, inv, "ok", body, None, healthy=True)
+        elif kind == function_worker.ERROR:
+            self._finish(sandbox, inv, "error", b"null", body.decode(errors="replace"), healthy=True)
+        else:
+            sandbox.protocol._fail("the function sandbox sent a malformed frame")
+
+    def _on_lost(self, sandbox: _Sandbox) -> None:
+        inv = sandbox.current
+        if inv is not None:
+            if sandbox.timed_out:
+                error = f"the function did not finish within {inv.timeout:g} s and was stopped"
+                self._finish(sandbox, inv, "timeout", b"null", error, healthy=False)
+            else:
+                error = "the function's sandbox died; it was replaced"
+                self._finish(sandbox, inv, "error", b"null", error, healthy=False)
+            return
+        loaded = self.loaded
+        if loaded is not None and sandbox in loaded.sandboxes:  # died while idle
+            with contextlib.suppress(ValueError):
+                loaded.idle.remove(sandbox)
+            self._task(self._replace(loaded, sandbox))
+
+    def _finish(
+        self,
+        sandbox: _Sandbox,
+        inv: _Invocation,
+        status: str,
+        output: bytes,
+        error: str | None,
+        *,
+        healthy: bool,
+    ) -> None:
+        if inv.timer is not None:
+            inv.timer.cancel()
+        sandbox.current = None
+        loaded = self.loaded
+        if loaded is None:
+            return
+        if healthy and not sandbox.timed_out:
+            self._available(loaded, sandbox)
+        else:  # killed at the deadline (perhaps just as it answered), died, or out of step
+            sandbox.protocol.on_lost = None  # replaced once, here
+            self._task(self._replace(loaded, sandbox))
+        finished = time.time()
+        receipt = self._receipt(
+            loaded, inv.invocation_id, inv.input_bytes, output, status, error, inv.started, finished
+        )
+        out: dict[str, Any] = {"status": status, "receipt": receipt, "error": error}
+        if inv.reply_key is not None:
+            try:
+                out["output_encrypted"] = self._seal_output(output, inv.reply_key)
+            except (ValueError, EnclaveError) as exc:
+                self.runtime.channel.respond_error(inv.rid, EnclaveError(f"cannot seal the output: {exc}"))
+                return
         else:
             out["output"] = output
-        if decrypted_from is not None:
-            out["input_ciphertext_sha256"] = hashlib.sha256(decrypted_from).hexdigest()
-        return out
+        if inv.decrypted_from is not None:
+            out["input_ciphertext_sha256"] = hashlib.sha256(inv.decrypted_from).hexdigest()
+        self.runtime.channel.respond(inv.rid, out)
 
     def _open_input(self, ciphertext: bytes) -> bytes:
         from r3e_tee.functions.e2e import open_input
@@ -437,10 +553,14 @@ class FunctionHost:
         return {"body": body, "signature": base64.b64encode(signature).decode(), "alg": "ES256"}
 
     def shutdown(self) -> None:
-        if self.loaded is not None:
-            for sandbox in self.loaded.sandboxes:
+        loaded, self.loaded = self.loaded, None
+        if loaded is not None:
+            for sandbox in loaded.sandboxes:
+                if sandbox.current is not None and sandbox.current.timer is not None:
+                    sandbox.current.timer.cancel()
                 sandbox.kill()
-            self.loaded = None
+            for task in list(self._tasks):
+                task.cancel()
 
 
 def install(runtime: EnclaveRuntime) -> None:
