@@ -11,8 +11,7 @@ from typing import Annotated, Any
 
 import anyio.to_thread
 from fastapi import APIRouter, Depends, Header, Request
-from fastapi.responses import JSONResponse
-from pydantic import TypeAdapter
+from fastapi.responses import JSONResponse, Response
 
 from r3e_tee.functions.registry import config_from_request
 from r3e_tee.functions.service import FunctionsService, decode_b64
@@ -69,7 +68,12 @@ def _encryption(
     return encrypted, key, enclave
 
 
-@router.post("/v1/functions/{name}/invoke", summary="Invoke and wait: output and signed receipt")
+@router.post(
+    "/v1/functions/{name}/invoke",
+    summary="Invoke and wait: output and signed receipt",
+    response_model=dict[str, Any],
+    response_class=JSONResponse,
+)
 async def invoke(
     name: str,
     request: Request,
@@ -77,16 +81,12 @@ async def invoke(
     _: Invoker,
     x_r3e_enclave: Annotated[str | None, Header()] = None,
     x_r3e_reply_key: Annotated[str | None, Header()] = None,
-) -> dict[str, Any]:
+) -> Response:
     encrypted, reply_key, enclave = _encryption(request, x_r3e_enclave, x_r3e_reply_key)
     result = await functions(ctx).invoke(
         name, await request.body(), encrypted=encrypted, reply_key=reply_key, enclave_id=enclave
     )
-    return result.to_json()
-
-
-# FastAPI serializes the route's dict[str, Any] result with this adapter (pydantic's dump_json)
-_INVOKE_RESULT = TypeAdapter(dict[str, Any])
+    return Response(result.to_json_bytes(), media_type="application/json")
 
 
 def fast_invoke(ctx: ServiceContext) -> FastRoute:
@@ -110,7 +110,7 @@ def fast_invoke(ctx: ServiceContext) -> FastRoute:
             reply_key=decode_b64(reply_key, "X-R3E-Reply-Key") if reply_key else None,
             enclave_id=request.header(b"x-r3e-enclave"),
         )
-        return 200, _INVOKE_RESULT.dump_json(result.to_json())
+        return 200, result.to_json_bytes()
 
     return FastRoute("POST", "/v1/functions/{name}/invoke", handler)
 

@@ -2,11 +2,15 @@
 
 One pool per function version. An invocation takes the least-loaded ready enclave with a
 free sandbox; when none is free the pool scales up (to max_enclaves) and the caller waits.
-Idempotent functions are pipelined: an enclave holds up to PIPELINE_DEPTH invocations per
+Short idempotent functions are pipelined: an enclave holds more than one invocation per
 sandbox, the extra ones queued inside it, so a sandbox that finishes starts the next one
-without a round trip to the service (the warm path's throughput). Invocations queued inside
-an enclave that dies are retried elsewhere, which only an idempotent function allows; others
-run one per sandbox.
+without a round trip to the service. For a function that runs for a fraction of a
+millisecond that round trip is most of an invocation's cost (the warm path's throughput).
+The queue inside an enclave is bounded in time, about PIPELINE_BUDGET of the function's
+measured running time per sandbox (never more than MAX_PIPELINE_DEPTH invocations), so
+a slow function is not pipelined and queued work never hides from a new enclave for long.
+Invocations queued inside an enclave that dies are retried elsewhere, which only an
+idempotent function allows; the others run one per sandbox.
 The autoscaler keeps min_enclaves, adds enclaves when demand per enclave passes the target,
 and retires idle ones after a cooldown (down to min, zero allowed: the next call is a cold
 start). An enclave that timed out is drained and replaced.
@@ -15,8 +19,11 @@ start). An enclave that timed out is drained and replaced.
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import contextlib
+import functools
+import json
 import logging
 import math
 import time
@@ -73,14 +80,16 @@ class InvokeResult:
     status: str
     output: bytes | None
     output_encrypted: bytes | None
-    receipt: dict[str, Any]
+    receipt_json: bytes  # the signed receipt's JSON text, as the enclave rendered it
     error: str | None
     enclave_id: str
 
-    def to_json(self, *, decode_output: bool = True) -> dict[str, Any]:
-        import base64
-        import json
+    @functools.cached_property
+    def receipt(self) -> dict[str, Any]:
+        receipt: dict[str, Any] = json.loads(self.receipt_json)
+        return receipt
 
+    def to_json(self, *, decode_output: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {
             "invocation_id": self.invocation_id,
             "status": self.status,
@@ -94,12 +103,50 @@ class InvokeResult:
             out["output"] = json.loads(self.output) if decode_output else self.output.decode()
         return out
 
+    def to_json_bytes(self) -> bytes:
+        """The HTTP answer: :meth:`to_json` as compact JSON, with the output spliced in as the
+        exact bytes the enclave hashed into ``receipt.body.output_sha256``."""
+        head = (
+            f'{{"invocation_id":{_encode_str(self.invocation_id)},"status":{_encode_str(self.status)},'
+            f'"enclave_id":{_encode_str(self.enclave_id)},"receipt":'
+        ).encode()
+        head += (
+            self.receipt_json
+            + f',"error":{"null" if self.error is None else _encode_str(self.error)}'.encode()
+        )
+        if self.output_encrypted is not None:
+            return head + b',"output_encrypted":"' + base64.b64encode(self.output_encrypted) + b'"}'
+        if self.output is None:
+            return head + b"}"
+        output = self.output
+        if b"NaN" in output or b"Infinity" in output:
+            # JSON has no NaN or Infinity: such numbers go out as null (strings merely naming
+            # them take this path too, and come out unchanged)
+            output = _RECEIPT_JSON.encode(_finite(json.loads(output))).encode()
+        return head + b',"output":' + output + b"}"
+
+
+_encode_str = json.encoder.encode_basestring  # json.dumps(str, ensure_ascii=False)
+_RECEIPT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return value
+
 
 # launches an enclave for a function version and returns its id once ready and loaded
 Launcher = Callable[[FunctionVersion], Awaitable[tuple[str, EnclaveRef]]]
 
-#: invocations an enclave may hold per sandbox (running plus queued inside it), idempotent functions
-PIPELINE_DEPTH = 4
+#: work an enclave may hold queued per sandbox, in seconds of the function's measured running time
+PIPELINE_BUDGET = 0.05
+#: invocations an enclave may hold per sandbox at most (running plus queued inside it)
+MAX_PIPELINE_DEPTH = 8
 Destroyer = Callable[[str], Awaitable[None]]
 
 
@@ -134,6 +181,7 @@ class Pool:
         self.waiting = 0
         self.last_error: str | None = None
         self.failures = 0  # failed scale-ups so far; a waiter gives up after one during its wait
+        self.run_time: float | None = None  # the function's running time per invocation, averaged
         self._launch = launch
         self._destroy = destroy
         self._waiters: collections.deque[_Waiter] = collections.deque()
@@ -145,7 +193,15 @@ class Pool:
     @property
     def depth(self) -> int:
         """How many invocations one sandbox may have on hand (see the module docstring)."""
-        return PIPELINE_DEPTH if self.fv.config.idempotent else 1
+        run = self.run_time
+        if not self.fv.config.idempotent or run is None:
+            return 1
+        return max(1, min(MAX_PIPELINE_DEPTH, int(PIPELINE_BUDGET / max(run, 1e-6))))
+
+    def observe_run_time(self, seconds: float) -> None:
+        """One invocation's running time in its sandbox (from its receipt): a moving average."""
+        if seconds >= 0:
+            self.run_time = seconds if self.run_time is None else 0.9 * self.run_time + 0.1 * seconds
 
     @property
     def capacity(self) -> int:
@@ -362,10 +418,12 @@ class Scheduler:
         for _ in range(attempts):
             slot = await pool.acquire(timeout + 30, enclave_id)
             try:
-                # queued inside the enclave, it may wait for depth - 1 invocations to end first
-                reply = await slot.handle.channel.request(
-                    "invoke", timeout=timeout * pool.depth + 5, **request
-                )
+                # queued inside the enclave, it may wait for those ahead of it to end first
+                rounds = (slot.inflight - 1) // pool.concurrency + 1
+                reply = await slot.handle.channel.request("invoke", timeout=timeout * rounds + 5, **request)
+                run_time = reply.get("run_time")
+                if isinstance(run_time, float) and reply.get("status") != "timeout":
+                    pool.observe_run_time(run_time)
                 if reply.get("status") == "timeout":
                     slot.draining = True  # a timed-out enclave is recycled
                 return reply, slot.enclave_id

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import json
 import logging
 import time
 from typing import Any
@@ -144,7 +145,7 @@ class FunctionsService:
             status=status,
             output=reply.get("output"),
             output_encrypted=reply.get("output_encrypted"),
-            receipt=reply["receipt"],
+            receipt_json=receipt_json(reply),
             error=reply.get("error"),
             enclave_id=eid,
         )
@@ -209,6 +210,17 @@ class FunctionsService:
     async def stop(self) -> None:
         await self.dispatcher.stop()
         await self.scheduler.stop()
+
+
+def receipt_json(reply: dict[str, Any]) -> bytes:
+    """The receipt of a runtime's answer as JSON text (an older runtime sends it as a map)."""
+    text = reply.get("receipt_json")
+    if isinstance(text, bytes):
+        return text
+    receipt = reply.get("receipt")
+    if not isinstance(receipt, dict):
+        raise FunctionError("the enclave answered without a receipt")
+    return json.dumps(receipt, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
 
 
 def decode_b64(value: str, what: str) -> bytes:

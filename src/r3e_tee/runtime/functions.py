@@ -220,6 +220,15 @@ class ReceiptSigner:
         h.update(self.tail(body))
         return h.digest()
 
+    def sign(self, body: dict[str, Any], sign_digest: Callable[[bytes], bytes]) -> bytes:
+        """The signed receipt as canonical JSON, ``{"alg","body","signature"}``: its body is
+        the exact text the signature covers (after RECEIPT_DOMAIN)."""
+        tail = self.tail(body)
+        h = self._hash.copy()
+        h.update(tail)
+        signature = base64.b64encode(sign_digest(h.digest()))
+        return b'{"alg":"ES256","body":' + self.head + tail + b',"signature":"' + signature + b'"}'
+
 
 @dataclass
 class LoadedFunction:
@@ -484,7 +493,13 @@ class FunctionHost:
         receipt = self._receipt(
             loaded, inv.invocation_id, inv.input_bytes, output, status, error, inv.started, finished
         )
-        out: dict[str, Any] = {"status": status, "receipt": receipt, "error": error}
+        # the receipt travels as its JSON text: the service relays it without decoding it
+        out: dict[str, Any] = {
+            "status": status,
+            "receipt_json": receipt,
+            "error": error,
+            "run_time": finished - inv.started,
+        }
         if inv.reply_key is not None:
             try:
                 out["output_encrypted"] = self._seal_output(output, inv.reply_key)
@@ -521,7 +536,7 @@ class FunctionHost:
         error: str | None,
         started: float,
         finished: float,
-    ) -> dict[str, Any]:
+    ) -> bytes:
         runtime = self.runtime
         signer = loaded.signer
         if (
@@ -549,8 +564,7 @@ class FunctionHost:
             "started_at": round(started, 6),
             "finished_at": round(finished, 6),
         }
-        signature = runtime.keys.sign_digest(signer.digest(body))
-        return {"body": body, "signature": base64.b64encode(signature).decode(), "alg": "ES256"}
+        return signer.sign(body, runtime.keys.sign_digest)
 
     def shutdown(self) -> None:
         loaded, self.loaded = self.loaded, None

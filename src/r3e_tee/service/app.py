@@ -26,7 +26,7 @@ from r3e_tee import __version__
 from r3e_tee.config import TeeConfig
 from r3e_tee.errors import R3ETeeError
 from r3e_tee.ids import new_id
-from r3e_tee.logging import request_id_var
+from r3e_tee.logging import access_log, request_id_var
 from r3e_tee.service.auth import TokenAuthority
 from r3e_tee.store import Store
 
@@ -106,16 +106,7 @@ def finish_request(metrics: _Metrics, scope: Scope, template: str, status: int, 
     method = scope.get("method", "")
     metrics.observe(method, template, status, elapsed)
     if template not in _UNLOGGED_ROUTES and log.isEnabledFor(logging.INFO):
-        log.info(
-            "request",
-            extra={
-                "method": method,
-                "path": scope.get("path"),
-                "route": template,
-                "status": status,
-                "duration_ms": round(elapsed * 1000, 2),
-            },
-        )
+        access_log(log, method, scope.get("path", ""), template, status, round(elapsed * 1000, 2))
 
 
 class RequestContextMiddleware:
