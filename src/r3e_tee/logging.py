@@ -8,13 +8,13 @@ secret (token, key, secret, password, authorization) are replaced before a line 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import functools
 import json
 import logging
 import re
 import sys
-import threading
 import time
 from typing import Any
 
@@ -82,8 +82,8 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def __init__(self, stream: Any = None) -> None:
         super().__init__(stream)
-        self._pending: list[str] = []
-        self._owner = threading.Lock()
+        # appends and pops of a deque are atomic: any thread may add a line while one flushes
+        self._pending: collections.deque[str] = collections.deque()
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -92,27 +92,27 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self.handleError(record)
 
     def write_line(self, line: str) -> None:
-        loop = asyncio._get_running_loop()
-        with self._owner:
-            first = not self._pending
-            self._pending.append(line)
-        if loop is None:
-            self.flush()
-        elif first:
-            loop.call_soon(self.flush)
+        pending = self._pending
+        pending.append(line)
+        if len(pending) == 1:  # the first of this turn: have it written at the end of the turn
+            loop = asyncio._get_running_loop()
+            if loop is None:
+                self.flush()
+            else:
+                loop.call_soon(self.flush)
 
     def flush(self) -> None:
-        with self._owner:
-            lines, self._pending = self._pending, []
-        if lines:
-            self.acquire()
-            try:
+        pending = self._pending
+        lines = []
+        while pending:
+            lines.append(pending.popleft())
+        self.acquire()
+        try:
+            if lines:
                 self.stream.write("\n".join(lines) + "\n")
-                super().flush()
-            finally:
-                self.release()
-        else:
             super().flush()
+        finally:
+            self.release()
 
 
 _line_handler: LineHandler | None = None

@@ -182,6 +182,8 @@ class Pool:
         self.last_error: str | None = None
         self.failures = 0  # failed scale-ups so far; a waiter gives up after one during its wait
         self.run_time: float | None = None  # the function's running time per invocation, averaged
+        self.depth = 1  # invocations one sandbox may have on hand: 1 until a run time is known
+        self.capacity = fv.config.concurrency  # invocations one enclave may hold at once
         self._launch = launch
         self._destroy = destroy
         self._waiters: collections.deque[_Waiter] = collections.deque()
@@ -190,23 +192,14 @@ class Pool:
     def concurrency(self) -> int:
         return self.fv.config.concurrency
 
-    @property
-    def depth(self) -> int:
-        """How many invocations one sandbox may have on hand (see the module docstring)."""
-        run = self.run_time
-        if not self.fv.config.idempotent or run is None:
-            return 1
-        return max(1, min(MAX_PIPELINE_DEPTH, int(PIPELINE_BUDGET / max(run, 1e-6))))
-
     def observe_run_time(self, seconds: float) -> None:
-        """One invocation's running time in its sandbox (from its receipt): a moving average."""
-        if seconds >= 0:
-            self.run_time = seconds if self.run_time is None else 0.9 * self.run_time + 0.1 * seconds
-
-    @property
-    def capacity(self) -> int:
-        """Invocations one enclave may hold at once."""
-        return self.fv.config.concurrency * self.depth
+        """One invocation's running time in its sandbox (reported with its answer): a moving
+        average, from which the pipelining depth follows (see the module docstring)."""
+        if seconds < 0 or not self.fv.config.idempotent:
+            return
+        run = self.run_time = seconds if self.run_time is None else 0.9 * self.run_time + 0.1 * seconds
+        self.depth = max(1, min(MAX_PIPELINE_DEPTH, int(PIPELINE_BUDGET / max(run, 1e-6))))
+        self.capacity = self.concurrency * self.depth
 
     def _pick(self, enclave_id: str | None) -> Slot | None:
         """The least-loaded usable enclave with a free sandbox (the first such in start order)."""

@@ -97,6 +97,8 @@ class TokenAuthority:
     def __init__(self, store: Store, static_hashes: list[str], *, cache_ttl: float = 5.0) -> None:
         self._store = store
         self._static = [h.lower() for h in static_hashes]
+        # one immutable principal per static token, built once (this runs on every request)
+        self._static_principals = {h: Principal(Scope.ADMIN, "static admin token", h) for h in self._static}
         self._cache: dict[str, tuple[float, Principal | None]] = {}
         self._lock = threading.Lock()
         self._ttl = cache_ttl
@@ -146,11 +148,12 @@ class TokenAuthority:
         if scheme.lower() != "bearer" or not token.strip():
             raise AuthenticationError("the Authorization header must be 'Bearer <token>'")
         digest = token_hash(token.strip())
-        found = False
-        for known in self._static:
-            found |= hmac.compare_digest(known, digest)
-        if found:
-            return Principal(Scope.ADMIN, "static admin token", digest), digest
+        match = None
+        for known in self._static:  # every one compared, in constant time: no early exit
+            if hmac.compare_digest(known, digest):
+                match = known
+        if match is not None:
+            return self._static_principals[match], digest
         return None, digest
 
     def _lookup(self, digest: str) -> Principal | None:
