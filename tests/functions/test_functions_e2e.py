@@ -326,3 +326,56 @@ def test_bad_deployments_are_explained(live: LiveService) -> None:
         assert c.post("/v1/functions/missing/invoke", content=b"{}").status_code == 404
         r = c.post("/v1/functions/price-oracle/invoke", content=b"not json")
         assert r.status_code >= 400
+
+
+def test_pipelined_invocations_queue_in_the_enclave_and_outlive_a_timeout(live: LiveService) -> None:
+    """A short idempotent function gets more invocations than it has sandboxes; one that hangs
+    holds up only the work queued behind it, which then runs on the replacement sandbox."""
+    import concurrent.futures
+
+    code = (
+        b"def handler(event, ctx):\n"
+        b"    while event.get('hang'):\n"
+        b"        pass\n"
+        b"    return {'n': event['n']}\n"
+    )
+    with live.client() as c:
+        deploy(c, "queued", "python", code, concurrency=1, max_enclaves=1, timeout="1s", idempotent=True)
+        for n in range(20):  # measured short: the pool now pipelines it
+            assert (
+                c.post("/v1/functions/queued/invoke", content=json.dumps({"n": n})).json()["status"] == "ok"
+            )
+        jwks = c.get("/.well-known/jwks.json").json()
+
+    def call(event: dict) -> dict:  # type: ignore[type-arg]
+        with live.client() as client:
+            return client.post("/v1/functions/queued/invoke", content=json.dumps(event)).json()  # type: ignore[no-any-return]
+
+    events = [{"n": n, "hang": n == 5} for n in range(24)]
+    with concurrent.futures.ThreadPoolExecutor(24) as pool:
+        results = list(pool.map(call, events))
+    assert results[5]["status"] == "timeout" and results[5]["receipt"]["body"]["status"] == "timeout"
+    others = [r for i, r in enumerate(results) if i != 5]
+    assert all(r["status"] == "ok" for r in others), [r for r in others if r["status"] != "ok"]
+    assert sorted(r["output"]["n"] for r in others) == [n for n in range(24) if n != 5]
+    for r in others:
+        out = json.dumps(r["output"], separators=(",", ":")).encode()
+        assert verify_receipt(r["receipt"], jwks, output_bytes=out).body["status"] == "ok"
+    # work queued inside the hung enclave waited there and ran after the timeout, on the
+    # replacement sandbox (without pipelining it would have gone to a new enclave instead:
+    # a timed-out enclave takes no new work)
+    hung = results[5]
+    behind = [
+        r
+        for r in others
+        if r["enclave_id"] == hung["enclave_id"]
+        and r["receipt"]["body"]["started_at"] >= hung["receipt"]["body"]["finished_at"]
+    ]
+    assert behind, "nothing was queued inside the enclave behind the hung invocation"
+    # one sandbox: the invocations of that enclave ran one at a time
+    spans = sorted(
+        (r["receipt"]["body"]["started_at"], r["receipt"]["body"]["finished_at"])
+        for r in results
+        if r["enclave_id"] == hung["enclave_id"]
+    )
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))

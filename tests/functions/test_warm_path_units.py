@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import random
 import socket
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -19,7 +21,7 @@ from r3e_tee.errors import EnclaveError, FunctionError
 from r3e_tee.functions.model import FunctionConfig
 from r3e_tee.functions.receipts import RECEIPT_DOMAIN, canonical
 from r3e_tee.functions.registry import FunctionRegistry, FunctionVersion
-from r3e_tee.functions.scheduler import Pool
+from r3e_tee.functions.scheduler import MAX_PIPELINE_DEPTH, PIPELINE_BUDGET, InvokeResult, Pool
 from r3e_tee.runtime import function_worker
 from r3e_tee.runtime.channel import Channel, encode_frame
 from r3e_tee.runtime.functions import ReceiptSigner, _SandboxProtocol
@@ -337,3 +339,102 @@ def test_resolve_caches_briefly_and_local_deploys_and_deletes_take_effect_at_onc
             other.resolve("f")
     finally:
         store.close()
+
+
+def test_pool_pipelines_short_idempotent_functions_only() -> None:
+    async def main() -> None:
+        async def launch(fv: FunctionVersion) -> tuple[str, Any]:
+            return "e0", _Handle("e0")
+
+        async def destroy(eid: str) -> None:
+            pass
+
+        quick = Pool(_fv(concurrency=2, max_enclaves=1, idempotent=True), launch, destroy)
+        assert quick.depth == 1 and quick.capacity == 2  # nothing measured yet: one per sandbox
+        quick.observe_run_time(0.0002)
+        assert quick.depth == MAX_PIPELINE_DEPTH and quick.capacity == 2 * MAX_PIPELINE_DEPTH
+        held = [await quick.acquire(5) for _ in range(quick.capacity)]
+        assert len({id(s) for s in held}) == 1 and held[0].inflight == quick.capacity
+        with pytest.raises(FunctionError, match="became free"):
+            await quick.acquire(0.05)  # the enclave holds all it may: the next caller waits
+        for slot in held:
+            quick.release_nowait(slot)
+        # a function that turns slow stops being queued inside its enclave
+        for _ in range(100):
+            quick.observe_run_time(1.0)
+        assert quick.depth == 1 and quick.capacity == 2
+        # between the two, the queue inside an enclave holds about PIPELINE_BUDGET of work
+        mid = Pool(_fv(concurrency=1, idempotent=True), launch, destroy)
+        mid.observe_run_time(PIPELINE_BUDGET / 3)
+        assert mid.depth == 3
+        # a function that is not idempotent is never pipelined: a queued invocation lost with
+        # its enclave could not be retried
+        strict = Pool(_fv(concurrency=2, max_enclaves=1), launch, destroy)
+        strict.observe_run_time(0.0002)
+        assert strict.depth == 1 and strict.capacity == 2
+
+    asyncio.run(main())
+
+
+def test_invoke_answer_splices_the_hashed_output_and_the_enclave_receipt() -> None:
+    receipt = b'{"alg":"ES256","body":{"note":"r\xc3\xa9sum\xc3\xa9","v":1},"signature":"c2ln"}'
+
+    def result(**kw: Any) -> InvokeResult:
+        fields: dict[str, Any] = {
+            "invocation_id": 'i\u00e9"',
+            "status": "ok",
+            "output": b'{"b":1e+300,"a":[1,2]}',
+            "output_encrypted": None,
+            "receipt_json": receipt,
+            "error": None,
+            "enclave_id": "e" * 32,
+        }
+        fields.update(kw)
+        return InvokeResult(**fields)
+
+    plain = result()
+    answer = plain.to_json_bytes()
+    assert b'"output":{"b":1e+300,"a":[1,2]}}' in answer  # the very bytes output_sha256 covers
+    assert json.loads(answer) == {**plain.to_json(), "receipt": json.loads(receipt)}
+    assert plain.receipt["body"]["note"] == "r\u00e9sum\u00e9"
+    # NaN and Infinity are not JSON: they leave as null; a string naming them is untouched
+    odd = json.loads(result(output=b'{"x":NaN,"y":[-Infinity,1.5],"s":"NaN"}').to_json_bytes())
+    assert odd["output"] == {"x": None, "y": [None, 1.5], "s": "NaN"}
+    failed = json.loads(result(status="error", error="ValueError: \u2028x", output=b"null").to_json_bytes())
+    assert failed["error"] == "ValueError: \u2028x" and failed["output"] is None
+    sealed = json.loads(result(output=None, output_encrypted=b"\x00\xff").to_json_bytes())
+    assert sealed["output_encrypted"] == "AP8=" and "output" not in sealed
+
+
+def test_signed_receipt_text_is_canonical_and_its_body_is_what_was_signed() -> None:
+    keys = EnclaveKeys()
+    spec = {"enclave_id": "e" * 32, "function": "echo", "measurement": "m" * 64, "version": 2}
+    signer = ReceiptSigner(spec, keys, "att-1", "h.p.s")
+    body = {
+        "v": 1,
+        "function": "echo",
+        "version": 2,
+        "measurement": "m" * 64,
+        "invocation_id": "inv-\u00e9",
+        "status": "ok",
+        "input_sha256": "aa" * 32,
+        "output_sha256": "bb" * 32,
+        "error_sha256": None,
+        "enclave_id": "e" * 32,
+        "enclave_key": signer.enclave_key,
+        "attestation": {"id": "att-1", "token": "h.p.s"},
+        "started_at": 1796404240.122481,
+        "finished_at": 1796404240.122999,
+    }
+    text = signer.sign(body, keys.sign_digest)
+    receipt = json.loads(text)
+    assert text == canonical(receipt) and receipt["body"] == body and receipt["alg"] == "ES256"
+    public = keys._signing.public_key()  # type: ignore[union-attr]
+    signature = __import__("base64").b64decode(receipt["signature"])
+    public.verify(signature, RECEIPT_DOMAIN + canonical(body), ec.ECDSA(hashes.SHA256()))
+    with pytest.raises(InvalidSignature):
+        public.verify(
+            signature, RECEIPT_DOMAIN + canonical({**body, "status": "error"}), ec.ECDSA(hashes.SHA256())
+        )
+    with pytest.raises(EnclaveError, match="does not match its enclave"):
+        signer.sign({**body, "function": "other"}, keys.sign_digest)

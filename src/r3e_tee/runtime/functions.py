@@ -478,6 +478,7 @@ class FunctionHost:
         *,
         healthy: bool,
     ) -> None:
+        finished = time.time()  # before the sandbox takes its next invocation
         if inv.timer is not None:
             inv.timer.cancel()
         sandbox.current = None
@@ -489,7 +490,6 @@ class FunctionHost:
         else:  # killed at the deadline (perhaps just as it answered), died, or out of step
             sandbox.protocol.on_lost = None  # replaced once, here
             self._task(self._replace(loaded, sandbox))
-        finished = time.time()
         receipt = self._receipt(
             loaded, inv.invocation_id, inv.input_bytes, output, status, error, inv.started, finished
         )
