@@ -36,18 +36,24 @@ def start_service(
 ) -> LiveService:
     port = port or free_port()
     env = {**os.environ, "XDG_STATE_HOME": str(state_dir), "R3E_TEE_CONFIG": str(config or "")}
+    # the log goes to a file: a pipe nobody reads until the end fills up, and a service whose
+    # log cannot be written stops (as it would on a node whose log collector stalls)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log = (data_dir.parent / f"service-{port}.log").open("w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "r3e_tee.service", "--dev", "--data-dir", str(data_dir), "--port", str(port)],
         env=env,
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
         text=True,
     )
+    proc.stdout = log  # read back by stop_service
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"service exited: {proc.stdout.read() if proc.stdout else ''}")
+            log.seek(0)
+            raise RuntimeError(f"service exited: {log.read()}")
         try:
             if httpx.get(f"{url}/readyz", timeout=0.5).status_code == 200:
                 break
@@ -64,11 +70,17 @@ def stop_service(svc: LiveService, sig: int = 15) -> str:
     if svc.proc.poll() is None:
         svc.proc.send_signal(sig)
     try:
-        out, _ = svc.proc.communicate(timeout=20)
+        svc.proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         svc.proc.kill()
-        out, _ = svc.proc.communicate()
-    return out or ""
+        svc.proc.wait()
+    log = svc.proc.stdout
+    if log is None:
+        return ""
+    log.seek(0)
+    out = log.read()
+    log.close()
+    return out
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,10 @@
 """The function sandbox: a process forked inside the enclave that runs one function's code.
 
-It is kept warm and serves invocations one at a time over a socketpair. During an invocation
-the handler may call back into the enclave runtime through ``ctx`` (sign with the attested
-key, seal/unseal, log); the runtime answers on the same socket. The parent enforces the
-deadline by killing this process; the memory limit is an rlimit set here.
+It is kept warm and serves invocations one at a time, in the order they arrive, over a
+socketpair; the runtime may send several at once, and each is answered before the next is
+read. During an invocation the handler may call back into the enclave runtime through ``ctx``
+(sign with the attested key, seal/unseal, log); the runtime answers on the same socket. The
+parent enforces the deadline by killing this process; the memory limit is an rlimit set here.
 
 Frames: a 4-byte big-endian length, then one kind byte and the payload. The hot path needs no
 encoding: an invocation is ``I`` + deadline (double) + invocation id + the input bytes, its
@@ -14,6 +15,7 @@ runtime (``C``) and the load report (``L``) carry a CBOR map.
 from __future__ import annotations
 
 import base64
+import collections
 import gc
 import io
 import json
@@ -73,11 +75,16 @@ def send(sock: socket.socket, message: dict[str, Any], kind: bytes = CALL) -> No
     send_frame(sock, kind, cbor2.dumps(message))
 
 
-def recv(sock: socket.socket) -> dict[str, Any]:
-    """The runtime's answer to a call."""
-    kind, payload = recv_frame(sock)
-    if kind != CALL:
-        raise EOFError("expected the answer to a call")
+def recv(sock: socket.socket, backlog: collections.deque[tuple[bytes, bytes]]) -> dict[str, Any]:
+    """The runtime's answer to a call. Invocations the runtime queued here meanwhile arrive
+    before it: they wait in ``backlog``, in order."""
+    while True:
+        kind, payload = recv_frame(sock)
+        if kind == CALL:
+            break
+        if kind != INVOKE:
+            raise EOFError("expected the answer to a call")
+        backlog.append((kind, payload))
     message = cbor2.loads(payload)
     if not isinstance(message, dict):
         raise EOFError("not a map")
@@ -105,10 +112,11 @@ class _Bridge:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self.backlog: collections.deque[tuple[bytes, bytes]] = collections.deque()
 
     def call(self, fn: str, **args: Any) -> Any:
         send(self.sock, {"op": "call", "fn": fn, **args}, CALL)
-        reply = recv(self.sock)
+        reply = recv(self.sock, self.backlog)
         if not reply.get("ok"):
             raise RuntimeError(str(reply.get("error", f"{fn} failed")))
         return reply.get("result")
@@ -246,9 +254,10 @@ def serve(sock: socket.socket, spec: dict[str, Any], secrets: dict[str, bytes]) 
     if fn is None:
         return
     gc.freeze()  # what loading built stays: keep it out of the collector's full passes
+    backlog = bridge.backlog
     while True:
         try:
-            kind, payload = recv_frame(sock)
+            kind, payload = backlog.popleft() if backlog else recv_frame(sock)
         except EOFError:
             return
         if kind != INVOKE:

@@ -112,15 +112,32 @@ class _Invocation:
 
 @dataclass
 class _Sandbox:
+    """A sandbox process and the invocations sent to it, in order: the first runs, the others
+    wait in its socket (the sandbox answers each before it reads the next, so only the first
+    can have started)."""
+
     pid: int
     transport: asyncio.Transport
     protocol: _SandboxProtocol
-    timed_out: bool = False
-    current: _Invocation | None = None  # what it runs now
-    bridging: asyncio.Task[None] | None = None  # a ctx call being answered
+    queue: collections.deque[_Invocation] = field(default_factory=collections.deque)
+    stopped: _Invocation | None = None  # the invocation whose deadline killed this sandbox
+    retired: bool = False  # dying or killed: nothing more is sent to it
+    _outbox: list[bytes] = field(default_factory=list)
+
+    @property
+    def current(self) -> _Invocation | None:
+        return self.queue[0] if self.queue else None
 
     def send(self, kind: bytes, payload: bytes) -> None:
-        self.transport.write(function_worker.frame(kind, payload))
+        """Queue a frame; a loop turn's frames leave in one write (one wake-up of the sandbox)."""
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outbox.append(function_worker.frame(kind, payload))
+
+    def _flush(self) -> None:
+        frames, self._outbox = self._outbox, []
+        if frames and not self.transport.is_closing():
+            self.transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
 
     async def recv(self) -> tuple[bytes, bytes]:
         protocol = self.protocol
@@ -139,9 +156,12 @@ class _Sandbox:
             raise EnclaveError("function sandbox sent a malformed frame")
         return message
 
-    def expire(self) -> None:
-        """The deadline passed: stop the function now (its invocation reports a timeout)."""
-        self.timed_out = True
+    def expire(self, inv: _Invocation) -> None:
+        """``inv``'s deadline passed: stop the function now (it reports a timeout)."""
+        if self.current is not inv or self.stopped is not None:
+            return  # it answered in time: the timer lost the race
+        self.stopped = inv
+        self.retired = True
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGKILL)
 
@@ -234,19 +254,28 @@ class ReceiptSigner:
 class LoadedFunction:
     spec: dict[str, Any]
     sandboxes: list[_Sandbox] = field(default_factory=list)
-    idle: list[_Sandbox] = field(default_factory=list)
-    pending: collections.deque[_Invocation] = field(default_factory=collections.deque)
+    pending: collections.deque[_Invocation] = field(default_factory=collections.deque)  # in no sandbox yet
     logs: list[dict[str, Any]] = field(default_factory=list)
     signer: ReceiptSigner | None = None
     concurrency: int = 1
     respawning: int = 0
 
 
+#: invocations sent to one sandbox at most (the first runs; the others wait in its socket, so a
+#: sandbox that finishes one reads the next without waiting for the runtime)
+SANDBOX_DEPTH = 4
+
+
 class FunctionHost:
-    """Invocations run without tasks: the request frame starts one on an idle sandbox (or
-    queues it) from the channel's read callback, and the sandbox's answer is signed and sent
-    from the sandbox's read callback. Only a handler's calls back into the runtime (ctx.sign,
-    seal, log) and replacing a sandbox run as tasks."""
+    """Invocations run without tasks: the request frame places one on the least-busy sandbox
+    (or queues it) from the channel's read callback, and the sandbox's answer is signed and
+    sent from the sandbox's read callback. Only a handler's calls back into the runtime
+    (ctx.sign, seal, log) and replacing a sandbox run as tasks.
+
+    The host may pipeline (functions/scheduler.py): then a sandbox is sent up to
+    SANDBOX_DEPTH invocations at once. Its deadline clock starts for each when the one before
+    it has answered; if the sandbox dies, the one running reports it and the others, which
+    never started, go to another sandbox."""
 
     def __init__(self, runtime: EnclaveRuntime) -> None:
         self.runtime = runtime
@@ -320,23 +349,26 @@ class FunctionHost:
         concurrency = max(1, int(measured.get("concurrency", 1)))
         loaded = LoadedFunction(spec, concurrency=concurrency)
         for _ in range(concurrency):
-            sandbox = await self._spawn(spec)
-            loaded.sandboxes.append(sandbox)
-            loaded.idle.append(sandbox)
+            loaded.sandboxes.append(await self._spawn(spec))
         self.loaded = loaded
         return {"loaded": measured.get("function"), "sandboxes": concurrency}
 
-    def _available(self, loaded: LoadedFunction, sandbox: _Sandbox) -> None:
-        """A sandbox is free: the longest waiting invocation takes it."""
-        if loaded.pending:
-            self._begin(sandbox, loaded.pending.popleft())
-        else:
-            loaded.idle.append(sandbox)
+    def _place(self, loaded: LoadedFunction) -> None:
+        """Send waiting invocations, oldest first, each to the live sandbox with the fewest."""
+        pending = loaded.pending
+        while pending:
+            best: _Sandbox | None = None
+            for sandbox in loaded.sandboxes:
+                if not sandbox.retired and (best is None or len(sandbox.queue) < len(best.queue)):
+                    best = sandbox
+                    if not sandbox.queue:
+                        break
+            if best is None or len(best.queue) >= SANDBOX_DEPTH:
+                return
+            self._submit(best, pending.popleft())
 
     async def _replace(self, loaded: LoadedFunction, dead: _Sandbox) -> None:
         dead.kill()
-        with contextlib.suppress(ValueError):
-            loaded.sandboxes.remove(dead)
         loaded.respawning += 1
         try:
             fresh = await self._spawn(loaded.spec)
@@ -355,7 +387,7 @@ class FunctionHost:
             fresh.kill()
             return
         loaded.sandboxes.append(fresh)
-        self._available(loaded, fresh)
+        self._place(loaded)
 
     # -- invocation ------------------------------------------------------------------------------
 
@@ -423,20 +455,23 @@ class FunctionHost:
             reply_key=reply_key,
             decrypted_from=decrypted_from,
         )
-        if loaded.idle:
-            self._begin(loaded.idle.pop(), inv)
-        else:
-            loaded.pending.append(inv)
+        loaded.pending.append(inv)
+        self._place(loaded)
 
-    def _begin(self, sandbox: _Sandbox, inv: _Invocation) -> None:
-        inv.started = time.time()
-        sandbox.current = inv
-        # the deadline kills the sandbox process, wherever the function is
-        inv.timer = asyncio.get_running_loop().call_later(inv.timeout, sandbox.expire)
+    def _submit(self, sandbox: _Sandbox, inv: _Invocation) -> None:
+        sandbox.queue.append(inv)
+        if len(sandbox.queue) == 1:
+            self._start_clock(sandbox, inv)
         sandbox.send(
             function_worker.INVOKE,
-            function_worker.invoke_payload(inv.started + inv.timeout, inv.invocation_id, inv.input_bytes),
+            function_worker.invoke_payload(time.time() + inv.timeout, inv.invocation_id, inv.input_bytes),
         )
+
+    @staticmethod
+    def _start_clock(sandbox: _Sandbox, inv: _Invocation) -> None:
+        """``inv`` runs from now: the deadline kills the sandbox process, wherever it is."""
+        inv.started = time.time()
+        inv.timer = asyncio.get_running_loop().call_later(inv.timeout, sandbox.expire, inv)
 
     def _on_frame(self, sandbox: _Sandbox, kind: bytes, body: bytes) -> None:
         inv = sandbox.current
@@ -446,50 +481,48 @@ class FunctionHost:
         if kind == function_worker.CALL:
             self._task(self._answer_call(sandbox, inv, body))
         elif kind == function_worker.OUTPUT:
-            self._finish(sandbox, inv, "ok", body, None, healthy=True)
+            self._finish(sandbox, "ok", body, None)
         elif kind == function_worker.ERROR:
-            self._finish(sandbox, inv, "error", b"null", body.decode(errors="replace"), healthy=True)
+            self._finish(sandbox, "error", b"null", body.decode(errors="replace"))
         else:
             sandbox.protocol._fail("the function sandbox sent a malformed frame")
 
     def _on_lost(self, sandbox: _Sandbox) -> None:
+        sandbox.retired = True
+        loaded = self.loaded
         inv = sandbox.current
         if inv is not None:
-            if sandbox.timed_out:
+            if sandbox.stopped is inv:
                 error = f"the function did not finish within {inv.timeout:g} s and was stopped"
-                self._finish(sandbox, inv, "timeout", b"null", error, healthy=False)
+                self._finish(sandbox, "timeout", b"null", error)
+            elif sandbox.stopped is not None:
+                error = "the function's sandbox was stopped at the deadline of the invocation before it"
+                self._finish(sandbox, "error", b"null", error)
             else:
-                error = "the function's sandbox died; it was replaced"
-                self._finish(sandbox, inv, "error", b"null", error, healthy=False)
+                self._finish(sandbox, "error", b"null", "the function's sandbox died; it was replaced")
+        if loaded is None or self.loaded is not loaded or sandbox not in loaded.sandboxes:
             return
-        loaded = self.loaded
-        if loaded is not None and sandbox in loaded.sandboxes:  # died while idle
-            with contextlib.suppress(ValueError):
-                loaded.idle.remove(sandbox)
-            self._task(self._replace(loaded, sandbox))
+        # what it was sent but never started goes first to another sandbox
+        loaded.pending.extendleft(reversed(sandbox.queue))
+        sandbox.queue.clear()
+        with contextlib.suppress(ValueError):
+            loaded.sandboxes.remove(sandbox)
+        self._task(self._replace(loaded, sandbox))
+        self._place(loaded)
 
-    def _finish(
-        self,
-        sandbox: _Sandbox,
-        inv: _Invocation,
-        status: str,
-        output: bytes,
-        error: str | None,
-        *,
-        healthy: bool,
-    ) -> None:
-        finished = time.time()  # before the sandbox takes its next invocation
+    def _finish(self, sandbox: _Sandbox, status: str, output: bytes, error: str | None) -> None:
+        """The running invocation answered (or its sandbox ended): sign and send its result."""
+        finished = time.time()  # before the sandbox's next invocation starts its clock
+        inv = sandbox.queue.popleft()
         if inv.timer is not None:
             inv.timer.cancel()
-        sandbox.current = None
         loaded = self.loaded
         if loaded is None:
             return
-        if healthy and not sandbox.timed_out:
-            self._available(loaded, sandbox)
-        else:  # killed at the deadline (perhaps just as it answered), died, or out of step
-            sandbox.protocol.on_lost = None  # replaced once, here
-            self._task(self._replace(loaded, sandbox))
+        if sandbox.queue and not sandbox.retired:
+            self._start_clock(sandbox, sandbox.queue[0])
+        if loaded.pending:
+            self._place(loaded)
         receipt = self._receipt(
             loaded, inv.invocation_id, inv.input_bytes, output, status, error, inv.started, finished
         )
