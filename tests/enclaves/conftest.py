@@ -75,7 +75,7 @@ def stop_service(svc: LiveService, sig: int = 15) -> str:
         svc.proc.kill()
         svc.proc.wait()
     log = svc.proc.stdout
-    if log is None:
+    if log is None or log.closed:  # stopped before
         return ""
     log.seek(0)
     out = log.read()

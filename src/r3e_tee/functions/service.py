@@ -10,7 +10,7 @@ import logging
 import time
 from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Gauge
 
 from r3e_tee.errors import FunctionError, InvalidRequestError, R3ETeeError
 from r3e_tee.functions.invocations import Dispatcher, InvocationQueue
@@ -18,6 +18,7 @@ from r3e_tee.functions.registry import FunctionRegistry, FunctionVersion
 from r3e_tee.functions.scheduler import EnclaveRef, InvokeResult, RemoteEnclave, Scheduler
 from r3e_tee.ids import new_id
 from r3e_tee.service.app import ServiceContext
+from r3e_tee.service.metrics import LatencyMetrics
 from r3e_tee.service.workers import LocalWorker
 
 log = logging.getLogger("r3e_tee.functions")
@@ -33,15 +34,14 @@ class FunctionsService:
         self.scheduler = Scheduler(self._launch, self._destroy)
         self.dispatcher = Dispatcher(self.queue, self._run_queued)
         r = ctx.registry
-        self.m_latency = Histogram(
-            "r3e_tee_invocation_duration_seconds",
-            "Invocation latency inside the service, by function and status",
-            ["function", "status"],
-            registry=r,
+        self.m_invocations = LatencyMetrics(
+            counter="r3e_tee_invocations",
+            counter_doc="Invocations by function and status",
+            histogram="r3e_tee_invocation_duration_seconds",
+            histogram_doc="Invocation latency inside the service, by function and status",
+            labelnames=("function", "status"),
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 30),
-        )
-        self.m_total = Counter(
-            "r3e_tee_invocations", "Invocations by function and status", ["function", "status"], registry=r
+            registry=r,
         )
         self.m_queue = Gauge(
             "r3e_tee_function_queue_depth",
@@ -50,17 +50,9 @@ class FunctionsService:
             registry=r,
         )
         self.m_enclaves = Gauge("r3e_tee_enclaves", "Enclaves by state", ["state"], registry=r)
-        self._children: dict[tuple[str, str], tuple[Any, Any]] = {}  # labelled metrics, by (function, status)
 
     def _observe(self, name: str, status: str, elapsed: float) -> None:
-        children = self._children.get((name, status))
-        if children is None:
-            if len(self._children) > 10_000:
-                self._children.clear()
-            children = (self.m_latency.labels(name, status), self.m_total.labels(name, status))
-            self._children[(name, status)] = children
-        children[0].observe(elapsed)
-        children[1].inc()
+        self.m_invocations.observe((name, status), elapsed)
 
     # -- enclaves for functions ------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from r3e_tee import __version__
@@ -28,6 +28,7 @@ from r3e_tee.errors import R3ETeeError
 from r3e_tee.ids import new_id
 from r3e_tee.logging import access_log, request_id_var
 from r3e_tee.service.auth import TokenAuthority
+from r3e_tee.service.metrics import LatencyMetrics
 from r3e_tee.store import Store
 
 log = logging.getLogger("r3e_tee.service")
@@ -53,38 +54,25 @@ class ServiceContext:
 
 class _Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.requests = Counter(
-            "r3e_tee_http_requests",
-            "HTTP requests by route template and status",
-            ["method", "route", "status"],
-            registry=registry,
-        )
-        self.latency = Histogram(
-            "r3e_tee_http_request_duration_seconds",
-            "HTTP request latency by route template",
-            ["method", "route"],
-            registry=registry,
+        self.requests = LatencyMetrics(
+            counter="r3e_tee_http_requests",
+            counter_doc="HTTP requests by route template and status",
+            histogram="r3e_tee_http_request_duration_seconds",
+            histogram_doc="HTTP request latency by route template",
+            labelnames=("method", "route", "status"),
+            histogram_labels=2,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+            registry=registry,
         )
-        # labelled children, looked up once: labels() takes a lock and validates every call
-        self._counters: dict[tuple[str, str, int], Any] = {}
-        self._histograms: dict[tuple[str, str], Any] = {}
+        self._labels: dict[tuple[str, str, int], tuple[str, str, str]] = {}
 
     def observe(self, method: str, template: str, status: int, elapsed: float) -> None:
-        counter = self._counters.get((method, template, status))
-        if counter is None:
-            if len(self._counters) > 10_000:  # methods are client-chosen: bound the cache
-                self._counters.clear()
-            counter = self._counters[(method, template, status)] = self.requests.labels(
-                method, template, str(status)
-            )
-        histogram = self._histograms.get((method, template))
-        if histogram is None:
-            if len(self._histograms) > 10_000:
-                self._histograms.clear()
-            histogram = self._histograms[(method, template)] = self.latency.labels(method, template)
-        counter.inc()
-        histogram.observe(elapsed)
+        labels = self._labels.get((method, template, status))
+        if labels is None:
+            if len(self._labels) > 10_000:  # methods are client-chosen: bound the cache
+                self._labels.clear()
+            labels = self._labels[(method, template, status)] = (method, template, str(status))
+        self.requests.observe(labels, elapsed)
 
 
 _UNLOGGED_ROUTES = frozenset(("/healthz", "/readyz", "/metrics"))
