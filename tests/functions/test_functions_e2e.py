@@ -361,6 +361,7 @@ def test_pipelined_invocations_queue_in_the_enclave_and_outlive_a_timeout(live: 
     for r in others:
         out = json.dumps(r["output"], separators=(",", ":")).encode()
         assert verify_receipt(r["receipt"], jwks, output_bytes=out).body["status"] == "ok"
+    # (under this load most of them are batch-signed, ES256-batch: each verified above on its own)
     # work queued inside the hung enclave waited there and ran after the timeout, on the
     # replacement sandbox (without pipelining it would have gone to a new enclave instead:
     # a timed-out enclave takes no new work)

@@ -4,6 +4,7 @@ signer, the scheduler's hand-off and the function-version cache."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import random
@@ -17,14 +18,14 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from r3e_tee.errors import EnclaveError, FunctionError
+from r3e_tee.errors import EnclaveError, FunctionError, ReceiptError
 from r3e_tee.functions.model import FunctionConfig
-from r3e_tee.functions.receipts import RECEIPT_DOMAIN, canonical
+from r3e_tee.functions.receipts import RECEIPT_DOMAIN, canonical, signed_message
 from r3e_tee.functions.registry import FunctionRegistry, FunctionVersion
 from r3e_tee.functions.scheduler import MAX_PIPELINE_DEPTH, PIPELINE_BUDGET, InvokeResult, Pool
 from r3e_tee.runtime import function_worker
 from r3e_tee.runtime.channel import Channel, encode_frame
-from r3e_tee.runtime.functions import ReceiptSigner, _SandboxProtocol
+from r3e_tee.runtime.functions import FunctionHost, ReceiptSigner, _SandboxProtocol, _Unsigned
 from r3e_tee.runtime.keys import EnclaveKeys
 from r3e_tee.store import open_store
 
@@ -438,3 +439,121 @@ def test_signed_receipt_text_is_canonical_and_its_body_is_what_was_signed() -> N
         )
     with pytest.raises(EnclaveError, match="does not match its enclave"):
         signer.sign({**body, "function": "other"}, keys.sign_digest)
+
+
+class _RecordingChannel:
+    def __init__(self) -> None:
+        self.handlers: dict[str, Any] = {}
+        self.direct: dict[str, Any] = {}
+        self.answers: list[tuple[Any, dict[str, Any]]] = []
+        self.errors: list[tuple[Any, EnclaveError]] = []
+
+    def respond(self, rid: Any, result: dict[str, Any]) -> None:
+        self.answers.append((rid, result))
+
+    def respond_error(self, rid: Any, exc: EnclaveError) -> None:
+        self.errors.append((rid, exc))
+
+
+def _turn(count: int) -> tuple[list[dict[str, Any]], EnclaveKeys, _RecordingChannel]:
+    """Receipts of ``count`` invocations finished in one loop turn, signed as the runtime does."""
+    keys = EnclaveKeys()
+    channel = _RecordingChannel()
+    runtime = type("Runtime", (), {"keys": keys, "channel": channel, "on_shutdown": []})()
+    host = FunctionHost(runtime)  # type: ignore[arg-type]
+    spec = {"enclave_id": "e" * 32, "function": "echo", "measurement": "m" * 64, "version": 1}
+    signer = ReceiptSigner(spec, keys, "att", "h.p.s")
+    for n in range(count):
+        body = {
+            "v": 1,
+            "function": "echo",
+            "version": 1,
+            "measurement": "m" * 64,
+            "invocation_id": f"inv-{n}",
+            "status": "ok",
+            "input_sha256": f"{n:064x}",
+            "output_sha256": f"{n:064x}",
+            "error_sha256": None,
+            "enclave_id": "e" * 32,
+            "enclave_key": signer.enclave_key,
+            "attestation": {"id": "att", "token": "h.p.s"},
+            "started_at": 1796404240.5 + n,
+            "finished_at": 1796404240.75 + n,
+        }
+        tail, digest = signer.statement(body)
+        host._unsigned.append(_Unsigned(n, {"status": "ok"}, signer.head, tail, digest))
+    host._sign_turn()
+    assert [rid for rid, _ in channel.answers] == list(range(count))
+    receipts = [json.loads(out["receipt_json"]) for _, out in channel.answers]
+    for out in (o for _, o in channel.answers):
+        assert out["receipt_json"] == canonical(json.loads(out["receipt_json"]))
+    return receipts, keys, channel
+
+
+def _check(receipt: dict[str, Any], keys: EnclaveKeys) -> None:
+    public = keys._signing.public_key()  # type: ignore[union-attr]
+    message = signed_message(receipt, RECEIPT_DOMAIN + canonical(receipt["body"]))
+    public.verify(base64.b64decode(receipt["signature"]), message, ec.ECDSA(hashes.SHA256()))
+
+
+def test_receipts_of_one_turn_share_one_signature_and_each_still_verifies_alone() -> None:
+    single, keys, _ = _turn(1)
+    assert single[0]["alg"] == "ES256" and "batch" not in single[0]
+    _check(single[0], keys)
+    receipts, keys, _ = _turn(5)
+    assert {r["alg"] for r in receipts} == {"ES256-batch"} and len({r["signature"] for r in receipts}) == 1
+    for index, receipt in enumerate(receipts):
+        assert receipt["batch"]["index"] == index and len(receipt["batch"]["leaves"]) == 5
+        _check(receipt, keys)
+    good = receipts[2]
+    forged: list[tuple[str, dict[str, Any], type[Exception]]] = [
+        ("body", {**good, "body": {**good["body"], "output_sha256": "00" * 32}}, ReceiptError),
+        ("index", {**good, "batch": {**good["batch"], "index": 3}}, ReceiptError),
+        ("index out of range", {**good, "batch": {**good["batch"], "index": 5}}, ReceiptError),
+        ("bool index", {**good, "batch": {**good["batch"], "index": True}}, ReceiptError),
+        (
+            "a leaf dropped",
+            {**good, "batch": {"index": 2, "leaves": good["batch"]["leaves"][:4]}},
+            InvalidSignature,
+        ),
+        (
+            "leaves reordered",
+            {
+                **good,
+                "batch": {
+                    "index": 2,
+                    "leaves": [*good["batch"]["leaves"][1::-1], *good["batch"]["leaves"][2:]],
+                },
+            },
+            InvalidSignature,
+        ),
+        (
+            "a spaced leaf",
+            {
+                **good,
+                "batch": {
+                    "index": 2,
+                    "leaves": [" " * 2 + good["batch"]["leaves"][0][2:], *good["batch"]["leaves"][1:]],
+                },
+            },
+            ReceiptError,
+        ),
+        ("one leaf", {**good, "batch": {"index": 0, "leaves": good["batch"]["leaves"][2:3]}}, ReceiptError),
+        ("alg", {**good, "alg": "ES256"}, InvalidSignature),
+    ]
+    for name, receipt, error in forged:
+        with pytest.raises(error):
+            _check(receipt, keys)
+            pytest.fail(f"accepted a receipt with its {name} changed")
+    # another enclave's batch signature does not cover this one's statements
+    other, other_keys, _ = _turn(5)
+    with pytest.raises(InvalidSignature):
+        _check({**good, "signature": other[2]["signature"]}, keys)
+    # keys gone before the turn ended (shut down): each waiting invocation gets an error
+    keys = EnclaveKeys()
+    channel = _RecordingChannel()
+    host = FunctionHost(type("Runtime", (), {"keys": keys, "channel": channel, "on_shutdown": []})())  # type: ignore[arg-type]
+    host._unsigned.append(_Unsigned(7, {}, b"{", b"}", b"\0" * 32))
+    keys.zeroize()
+    host._sign_turn()
+    assert not channel.answers and [rid for rid, _ in channel.errors] == [7]

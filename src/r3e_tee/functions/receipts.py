@@ -4,7 +4,8 @@ A receipt says: this function version (measurement) turned an input (SHA-256) in
 (SHA-256) in this enclave, whose attested key signed the statement. Checking it needs no trust
 in the operator, only the issuer's JWKS (and, with ``evidence``, the hardware roots):
 
-1. the receipt signature verifies with the enclave key it names;
+1. the receipt signature verifies with the enclave key it names (over the receipt, or over
+   the batch of receipts the enclave finished together, which the receipt lists);
 2. that key is the one the attestation token binds (``cnf.p256``), for the same enclave;
 3. the token is signed by a JWKS key, names the same measurement, and was valid when the
    invocation ran;
@@ -31,6 +32,10 @@ from r3e_tee.attestation.tokens import TokenError, verify_token
 from r3e_tee.errors import ReceiptError
 
 RECEIPT_DOMAIN = b"r3e-receipt/v1\n"
+#: a batch signature covers this, then the SHA-256 of each receipt's signed statement, in order
+BATCH_DOMAIN = b"r3e-receipt-batch/v1\n"
+#: the most receipts one batch signature may cover
+MAX_BATCH = 64
 _CLOCK_SKEW = 5.0
 
 
@@ -78,11 +83,12 @@ def verify_receipt(
         raise ReceiptError(
             "not a receipt: body, signature, enclave_key and attestation.token are required"
         ) from None
-    if body.get("v") != 1 or receipt.get("alg", "ES256") != "ES256":
+    if body.get("v") != 1 or receipt.get("alg", "ES256") not in ("ES256", "ES256-batch"):
         raise ReceiptError(f"unsupported receipt version {body.get('v')!r} / alg {receipt.get('alg')!r}")
+    signed = signed_message(receipt, RECEIPT_DOMAIN + canonical(body))
     try:
         key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), enclave_key)
-        key.verify(signature, RECEIPT_DOMAIN + canonical(body), ec.ECDSA(hashes.SHA256()))
+        key.verify(signature, signed, ec.ECDSA(hashes.SHA256()))
     except (InvalidSignature, ValueError):
         raise ReceiptError(
             "the receipt signature does not verify with the enclave key it names (altered or forged)"
@@ -121,6 +127,39 @@ def verify_receipt(
             raise ReceiptError(f"the {name} does not match the receipt's {key_name}")
         done.append(f"{name} matches")
     return ReceiptCheck(body, claims, done)
+
+
+def signed_message(receipt: Mapping[str, Any], statement: bytes) -> bytes:
+    """What the receipt's signature covers: its statement (``ES256``), or, for a receipt signed
+    with others (``ES256-batch``), the batch: BATCH_DOMAIN and the SHA-256 of every statement in
+    the batch, whose ``index``-th must be this receipt's."""
+    if receipt.get("alg", "ES256") == "ES256":
+        return statement
+    batch = receipt.get("batch")
+    leaves = batch.get("leaves") if isinstance(batch, Mapping) else None
+    index = batch.get("index") if isinstance(batch, Mapping) else None
+    if (
+        not isinstance(leaves, list)
+        or not 2 <= len(leaves) <= MAX_BATCH
+        or not isinstance(index, int)
+        or isinstance(index, bool)
+        or not 0 <= index < len(leaves)
+        or not all(isinstance(leaf, str) and len(leaf) == 64 for leaf in leaves)
+    ):
+        raise ReceiptError(
+            f"a batch receipt needs batch.index and 2 to {MAX_BATCH} batch.leaves (SHA-256, hex)"
+        )
+    try:
+        digests = [bytes.fromhex(leaf) for leaf in leaves]
+    except ValueError:
+        digests = []
+    if len(digests) != len(leaves) or any(len(d) != 32 for d in digests):  # fromhex skips spaces
+        raise ReceiptError("batch.leaves must be SHA-256 digests in hex")
+    if not hmac.compare_digest(digests[index], hashlib.sha256(statement).digest()):
+        raise ReceiptError(
+            "the receipt body is not the one its batch signature lists at its index (altered or forged)"
+        )
+    return BATCH_DOMAIN + b"".join(digests)
 
 
 def _check_policy(policy: Any, claims: Mapping[str, Any]) -> None:

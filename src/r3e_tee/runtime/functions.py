@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import cbor2
 
 from r3e_tee.errors import EnclaveError
+from r3e_tee.functions.receipts import BATCH_DOMAIN, MAX_BATCH
 from r3e_tee.ids import new_id
 from r3e_tee.runtime import function_worker
 from r3e_tee.runtime.channel import FrameSplitter
@@ -240,6 +241,13 @@ class ReceiptSigner:
         h.update(self.tail(body))
         return h.digest()
 
+    def statement(self, body: dict[str, Any]) -> tuple[bytes, bytes]:
+        """The canonical text after :attr:`head`, and the SHA-256 of the signed statement."""
+        tail = self.tail(body)
+        h = self._hash.copy()
+        h.update(tail)
+        return tail, h.digest()
+
     def sign(self, body: dict[str, Any], sign_digest: Callable[[bytes], bytes]) -> bytes:
         """The signed receipt as canonical JSON, ``{"alg","body","signature"}``: its body is
         the exact text the signature covers (after RECEIPT_DOMAIN)."""
@@ -248,6 +256,17 @@ class ReceiptSigner:
         h.update(tail)
         signature = base64.b64encode(sign_digest(h.digest()))
         return b'{"alg":"ES256","body":' + self.head + tail + b',"signature":"' + signature + b'"}'
+
+
+@dataclass
+class _Unsigned:
+    """A finished invocation's answer waiting for the end of the loop turn to be signed."""
+
+    rid: Any
+    out: dict[str, Any]
+    head: bytes
+    tail: bytes
+    digest: bytes  # SHA-256 of the receipt's signed statement
 
 
 @dataclass
@@ -284,6 +303,7 @@ class FunctionHost:
         runtime.channel.direct["invoke"] = self.start_invoke
         runtime.on_shutdown.append(self.shutdown)
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._unsigned: list[_Unsigned] = []
 
     def _task(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -523,16 +543,10 @@ class FunctionHost:
             self._start_clock(sandbox, sandbox.queue[0])
         if loaded.pending:
             self._place(loaded)
-        receipt = self._receipt(
+        signer, body = self._receipt_body(
             loaded, inv.invocation_id, inv.input_bytes, output, status, error, inv.started, finished
         )
-        # the receipt travels as its JSON text: the service relays it without decoding it
-        out: dict[str, Any] = {
-            "status": status,
-            "receipt_json": receipt,
-            "error": error,
-            "run_time": finished - inv.started,
-        }
+        out: dict[str, Any] = {"status": status, "error": error, "run_time": finished - inv.started}
         if inv.reply_key is not None:
             try:
                 out["output_encrypted"] = self._seal_output(output, inv.reply_key)
@@ -543,7 +557,48 @@ class FunctionHost:
             out["output"] = output
         if inv.decrypted_from is not None:
             out["input_ciphertext_sha256"] = hashlib.sha256(inv.decrypted_from).hexdigest()
-        self.runtime.channel.respond(inv.rid, out)
+        tail, digest = signer.statement(body)
+        if not self._unsigned:
+            asyncio.get_running_loop().call_soon(self._sign_turn)
+        self._unsigned.append(_Unsigned(inv.rid, out, signer.head, tail, digest))
+
+    def _sign_turn(self) -> None:
+        """Sign the receipts finished in this loop turn: one alone as itself, several together,
+        one signature over the batch (functions/receipts.py says what it covers). Under load a
+        turn finishes several, and a signature costs more than everything else about a receipt.
+        """
+        items, self._unsigned = self._unsigned, []
+        channel = self.runtime.channel
+        for start in range(0, len(items), MAX_BATCH):
+            chunk = items[start : start + MAX_BATCH]
+            try:
+                if len(chunk) == 1:
+                    item = chunk[0]
+                    signature = base64.b64encode(self.runtime.keys.sign_digest(item.digest))
+                    item.out["receipt_json"] = (
+                        b'{"alg":"ES256","body":'
+                        + item.head
+                        + item.tail
+                        + b',"signature":"'
+                        + signature
+                        + b'"}'
+                    )
+                else:
+                    digests = [item.digest for item in chunk]
+                    batch = hashlib.sha256(BATCH_DOMAIN + b"".join(digests)).digest()
+                    signature = base64.b64encode(self.runtime.keys.sign_digest(batch))
+                    leaves = b'","'.join(d.hex().encode() for d in digests)
+                    for index, item in enumerate(chunk):
+                        item.out["receipt_json"] = (
+                            b'{"alg":"ES256-batch","batch":{"index":%d,"leaves":["%b"]},"body":%b%b,'
+                            b'"signature":"%b"}' % (index, leaves, item.head, item.tail, signature)
+                        )
+            except EnclaveError as exc:  # the keys are gone (shut down meanwhile)
+                for item in chunk:
+                    channel.respond_error(item.rid, exc)
+                continue
+            for item in chunk:
+                channel.respond(item.rid, item.out)
 
     def _open_input(self, ciphertext: bytes) -> bytes:
         from r3e_tee.functions.e2e import open_input
@@ -559,7 +614,7 @@ class FunctionHost:
 
         return seal_output(output, reply_key)
 
-    def _receipt(
+    def _receipt_body(
         self,
         loaded: LoadedFunction,
         invocation_id: str,
@@ -569,7 +624,7 @@ class FunctionHost:
         error: str | None,
         started: float,
         finished: float,
-    ) -> bytes:
+    ) -> tuple[ReceiptSigner, dict[str, Any]]:
         runtime = self.runtime
         signer = loaded.signer
         if (
@@ -597,7 +652,7 @@ class FunctionHost:
             "started_at": round(started, 6),
             "finished_at": round(finished, 6),
         }
-        return signer.sign(body, runtime.keys.sign_digest)
+        return signer, body
 
     def shutdown(self) -> None:
         loaded, self.loaded = self.loaded, None
