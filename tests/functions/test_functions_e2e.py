@@ -334,10 +334,16 @@ def test_pipelined_invocations_queue_in_the_enclave_and_outlive_a_timeout(live: 
     import concurrent.futures
 
     code = (
+        b"import base64, os\n"
         b"def handler(event, ctx):\n"
         b"    while event.get('hang'):\n"
         b"        pass\n"
-        b"    return {'n': event['n']}\n"
+        b"    if event.get('exit'):\n"
+        b"        os._exit(3)\n"
+        b"    out = {'n': event['n']}\n"
+        b"    if event.get('sign'):\n"
+        b"        out['sig'] = base64.b64encode(ctx.sign(b'n=%d' % event['n'])).decode()\n"
+        b"    return out\n"
     )
     with live.client() as c:
         deploy(c, "queued", "python", code, concurrency=1, max_enclaves=1, timeout="1s", idempotent=True)
@@ -351,13 +357,26 @@ def test_pipelined_invocations_queue_in_the_enclave_and_outlive_a_timeout(live: 
         with live.client() as client:
             return client.post("/v1/functions/queued/invoke", content=json.dumps(event)).json()  # type: ignore[no-any-return]
 
-    events = [{"n": n, "hang": n == 5} for n in range(24)]
+    # one hangs, one kills its sandbox, every third calls back into the enclave (ctx.sign)
+    # while others wait behind it in the same sandbox's socket
+    events = [{"n": n, "hang": n == 5, "exit": n == 9, "sign": n % 3 == 0} for n in range(24)]
     with concurrent.futures.ThreadPoolExecutor(24) as pool:
         results = list(pool.map(call, events))
     assert results[5]["status"] == "timeout" and results[5]["receipt"]["body"]["status"] == "timeout"
-    others = [r for i, r in enumerate(results) if i != 5]
+    assert results[9]["status"] == "error" and "sandbox" in results[9]["error"], results[9]
+    others = [r for i, r in enumerate(results) if i not in (5, 9)]
     assert all(r["status"] == "ok" for r in others), [r for r in others if r["status"] != "ok"]
-    assert sorted(r["output"]["n"] for r in others) == [n for n in range(24) if n != 5]
+    assert sorted(r["output"]["n"] for r in others) == [n for n in range(24) if n not in (5, 9)]
+    signed = [r for r in others if r["output"]["n"] % 3 == 0]
+    for r in signed:
+        key = ec.EllipticCurvePublicKey.from_encoded_point(
+            ec.SECP256R1(), base64.urlsafe_b64decode(r["receipt"]["body"]["enclave_key"] + "==")
+        )
+        key.verify(
+            base64.b64decode(r["output"]["sig"]),
+            b"r3e-function-sign/v1\n" + b"n=%d" % r["output"]["n"],
+            ec.ECDSA(__import__("cryptography.hazmat.primitives.hashes", fromlist=["SHA256"]).SHA256()),
+        )
     for r in others:
         out = json.dumps(r["output"], separators=(",", ":")).encode()
         assert verify_receipt(r["receipt"], jwks, output_bytes=out).body["status"] == "ok"
