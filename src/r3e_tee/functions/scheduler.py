@@ -411,8 +411,9 @@ class Scheduler:
         for _ in range(attempts):
             slot = await pool.acquire(timeout + 30, enclave_id)
             try:
-                # queued inside the enclave, it may wait for those ahead of it to end first
-                rounds = (slot.inflight - 1) // pool.concurrency + 1
+                # queued inside the enclave, it may wait for those ahead of it to end first, on
+                # one sandbox fewer while the enclave replaces one that died or timed out
+                rounds = 1 if pool.depth == 1 else (slot.inflight - 1) // max(1, pool.concurrency - 1) + 1
                 reply = await slot.handle.channel.request("invoke", timeout=timeout * rounds + 5, **request)
                 run_time = reply.get("run_time")
                 if isinstance(run_time, float) and reply.get("status") != "timeout":
