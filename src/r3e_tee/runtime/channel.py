@@ -230,6 +230,7 @@ class Channel:
         self.closed = asyncio.Event()
         self.name = name
         self._outbox: list[bytes] = []
+        self._outbox_size = 0  # bytes in _outbox
 
     @classmethod
     async def over_socket(
@@ -260,9 +261,10 @@ class Channel:
         if not self._outbox:
             asyncio.get_running_loop().call_soon(self._flush)
         self._outbox.append(frame)
+        self._outbox_size += len(frame)
 
     def _flush(self) -> None:
-        frames, self._outbox = self._outbox, []
+        frames, self._outbox, self._outbox_size = self._outbox, [], 0
         if not frames or self.closed.is_set():
             return
         try:
@@ -272,7 +274,7 @@ class Channel:
 
     async def _drain(self) -> None:
         transport = self._writer.transport
-        if transport.get_write_buffer_size() + sum(map(len, self._outbox)) > self.HIGH_WATER:
+        if transport.get_write_buffer_size() + self._outbox_size > self.HIGH_WATER:
             self._flush()
             await self._writer.drain()
 
@@ -389,7 +391,7 @@ class Channel:
             return
         self._closed_reason = reason
         self.closed.set()
-        self._outbox = []
+        self._outbox, self._outbox_size = [], 0
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(ChannelClosed(f"{self.name}: {reason}"))
