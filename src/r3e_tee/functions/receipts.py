@@ -93,7 +93,11 @@ def verify_receipt(
         raise ReceiptError(
             "the receipt signature does not verify with the enclave key it names (altered or forged)"
         ) from None
-    done.append("receipt signature by the enclave key")
+    batch = receipt.get("batch") if receipt.get("alg") == "ES256-batch" else None
+    done.append(
+        "receipt signature by the enclave key"
+        + (f" (one signature over a batch of {len(batch['leaves'])})" if isinstance(batch, Mapping) else "")
+    )
 
     try:
         claims = verify_token(token, jwks, issuer=issuer, at=float(body["started_at"]), leeway=_CLOCK_SKEW)
