@@ -399,3 +399,41 @@ def test_pipelined_invocations_queue_in_the_enclave_and_outlive_a_timeout(live: 
         if r["enclave_id"] == hung["enclave_id"]
     )
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))
+
+
+def test_pipelined_async_invocations_survive_an_enclave_kill(live: LiveService) -> None:
+    """Queued inside an enclave that is killed, asynchronous invocations of a short idempotent
+    function are retried by the queue: none is lost, none is answered twice."""
+    code = b"def handler(event, ctx):\n    return {'n': event['n']}\n"
+    with live.client() as c:
+        deploy(c, "burst", "python", code, concurrency=2, max_enclaves=2, idempotent=True)
+        for n in range(20):  # measured short: pipelined from here on
+            assert (
+                c.post("/v1/functions/burst/invoke", content=json.dumps({"n": -1})).json()["status"] == "ok"
+            )
+        ids = []
+        for n in range(300):
+            r = c.post(
+                "/v1/functions/burst/invocations",
+                content=json.dumps({"n": n}),
+                headers={"Idempotency-Key": f"burst-{n}"},
+            )
+            assert r.status_code == 202
+            ids.append(r.json()["invocation_id"])
+            if n == 100:
+                for e in c.get("/v1/enclaves").json():
+                    if e["function_name"] == "burst" and e["state"] == "ready":
+                        os.kill(e["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 90
+        done: dict[str, dict] = {}  # type: ignore[type-arg]
+        while len(done) < len(ids) and time.monotonic() < deadline:
+            for inv in ids:
+                if inv not in done:
+                    state = c.get(f"/v1/invocations/{inv}").json()
+                    if state["status"] in ("succeeded", "failed"):
+                        done[inv] = state
+            time.sleep(0.2)
+    assert len(done) == len(ids), f"{len(ids) - len(done)} invocations were lost"
+    failed = [s for s in done.values() if s["status"] != "succeeded"]
+    assert not failed, failed[:3]
+    assert sorted(s["output"]["n"] for s in done.values()) == list(range(300))
