@@ -356,6 +356,8 @@ def test_pool_pipelines_short_idempotent_functions_only() -> None:
         assert quick.depth == MAX_PIPELINE_DEPTH and quick.capacity == 2 * MAX_PIPELINE_DEPTH
         held = [await quick.acquire(5) for _ in range(quick.capacity)]
         assert len({id(s) for s in held}) == 1 and held[0].inflight == quick.capacity
+        # all but the two running are queued inside the enclave: the queue depth an HPA sees
+        assert quick.waiting == 0 and quick.queued == quick.capacity - 2
         with pytest.raises(FunctionError, match="became free"):
             await quick.acquire(0.05)  # the enclave holds all it may: the next caller waits
         for slot in held:

@@ -332,6 +332,13 @@ class Pool:
         finally:
             self.waiting -= 1
 
+    @property
+    def queued(self) -> int:
+        """Invocations not yet running: waiting here, or queued inside an enclave (pipelined)
+        behind its ``concurrency`` sandboxes."""
+        limit = self.concurrency
+        return self.waiting + sum(max(0, s.inflight - limit) for s in self.slots.values())
+
     def release_nowait(self, slot: Slot) -> None:
         slot.last_used = time.monotonic()
         if self._waiters and slot.usable and self._hand_over(slot):
@@ -451,4 +458,9 @@ class Scheduler:
             await pool.close()
 
     def queue_depth(self) -> dict[str, int]:
-        return {p.fv.name: p.waiting for p in self.pools.values()}
+        """Invocations not yet running, per function: waiting for an enclave, or pipelined into
+        one behind its busy sandboxes (what an autoscaler outside the service should see)."""
+        depth: dict[str, int] = {}
+        for p in self.pools.values():
+            depth[p.fv.name] = depth.get(p.fv.name, 0) + p.queued
+        return depth

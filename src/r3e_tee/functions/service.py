@@ -45,7 +45,8 @@ class FunctionsService:
         )
         self.m_queue = Gauge(
             "r3e_tee_function_queue_depth",
-            "Invocations waiting for an enclave or queued",
+            "Invocations not yet running: queued, waiting for an enclave, or pipelined into one"
+            " behind its busy sandboxes",
             ["function"],
             registry=r,
         )
@@ -188,8 +189,8 @@ class FunctionsService:
 
     def refresh_metrics(self) -> None:
         depth = self.queue.depth()
-        for pool in self.scheduler.pools.values():
-            depth[pool.fv.name] = depth.get(pool.fv.name, 0) + pool.waiting
+        for name, waiting in self.scheduler.queue_depth().items():
+            depth[name] = depth.get(name, 0) + waiting
         for name, value in depth.items():
             self.m_queue.labels(name).set(value)
         for row in self.ctx.store.fetchall("SELECT state, count(*) AS n FROM enclaves GROUP BY state"):
