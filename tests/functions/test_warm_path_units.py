@@ -559,3 +559,30 @@ def test_receipts_of_one_turn_share_one_signature_and_each_still_verifies_alone(
     keys.zeroize()
     host._sign_turn()
     assert not channel.answers and [rid for rid, _ in channel.errors] == [7]
+
+
+def test_pool_room_from_a_deeper_pipeline_goes_to_those_already_waiting() -> None:
+    async def main() -> None:
+        async def launch(fv: FunctionVersion) -> tuple[str, Any]:
+            return "e0", _Handle("e0")
+
+        async def destroy(eid: str) -> None:
+            pass
+
+        pool = Pool(_fv(concurrency=2, max_enclaves=1, idempotent=True), launch, destroy)
+        held = [await pool.acquire(5), await pool.acquire(5)]  # one per sandbox until measured
+        order: list[int] = []
+
+        async def wait(n: int) -> None:
+            await pool.acquire(5)
+            order.append(n)
+
+        waiters = [asyncio.ensure_future(wait(n)) for n in range(3)]
+        await asyncio.sleep(0.01)
+        assert pool.waiting == 3 and not order
+        pool.observe_run_time(0.0002)  # short: the enclave may now hold 16
+        late = asyncio.ensure_future(wait(99))
+        await asyncio.gather(*waiters, late)
+        assert order == [0, 1, 2, 99] and held[0].inflight == 6 and pool.waiting == 0
+
+    asyncio.run(main())

@@ -122,12 +122,12 @@ class InvokeResult:
         if b"NaN" in output or b"Infinity" in output:
             # JSON has no NaN or Infinity: such numbers go out as null (strings merely naming
             # them take this path too, and come out unchanged)
-            output = _RECEIPT_JSON.encode(_finite(json.loads(output))).encode()
+            output = _COMPACT_JSON.encode(_finite(json.loads(output))).encode()
         return head + b',"output":' + output + b"}"
 
 
 _encode_str = json.encoder.encode_basestring  # json.dumps(str, ensure_ascii=False)
-_RECEIPT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+_COMPACT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
 def _finite(value: Any) -> Any:
@@ -142,12 +142,12 @@ def _finite(value: Any) -> Any:
 
 # launches an enclave for a function version and returns its id once ready and loaded
 Launcher = Callable[[FunctionVersion], Awaitable[tuple[str, EnclaveRef]]]
+Destroyer = Callable[[str], Awaitable[None]]
 
 #: work an enclave may hold queued per sandbox, in seconds of the function's measured running time
 PIPELINE_BUDGET = 0.05
 #: invocations an enclave may hold per sandbox at most (running plus queued inside it)
 MAX_PIPELINE_DEPTH = 8
-Destroyer = Callable[[str], Awaitable[None]]
 
 
 class _Waiter:
@@ -199,7 +199,14 @@ class Pool:
             return
         run = self.run_time = seconds if self.run_time is None else 0.9 * self.run_time + 0.1 * seconds
         self.depth = max(1, min(MAX_PIPELINE_DEPTH, int(PIPELINE_BUDGET / max(run, 1e-6))))
+        grew = self.concurrency * self.depth > self.capacity
         self.capacity = self.concurrency * self.depth
+        if grew and self._waiters:
+            # room that appeared goes to those already waiting, first come first served, so
+            # free capacity and waiters still never coexist (a newcomer cannot overtake them)
+            for slot in self.slots.values():
+                while slot.inflight < self.capacity and slot.usable and self._hand_over(slot):
+                    slot.inflight += 1
 
     def _pick(self, enclave_id: str | None) -> Slot | None:
         """The least-loaded usable enclave with a free sandbox (the first such in start order)."""
