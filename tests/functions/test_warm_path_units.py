@@ -586,3 +586,28 @@ def test_pool_room_from_a_deeper_pipeline_goes_to_those_already_waiting() -> Non
         assert order == [0, 1, 2, 99] and held[0].inflight == 6 and pool.waiting == 0
 
     asyncio.run(main())
+
+
+def test_pool_shrinks_an_enclave_to_a_shallower_pipeline() -> None:
+    async def main() -> None:
+        async def launch(fv: FunctionVersion) -> tuple[str, Any]:
+            return "e0", _Handle("e0")
+
+        async def destroy(eid: str) -> None:
+            pass
+
+        pool = Pool(_fv(concurrency=1, max_enclaves=1, idempotent=True), launch, destroy)
+        pool.observe_run_time(0.0002)
+        held = [await pool.acquire(5) for _ in range(MAX_PIPELINE_DEPTH)]
+        waiter = asyncio.ensure_future(pool.acquire(5))
+        await asyncio.sleep(0.01)
+        for _ in range(100):
+            pool.observe_run_time(1.0)  # the function turned slow: one at a time
+        assert pool.capacity == 1
+        for slot in held[:-1]:
+            pool.release_nowait(slot)  # above capacity: released, not handed on
+            assert not waiter.done()
+        pool.release_nowait(held[-1])  # at capacity: the waiter gets it
+        assert (await waiter).inflight == 1
+
+    asyncio.run(main())

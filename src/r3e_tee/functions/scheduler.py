@@ -348,7 +348,8 @@ class Pool:
 
     def release_nowait(self, slot: Slot) -> None:
         slot.last_used = time.monotonic()
-        if self._waiters and slot.usable and self._hand_over(slot):
+        # (above capacity, after the function turned slower and its pipeline shallower: shrink)
+        if self._waiters and slot.usable and slot.inflight <= self.capacity and self._hand_over(slot):
             return  # the sandbox stays in flight, for the waiter it went to
         slot.inflight -= 1
         if slot.draining and slot.inflight == 0:
