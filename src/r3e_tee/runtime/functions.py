@@ -511,6 +511,13 @@ class FunctionHost:
         sandbox.retired = True
         loaded = self.loaded
         inv = sandbox.current
+        mine = loaded is not None and self.loaded is loaded and sandbox in loaded.sandboxes
+        if loaded is not None and mine and len(sandbox.queue) > 1:
+            # what it was sent but never started goes first, ahead of newer work, elsewhere
+            never_started = list(sandbox.queue)[1:]
+            while len(sandbox.queue) > 1:
+                sandbox.queue.pop()
+            loaded.pending.extendleft(reversed(never_started))
         if inv is not None:
             if sandbox.stopped is inv:
                 error = f"the function did not finish within {inv.timeout:g} s and was stopped"
@@ -520,10 +527,8 @@ class FunctionHost:
                 self._finish(sandbox, "error", b"null", error)
             else:
                 self._finish(sandbox, "error", b"null", "the function's sandbox died; it was replaced")
-        if loaded is None or self.loaded is not loaded or sandbox not in loaded.sandboxes:
+        if loaded is None or not mine:
             return
-        # what it was sent but never started goes first to another sandbox
-        loaded.pending.extendleft(reversed(sandbox.queue))
         sandbox.queue.clear()
         with contextlib.suppress(ValueError):
             loaded.sandboxes.remove(sandbox)
