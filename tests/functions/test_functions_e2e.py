@@ -11,6 +11,7 @@ import signal
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -24,6 +25,27 @@ from r3e_tee.functions.receipts import RECEIPT_DOMAIN, canonical, verify_receipt
 from .conftest import EXAMPLES, LiveService, deploy
 
 EVENT = {"pair": "NEO/USD", "prices": [11.9, 12.1, 12.0]}
+
+
+def kill_ready_enclaves(c: httpx.Client, function: str) -> None:
+    """SIGKILL the processes of the function's ready enclaves (a crash, as the host sees it)."""
+    for e in c.get("/v1/enclaves").json():
+        if e["function_name"] == function and e["state"] == "ready":
+            os.kill(e["pid"], signal.SIGKILL)
+
+
+def wait_finished(c: httpx.Client, ids: list[str], seconds: float) -> dict[str, dict]:  # type: ignore[type-arg]
+    """The asynchronous invocations that succeeded or failed within ``seconds``, by id."""
+    deadline = time.monotonic() + seconds
+    done: dict[str, dict] = {}  # type: ignore[type-arg]
+    while len(done) < len(ids) and time.monotonic() < deadline:
+        for inv in ids:
+            if inv not in done:
+                state = c.get(f"/v1/invocations/{inv}").json()
+                if state["status"] in ("succeeded", "failed"):
+                    done[inv] = state
+        time.sleep(0.1)
+    return done
 
 
 def test_examples_deploy_invoke_and_receipts_verify_offline(live: LiveService) -> None:
@@ -218,18 +240,8 @@ def test_async_invocations_survive_an_enclave_kill_and_dedupe(live: LiveService)
         )
         assert again.status_code == 200 and again.json()["invocation_id"] == ids[0]
         time.sleep(0.3)
-        for e in c.get("/v1/enclaves").json():
-            if e["function_name"] == "slow" and e["state"] == "ready":
-                os.kill(e["pid"], signal.SIGKILL)
-        deadline = time.monotonic() + 60
-        done: dict[str, dict] = {}  # type: ignore[type-arg]
-        while len(done) < len(ids) and time.monotonic() < deadline:
-            for inv in ids:
-                if inv not in done:
-                    state = c.get(f"/v1/invocations/{inv}").json()
-                    if state["status"] in ("succeeded", "failed"):
-                        done[inv] = state
-            time.sleep(0.1)
+        kill_ready_enclaves(c, "slow")
+        done = wait_finished(c, ids, 60)
         assert len(done) == len(ids), "invocations were lost"
         assert all(s["status"] == "succeeded" for s in done.values()), [
             s for s in done.values() if s["status"] != "succeeded"
@@ -421,18 +433,8 @@ def test_pipelined_async_invocations_survive_an_enclave_kill(live: LiveService) 
             assert r.status_code == 202
             ids.append(r.json()["invocation_id"])
             if n == 100:
-                for e in c.get("/v1/enclaves").json():
-                    if e["function_name"] == "burst" and e["state"] == "ready":
-                        os.kill(e["pid"], signal.SIGKILL)
-        deadline = time.monotonic() + 90
-        done: dict[str, dict] = {}  # type: ignore[type-arg]
-        while len(done) < len(ids) and time.monotonic() < deadline:
-            for inv in ids:
-                if inv not in done:
-                    state = c.get(f"/v1/invocations/{inv}").json()
-                    if state["status"] in ("succeeded", "failed"):
-                        done[inv] = state
-            time.sleep(0.2)
+                kill_ready_enclaves(c, "burst")
+        done = wait_finished(c, ids, 90)
     assert len(done) == len(ids), f"{len(ids) - len(done)} invocations were lost"
     failed = [s for s in done.values() if s["status"] != "succeeded"]
     assert not failed, failed[:3]

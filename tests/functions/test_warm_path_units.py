@@ -220,6 +220,14 @@ class _Handle:
         return not self.exited.value
 
 
+async def _launch_e0(fv: FunctionVersion) -> tuple[str, Any]:
+    return "e0", _Handle("e0")
+
+
+async def _destroy_nothing(eid: str) -> None:
+    pass
+
+
 def _fv(**settings: Any) -> FunctionVersion:
     config = FunctionConfig(name="f", runtime="python", **settings)
     return FunctionVersion(config, 1, b"x=1", "0" * 64, None, 0.0)
@@ -344,13 +352,7 @@ def test_resolve_caches_briefly_and_local_deploys_and_deletes_take_effect_at_onc
 
 def test_pool_pipelines_short_idempotent_functions_only() -> None:
     async def main() -> None:
-        async def launch(fv: FunctionVersion) -> tuple[str, Any]:
-            return "e0", _Handle("e0")
-
-        async def destroy(eid: str) -> None:
-            pass
-
-        quick = Pool(_fv(concurrency=2, max_enclaves=1, idempotent=True), launch, destroy)
+        quick = Pool(_fv(concurrency=2, max_enclaves=1, idempotent=True), _launch_e0, _destroy_nothing)
         assert quick.depth == 1 and quick.capacity == 2  # nothing measured yet: one per sandbox
         quick.observe_run_time(0.0002)
         assert quick.depth == MAX_PIPELINE_DEPTH and quick.capacity == 2 * MAX_PIPELINE_DEPTH
@@ -367,12 +369,12 @@ def test_pool_pipelines_short_idempotent_functions_only() -> None:
             quick.observe_run_time(1.0)
         assert quick.depth == 1 and quick.capacity == 2
         # between the two, the queue inside an enclave holds about PIPELINE_BUDGET of work
-        mid = Pool(_fv(concurrency=1, idempotent=True), launch, destroy)
+        mid = Pool(_fv(concurrency=1, idempotent=True), _launch_e0, _destroy_nothing)
         mid.observe_run_time(PIPELINE_BUDGET / 3)
         assert mid.depth == 3
         # a function that is not idempotent is never pipelined: a queued invocation lost with
         # its enclave could not be retried
-        strict = Pool(_fv(concurrency=2, max_enclaves=1), launch, destroy)
+        strict = Pool(_fv(concurrency=2, max_enclaves=1), _launch_e0, _destroy_nothing)
         strict.observe_run_time(0.0002)
         assert strict.depth == 1 and strict.capacity == 2
 
@@ -563,13 +565,7 @@ def test_receipts_of_one_turn_share_one_signature_and_each_still_verifies_alone(
 
 def test_pool_room_from_a_deeper_pipeline_goes_to_those_already_waiting() -> None:
     async def main() -> None:
-        async def launch(fv: FunctionVersion) -> tuple[str, Any]:
-            return "e0", _Handle("e0")
-
-        async def destroy(eid: str) -> None:
-            pass
-
-        pool = Pool(_fv(concurrency=2, max_enclaves=1, idempotent=True), launch, destroy)
+        pool = Pool(_fv(concurrency=2, max_enclaves=1, idempotent=True), _launch_e0, _destroy_nothing)
         held = [await pool.acquire(5), await pool.acquire(5)]  # one per sandbox until measured
         order: list[int] = []
 
@@ -590,13 +586,7 @@ def test_pool_room_from_a_deeper_pipeline_goes_to_those_already_waiting() -> Non
 
 def test_pool_shrinks_an_enclave_to_a_shallower_pipeline() -> None:
     async def main() -> None:
-        async def launch(fv: FunctionVersion) -> tuple[str, Any]:
-            return "e0", _Handle("e0")
-
-        async def destroy(eid: str) -> None:
-            pass
-
-        pool = Pool(_fv(concurrency=1, max_enclaves=1, idempotent=True), launch, destroy)
+        pool = Pool(_fv(concurrency=1, max_enclaves=1, idempotent=True), _launch_e0, _destroy_nothing)
         pool.observe_run_time(0.0002)
         held = [await pool.acquire(5) for _ in range(MAX_PIPELINE_DEPTH)]
         waiter = asyncio.ensure_future(pool.acquire(5))

@@ -12,7 +12,7 @@ import typer
 from rich.markup import escape
 
 from r3e_tee.cli.client import ApiError, ServiceClient
-from r3e_tee.cli.output import cli_state, console, print_json, print_table, service_client
+from r3e_tee.cli.output import cli_state, console, print_json, print_table, service_call, service_client
 from r3e_tee.config import parse_size
 from r3e_tee.errors import InvalidRequestError, R3ETeeError
 
@@ -82,11 +82,7 @@ def list_enclaves(
 ) -> None:
     """List enclaves with provider, size, state and measurement."""
     s = cli_state(ctx)
-    c = service_client(ctx)
-    try:
-        enclaves = c.get("/v1/enclaves", params={"all": str(all_).lower()})
-    finally:
-        c.close()
+    enclaves = service_call(ctx, "GET", "/v1/enclaves", params={"all": str(all_).lower()})
     if s.json:
         print_json(enclaves)
         return
@@ -110,11 +106,7 @@ def destroy_enclave(
 ) -> None:
     """Destroy an enclave: its runtime zeroizes its keys and its tokens are revoked."""
     s = cli_state(ctx)
-    c = service_client(ctx)
-    try:
-        enclave = c.delete(f"/v1/enclaves/{enclave_id}")
-    finally:
-        c.close()
+    enclave = service_call(ctx, "DELETE", f"/v1/enclaves/{enclave_id}")
     if s.json:
         print_json(enclave)
     else:

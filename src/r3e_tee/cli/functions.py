@@ -12,7 +12,7 @@ import typer
 from rich.markup import escape
 
 from r3e_tee.cli.client import ServiceClient
-from r3e_tee.cli.output import cli_state, console, print_json, print_table, service_client
+from r3e_tee.cli.output import cli_state, console, print_json, print_table, service_call, service_client
 from r3e_tee.errors import InvalidRequestError, R3ETeeError, ReceiptError
 
 
@@ -69,11 +69,7 @@ def deploy_function(
         "provider": provider,
         "code": base64.b64encode(_read(file, "code")).decode(),
     }
-    c = service_client(ctx)
-    try:
-        fv = c.post("/v1/functions", json=body)
-    finally:
-        c.close()
+    fv = service_call(ctx, "POST", "/v1/functions", json=body)
     if s.json:
         print_json(fv)
     else:
@@ -84,11 +80,7 @@ def deploy_function(
 def list_functions(ctx: typer.Context) -> None:
     """Deployed functions with their latest version and measurement."""
     s = cli_state(ctx)
-    c = service_client(ctx)
-    try:
-        fns = c.get("/v1/functions")
-    finally:
-        c.close()
+    fns = service_call(ctx, "GET", "/v1/functions")
     if s.json:
         print_json(fns)
         return

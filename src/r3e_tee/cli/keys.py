@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from r3e_tee.cli.output import cli_state, console, print_json, print_table, service_client
+from r3e_tee.cli.output import cli_state, console, print_json, print_table, service_call, service_client
 from r3e_tee.errors import InvalidRequestError
 
 
@@ -75,11 +75,7 @@ def put_secret(
         body["owner"] = owner
     if description is not None:
         body["description"] = description
-    c = service_client(ctx)
-    try:
-        out = c.request("PUT", f"/v1/secrets/{name}", json=body)
-    finally:
-        c.close()
+    out = service_call(ctx, "PUT", f"/v1/secrets/{name}", json=body)
     if s.json:
         print_json(out)
         return
@@ -100,11 +96,7 @@ def put_secret(
 def list_secrets(ctx: typer.Context) -> None:
     """Secrets with their revision, size, key version and policy (never values)."""
     s = cli_state(ctx)
-    c = service_client(ctx)
-    try:
-        secrets = c.get("/v1/secrets")
-    finally:
-        c.close()
+    secrets = service_call(ctx, "GET", "/v1/secrets")
     if s.json:
         print_json(secrets)
         return
@@ -125,11 +117,7 @@ def list_secrets(ctx: typer.Context) -> None:
 def delete_secret(ctx: typer.Context, name: Annotated[str, typer.Argument(help="secret name")]) -> None:
     """Delete a secret; the attestation tokens it was released to are revoked."""
     s = cli_state(ctx)
-    c = service_client(ctx)
-    try:
-        out = c.delete(f"/v1/secrets/{name}")
-    finally:
-        c.close()
+    out = service_call(ctx, "DELETE", f"/v1/secrets/{name}")
     if s.json:
         print_json(out)
         return
@@ -155,11 +143,7 @@ def rotate_keys(
     body: dict[str, Any] = {"data_keys": data_keys, "signing_keys": signing_keys}
     if owner:
         body["owners"] = list(owner)
-    c = service_client(ctx)
-    try:
-        out = c.post("/v1/keys/rotate", json=body)
-    finally:
-        c.close()
+    out = service_call(ctx, "POST", "/v1/keys/rotate", json=body)
     if s.json:
         print_json(out)
         return
@@ -181,11 +165,7 @@ def rotate_keys(
 def list_keys(ctx: typer.Context) -> None:
     """The KEK in use, data key versions and token signing keys (metadata only)."""
     s = cli_state(ctx)
-    c = service_client(ctx)
-    try:
-        out = c.get("/v1/keys")
-    finally:
-        c.close()
+    out = service_call(ctx, "GET", "/v1/keys")
     if s.json:
         print_json(out)
         return

@@ -44,6 +44,15 @@ def service_client(ctx: Any, timeout: float = 120.0) -> Any:
     return ServiceClient(s.server, s.token, timeout=timeout)
 
 
+def service_call(ctx: Any, method: str, path: str, **kwargs: Any) -> Any:
+    """One request to the service, for a command that needs no more (the client is closed)."""
+    c = service_client(ctx)
+    try:
+        return c.request(method, path, **kwargs)
+    finally:
+        c.close()
+
+
 def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 

@@ -33,6 +33,9 @@ from typing import Any
 import cbor2
 import quickjs  # loaded before the zygote forks: sandboxes may not see the install path
 
+# the one canonical form: what the receipt's input and output hashes (and verifiers) are taken over
+from r3e_tee.functions.receipts import canonical as canonical_json
+
 _LEN = struct.Struct(">I")
 MAX_FRAME = 64 * 1024 * 1024
 
@@ -100,11 +103,6 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
         chunks.append(chunk)
         n -= len(chunk)
     return b"".join(chunks)
-
-
-def canonical_json(value: Any) -> bytes:
-    """The bytes input and output hashes are taken over (order- and whitespace-independent)."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 class _Bridge:

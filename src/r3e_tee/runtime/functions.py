@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import cbor2
 
 from r3e_tee.errors import EnclaveError
-from r3e_tee.functions.receipts import BATCH_DOMAIN, MAX_BATCH
+from r3e_tee.functions.receipts import BATCH_DOMAIN, MAX_BATCH, RECEIPT_DOMAIN, canonical
 from r3e_tee.ids import new_id
 from r3e_tee.runtime import function_worker
 from r3e_tee.runtime.channel import FrameSplitter
@@ -33,12 +33,7 @@ from r3e_tee.runtime.channel import FrameSplitter
 if TYPE_CHECKING:
     from r3e_tee.runtime.enclave import EnclaveRuntime
 
-RECEIPT_DOMAIN = b"r3e-receipt/v1\n"
 SIGN_DOMAIN = b"r3e-function-sign/v1\n"
-
-
-def canonical(value: Any) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 class _SandboxProtocol(asyncio.Protocol):

@@ -43,8 +43,15 @@ class ServiceLink:
             except ValueError:
                 body = {"message": resp.text[:200]}
             if isinstance(body, dict) and body.get("error") == "rejected":
+                try:
+                    reason = Reason(str(body.get("reason", "malformed")))
+                except ValueError:  # a reason this worker's version does not know
+                    raise R3ETeeError(
+                        f"{self.server}{path}: rejected ({body.get('reason')}): {body.get('message')}",
+                        hint="the service is newer than this worker: upgrade r3e-tee-worker",
+                    ) from None
                 raise VerificationError(
-                    Reason(body.get("reason", "malformed")),
+                    reason,
                     str(body.get("message", "")),
                     check=str(body.get("check", "service")),
                     observed=body.get("observed"),
