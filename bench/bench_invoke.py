@@ -10,6 +10,11 @@ connections, or, without wrk, from a small asyncio client in this process. The a
 ASGI app that reads the request body and answers a small JSON document. Targets (issue 6):
 throughput >= 50% of the anchor and p99 <= 10 ms with 32 concurrent clients; cold start to the
 first result <= 150 ms on the simulation provider.
+
+Each round also prints where the CPU went, in microseconds per request (from /proc): the
+service process, the enclave runtime, its sandboxes, and the rest of the machine (mostly the
+load generator). The service is one process, so it can never go faster than one core allows;
+bench_relay_floor.py measures the same path with no product code, for comparison.
 """
 
 from __future__ import annotations
@@ -64,6 +69,80 @@ def wait_ready(url: str) -> None:
         except httpx.HTTPError:
             time.sleep(0.05)
     raise RuntimeError(f"{url} did not answer")
+
+
+def _proc_table() -> dict[int, tuple[int, float, str]]:
+    """pid -> (parent pid, CPU seconds used, command line) of every process (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        table[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick, cmd)
+    return table
+
+
+def cpu_by_role(roots: dict[str, int]) -> dict[str, float]:
+    """CPU seconds so far of each root process and its descendants, by role. Below an enclave
+    zygote, its children are enclave runtimes and theirs the function sandboxes."""
+    table = _proc_table()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    out: dict[str, float] = {}
+
+    def in_zygote(pid: int) -> bool:
+        argv = table[pid][2].split()
+        return bool(argv) and "python" in Path(argv[0]).name and "r3e_tee.runtime.zygote" in argv
+
+    def walk(pid: int, role: str, depth: int | None) -> None:
+        # depth below the enclave zygote: 1 an enclave runtime, 2 its sandboxes
+        if depth is None and in_zygote(pid):
+            depth = 0
+        name = role if not depth else "enclave runtime" if depth == 1 else "sandboxes"
+        out[name] = out.get(name, 0.0) + table[pid][1]
+        for child in children.get(pid, []):
+            if child in table:
+                walk(child, role, None if depth is None else depth + 1)
+
+    for role, pid in roots.items():
+        if pid in table:
+            walk(pid, role, None)
+    return out
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU time of the whole machine so far, in clock ticks (/proc/stat)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]
+    return sum(values) - idle, sum(values)
+
+
+def measured_load(
+    url: str, headers: dict[str, str], seconds: int, connections: int, roots: dict[str, int]
+) -> tuple[float, dict[str, float], str, str]:
+    """``load`` plus where the CPU went: microseconds per request of each role under ``roots``
+    and of everything else on the machine (the load generator, mostly)."""
+    before, busy0 = cpu_by_role(roots), machine_busy()
+    rps, lat, tool = load(url, headers, seconds, connections)
+    after, busy1 = cpu_by_role(roots), machine_busy()
+    requests = rps * seconds
+    parts, ours = [], 0.0
+    for role, used in after.items():
+        spent = max(0.0, used - before.get(role, 0.0))
+        ours += spent
+        parts.append(f"{role} {spent / requests * 1e6:.0f}")
+    ticks = os.sysconf("SC_CLK_TCK")
+    busy = (busy1[0] - busy0[0]) / ticks
+    share = (busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1]) * (os.cpu_count() or 1)
+    parts.append(f"rest of the machine {max(0.0, busy - ours) / requests * 1e6:.0f}")
+    return rps, lat, tool, f"CPU us/request: {', '.join(parts)} (cores busy {share:.2f} of {os.cpu_count()})"
 
 
 def run_wrk(
@@ -226,6 +305,7 @@ def main() -> int:
     args = ap.parse_args()
 
     pairs: list[tuple[float, dict[str, float], float, dict[str, float]]] = []
+    cpu: list[tuple[str, str]] = []
     with tempfile.TemporaryDirectory() as tmp:
         bare, bare_url = start_bare(tmp)
         svc, url, token = start_service(tmp)
@@ -237,9 +317,14 @@ def main() -> int:
             for target, headers in targets:
                 load(target, headers, 2, args.connections)  # warm-up
             for _ in range(args.rounds):
-                bare_rps, bare_lat, tool = load(targets[0][0], {}, args.seconds, args.connections)
-                rps, lat, _ = load(targets[1][0], auth, args.seconds, args.connections)
+                bare_rps, bare_lat, tool, bare_cpu = measured_load(
+                    targets[0][0], {}, args.seconds, args.connections, {"server": bare.pid}
+                )
+                rps, lat, _, svc_cpu = measured_load(
+                    targets[1][0], auth, args.seconds, args.connections, {"service": svc.pid}
+                )
                 pairs.append((bare_rps, bare_lat, rps, lat))
+                cpu.append((bare_cpu, svc_cpu))
         finally:
             bare.terminate()
             bare.wait()
@@ -247,12 +332,15 @@ def main() -> int:
             svc.wait(30)
 
     print(f"load generator: {tool}; {args.connections} connections, {args.seconds} s per run")
-    for i, (bare_rps, bare_lat, rps, lat) in enumerate(pairs, 1):
+    for i, (pair, (bare_cpu, svc_cpu)) in enumerate(zip(pairs, cpu, strict=True), 1):
+        bare_rps, bare_lat, rps, lat = pair
         print(
             f"round {i}: bare ASGI {bare_rps:8.0f} req/s p99 {bare_lat['99']:5.2f} ms | warm invocation"
             f" {rps:6.0f} req/s p50 {lat['50']:5.2f} p90 {lat['90']:5.2f} p99 {lat['99']:5.2f} ms"
             f" | ratio {rps / bare_rps:.2f}"
         )
+        print(f"  bare ASGI        {bare_cpu}")
+        print(f"  warm invocation  {svc_cpu}")
     ratio = statistics.median(rps / bare_rps for bare_rps, _, rps, _ in pairs)
     p99 = statistics.median(lat["99"] for *_, lat in pairs)
     met = sum(lat["99"] <= 10 for *_, lat in pairs)
