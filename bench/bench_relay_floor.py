@@ -16,6 +16,8 @@ bare ASGI endpoint, both under the same uvicorn settings as bench_invoke.py:
 Up to four sandboxes take frames in turn, as the benchmark's function has four. Whatever this
 reaches relative to the bare endpoint is more than any faithful implementation of the issue's
 path can reach here: the real one does the same relaying plus the work the product exists for.
+``--relay-work-us N`` adds N microseconds of busy work per invocation in the relay process, to
+show how the ratio falls as the enclave runtime's share of the work grows.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pathlib import Path
 from bench_invoke import free_port, load, measured_load, start_bare, wait_ready
 
 RELAY = r'''
-import asyncio, os, socket, struct, sys
+import asyncio, os, socket, struct, sys, time
 import uvloop
 
 LEN = struct.Struct(">I")
@@ -80,7 +82,7 @@ class Framed(asyncio.Protocol):
         self.transport.write(b"".join(out))
 
 
-async def main(path, sandboxes):
+async def main(path, sandboxes, work):
     loop = asyncio.get_running_loop()
     front = []
     waiting = []  # per sandbox: the front connections awaiting its answers, in order
@@ -102,6 +104,10 @@ async def main(path, sandboxes):
     turn = [0]
 
     def request(proto, frame):
+        if work:  # --relay-work-us: stand-in for what the enclave runtime does per invocation
+            end = time.perf_counter() + work
+            while time.perf_counter() < end:
+                pass
         i = turn[0] = (turn[0] + 1) % len(boxes)
         waiting[i].append(proto)
         boxes[i].send(frame)
@@ -111,7 +117,7 @@ async def main(path, sandboxes):
     await server.serve_forever()
 
 
-uvloop.run(main(sys.argv[1], int(sys.argv[2])))
+uvloop.run(main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]) / 1e6))
 '''
 
 FRONT = r'''
@@ -186,6 +192,13 @@ def main() -> int:
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--sandboxes", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--relay-work-us",
+        type=float,
+        default=0.0,
+        help="busy CPU time added per invocation in the relay process (what the enclave runtime"
+        " spends per invocation is printed by bench_invoke.py)",
+    )
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -193,7 +206,13 @@ def main() -> int:
         (Path(tmp) / "relay.py").write_text(RELAY)
         (Path(tmp) / "front.py").write_text(FRONT.format(path=sock_path))
         relay = subprocess.Popen(
-            [sys.executable, str(Path(tmp) / "relay.py"), sock_path, str(args.sandboxes)],
+            [
+                sys.executable,
+                str(Path(tmp) / "relay.py"),
+                sock_path,
+                str(args.sandboxes),
+                str(args.relay_work_us),
+            ],
             stdout=subprocess.PIPE,
         )
         assert relay.stdout is not None and relay.stdout.readline().strip() == b"ready"
