@@ -447,3 +447,36 @@ def test_dcap_qvl_accepts_builder_evidence() -> None:
             ours = ok(p, quote, c)
             assert theirs.status == ours.tcb_status == status
             assert list(theirs.advisory_ids) == list(ours.advisories)
+
+
+def test_issuer_names_compare_by_bytes_then_by_decoded_value() -> None:
+    """Chaining compares the DER of issuer and subject, and decodes names only when the bytes
+    differ (an issuer may re-encode its name): same value in another string type matches, a
+    different value or a name that does not decode matches nothing."""
+    from cryptography import x509
+    from cryptography.x509.name import _ASN1Type
+    from cryptography.x509.oid import NameOID
+
+    from r3e_tee.attestation.dcap import _name_text, _same_name
+
+    utf8 = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Intel SGX PCK Platform CA")])
+    printable = x509.Name(
+        [x509.NameAttribute(NameOID.COMMON_NAME, "Intel SGX PCK Platform CA", _ASN1Type.PrintableString)]
+    )
+    other = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Intel SGX PCK Processor CA")])
+    assert utf8.public_bytes() != printable.public_bytes()
+
+    def never() -> x509.Name:
+        raise AssertionError("decoded although the bytes are equal")
+
+    def broken() -> x509.Name:
+        raise ValueError("invalid UTF8String")
+
+    der = utf8.public_bytes()
+    assert _same_name(der, never, der, never)
+    assert _same_name(der, lambda: utf8, printable.public_bytes(), lambda: printable)
+    assert not _same_name(der, lambda: utf8, other.public_bytes(), lambda: other)
+    assert not _same_name(der, broken, printable.public_bytes(), broken)
+    assert not _same_name(der, lambda: utf8, printable.public_bytes(), broken)
+    assert _name_text(lambda: utf8) == "CN=Intel SGX PCK Platform CA"
+    assert "does not decode" in _name_text(broken)

@@ -149,6 +149,30 @@ class VerificationCache:
 _OID_ECDSA_SHA256 = bytes.fromhex("2a8648ce3d040302")
 
 
+def _decoded_name(get: Callable[[], x509.Name]) -> x509.Name | None:
+    try:
+        return get()
+    except ValueError:
+        return None
+
+
+def _same_name(
+    der: bytes, get: Callable[[], x509.Name], other_der: bytes, other_get: Callable[[], x509.Name]
+) -> bool:
+    """Equal DER, or equal decoded names (RFC 5280 lets an issuer re-encode a name). Decoding
+    builds Python objects, which costs more than the signature check, so it happens only when
+    the bytes differ; a name that does not decode matches nothing."""
+    if der == other_der:
+        return True
+    name, other = _decoded_name(get), _decoded_name(other_get)
+    return name is not None and other is not None and name == other
+
+
+def _name_text(get: Callable[[], x509.Name]) -> str:
+    name = _decoded_name(get)
+    return name.rfc4514_string() if name is not None else "(a name that does not decode)"
+
+
 @dataclass(frozen=True, slots=True)
 class _Window:
     what: str
@@ -170,8 +194,6 @@ class _Cert:
     subject: bytes
     spki: bytes
     key: Any
-    issuer_name: x509.Name
-    subject_name: x509.Name
     not_before: datetime
     not_after: datetime
     serial: int
@@ -179,7 +201,7 @@ class _Cert:
     sgx_extension: bytes | None
 
     def label(self) -> str:
-        return self.subject_name.rfc4514_string()
+        return _name_text(lambda: self.cert.subject)
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,7 +224,6 @@ class _Crl:
     sig_alg: bytes
     signature: bytes
     issuer: bytes
-    issuer_name: x509.Name
     window: _Window
 
     def revokes(self, serial: int) -> bool:
@@ -326,8 +347,6 @@ def _load_cert(der: bytes, what: str) -> _Cert:
             subject=der[f[4][0] : f[4][1]],
             spki=der[f[5][0] : f[5][1]],
             key=cert.public_key(),
-            issuer_name=cert.issuer,
-            subject_name=cert.subject,
             not_before=cert.not_valid_before_utc,
             not_after=cert.not_valid_after_utc,
             serial=cert.serial_number,
@@ -345,13 +364,12 @@ def _load_crl(der: bytes, what: str) -> _Crl:
         crl = x509.load_der_x509_crl(der)
         this_update = crl.last_update_utc
         next_update = crl.next_update_utc
-        issuer_name = crl.issuer
     except (ValueError, EvidenceFormatError) as exc:
         raise CollateralError(f"{what} does not parse: {exc}") from None
     if next_update is None:
         raise CollateralError(f"{what} has no nextUpdate")
     window = _Window(what, this_update, next_update, False)
-    return _Crl(der, crl, tbs, alg, sig, der[f[1][0] : f[1][1]], issuer_name, window)
+    return _Crl(der, crl, tbs, alg, sig, der[f[1][0] : f[1][1]], window)
 
 
 def _level_order(level: TcbLevel) -> tuple[tuple[int, ...], int, tuple[int, ...]]:
@@ -388,8 +406,6 @@ class DcapVerifier:
             subject=self.trust_root.subject_der,
             spki=self.trust_root.spki,
             key=self.trust_root.public_key,
-            issuer_name=self.trust_root.certificate.issuer,
-            subject_name=self.trust_root.certificate.subject,
             not_before=self.trust_root.not_before,
             not_after=self.trust_root.not_after,
             serial=self.trust_root.certificate.serial_number,
@@ -526,12 +542,14 @@ class DcapVerifier:
         root_crl = self._crl(coll.root_ca_crl, "Root CA CRL")
         self._crl_issued_by(root_crl, self._anchor, "root-ca-crl", "the pinned root")
         pck_crl = self._crl(coll.pck_crl, "PCK CRL")
-        if pck_crl.issuer != pck_ca.subject and pck_crl.issuer_name != pck_ca.subject_name:
+        if not _same_name(
+            pck_crl.issuer, lambda: pck_crl.crl.issuer, pck_ca.subject, lambda: pck_ca.cert.subject
+        ):
             raise VerificationError(
                 Reason.BAD_CHAIN,
                 "the PCK CRL is not issued by the CA that issued the PCK certificate",
                 check="pck-crl.issuer",
-                observed=pck_crl.issuer_name.rfc4514_string(),
+                observed=_name_text(lambda: pck_crl.crl.issuer),
                 expected=pck_ca.label(),
             )
         if crl_chain.leaf.spki != pck_ca.spki:
@@ -663,7 +681,7 @@ class DcapVerifier:
 
     def _issued_by(self, cert: _Cert, issuer: _Cert) -> bool:
         """Name chaining and signature; the signature result is cached per (cert, issuer key)."""
-        if cert.issuer != issuer.subject and cert.issuer_name != issuer.subject_name:
+        if not _same_name(cert.issuer, lambda: cert.cert.issuer, issuer.subject, lambda: issuer.cert.subject):
             return False
 
         def check() -> bool:
@@ -689,12 +707,12 @@ class DcapVerifier:
         return self.cache.get_or_compute(("crl", der), lambda: _load_crl(der, what))
 
     def _crl_issued_by(self, crl: _Crl, issuer: _Cert, check: str, issuer_name: str) -> None:
-        if crl.issuer != issuer.subject and crl.issuer_name != issuer.subject_name:
+        if not _same_name(crl.issuer, lambda: crl.crl.issuer, issuer.subject, lambda: issuer.cert.subject):
             raise VerificationError(
                 Reason.BAD_CHAIN,
                 f"the {check} is not issued by {issuer_name}",
                 check=f"{check}.issuer",
-                observed=crl.issuer_name.rfc4514_string(),
+                observed=_name_text(lambda: crl.crl.issuer),
                 expected=issuer.label(),
             )
 
