@@ -31,23 +31,10 @@ from pathlib import Path
 
 from bench_invoke import free_port, load, measured_load, start_bare, wait_ready
 
-RELAY = r'''
-import asyncio, os, socket, struct, sys, time
-import uvloop
+FRAMING = r'''
+import asyncio, struct
 
 LEN = struct.Struct(">I")
-
-
-def sandbox(sock):
-    """Blocking, as the real sandbox: one frame in, the same frame out."""
-    f = sock.makefile("rb", buffering=0)
-    while True:
-        head = f.read(4)
-        if len(head) < 4:
-            os._exit(0)
-        (n,) = LEN.unpack(head)
-        body = f.read(n)
-        sock.sendall(head + body)
 
 
 class Framed(asyncio.Protocol):
@@ -80,14 +67,32 @@ class Framed(asyncio.Protocol):
     def flush(self):
         out, self.out = self.out, []
         self.transport.write(b"".join(out))
+'''
+
+RELAY = (
+    FRAMING
+    + r'''
+import os, socket, sys, time
+import uvloop
+
+
+def sandbox(sock):
+    """Blocking, as the real sandbox: one frame in, the same frame out."""
+    f = sock.makefile("rb", buffering=0)
+    while True:
+        head = f.read(4)
+        if len(head) < 4:
+            os._exit(0)
+        (n,) = LEN.unpack(head)
+        body = f.read(n)
+        sock.sendall(head + body)
 
 
 async def main(path, sandboxes, work):
     loop = asyncio.get_running_loop()
-    front = []
     waiting = []  # per sandbox: the front connections awaiting its answers, in order
     boxes = []
-    for i in range(sandboxes):
+    for _ in range(sandboxes):
         a, b = socket.socketpair()
         if os.fork() == 0:
             a.close()
@@ -119,52 +124,19 @@ async def main(path, sandboxes, work):
 
 uvloop.run(main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]) / 1e6))
 '''
+)
 
-FRONT = r'''
-import asyncio, struct
-
-LEN = struct.Struct(">I")
-PATH = {path!r}
+FRONT = (
+    FRAMING
+    + r"""
+PATH = @PATH@
 _conn = None
+_pending = {}  # request number -> the future its answer resolves
+_next = [0]
 
 
-class Client(asyncio.Protocol):
-    """One connection to the relay; answers come back in the order requests went out per
-    sandbox, so each frame carries its request number and the answer is matched by it."""
-
-    def __init__(self):
-        self.buf = bytearray()
-        self.pending = {{}}
-        self.next = 0
-        self.out = []
-
-    def connection_made(self, transport):
-        self.transport = transport
-
-    def data_received(self, data):
-        buf = self.buf
-        buf += data
-        while len(buf) >= 4:
-            (n,) = LEN.unpack_from(buf)
-            if len(buf) < 4 + n:
-                break
-            rid = int.from_bytes(buf[4:12], "big")
-            body = bytes(buf[12 : 4 + n])
-            del buf[: 4 + n]
-            self.pending.pop(rid).set_result(body)
-
-    def request(self, body):
-        rid = self.next = self.next + 1
-        fut = asyncio.get_running_loop().create_future()
-        self.pending[rid] = fut
-        if not self.out:
-            asyncio.get_running_loop().call_soon(self.flush)
-        self.out.append(LEN.pack(8 + len(body)) + rid.to_bytes(8, "big") + body)
-        return fut
-
-    def flush(self):
-        out, self.out = self.out, []
-        self.transport.write(b"".join(out))
+def _answered(proto, frame):
+    _pending.pop(int.from_bytes(frame[:8], "big")).set_result(frame[8:])
 
 
 async def app(scope, receive, send):
@@ -172,18 +144,22 @@ async def app(scope, receive, send):
     if scope["type"] != "http":
         return
     if _conn is None:
-        _, _conn = await asyncio.get_running_loop().create_unix_connection(Client, PATH)
+        _, _conn = await asyncio.get_running_loop().create_unix_connection(lambda: Framed(_answered), PATH)
     body = b""
     more = True
     while more:
         message = await receive()
         body += message.get("body", b"")
         more = message.get("more_body", False)
-    answer = await _conn.request(body)
-    await send({{"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"application/json")]}})
-    await send({{"type": "http.response.body", "body": b'{{"status":"ok","output":' + answer + b'}}'}})
-'''
+    rid = _next[0] = _next[0] + 1
+    _pending[rid] = asyncio.get_running_loop().create_future()
+    _conn.send(rid.to_bytes(8, "big") + body)
+    answer = await _pending[rid]
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": b'{"status":"ok","output":' + answer + b'}'})
+"""
+)
 
 
 def main() -> int:
@@ -204,7 +180,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         sock_path = str(Path(tmp) / "relay.sock")
         (Path(tmp) / "relay.py").write_text(RELAY)
-        (Path(tmp) / "front.py").write_text(FRONT.format(path=sock_path))
+        (Path(tmp) / "front.py").write_text(FRONT.replace("@PATH@", repr(sock_path)))
         relay = subprocess.Popen(
             [
                 sys.executable,
