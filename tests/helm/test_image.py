@@ -199,6 +199,7 @@ def test_generated_enclave_files_come_from_the_eif_recipe() -> None:
     subprocess.run(["bash", "-n", str(REPO / "deploy" / "nitro" / "build-eif.sh")], check=True)
     enclave = (REPO / "deploy" / "nitro" / "enclave.Dockerfile").read_text()
     assert '"r3e_tee.runtime.enclave"' in enclave
+    assert "R3E_TEE_BROKER_KEY=${BROKER_KEY}" in enclave and "BROKER_KEY=${R3E_TEE_BROKER_KEY" in script
 
 
 def test_gramine_manifest_template_renders_to_valid_toml() -> None:
@@ -219,6 +220,7 @@ def test_gramine_manifest_template_renders_to_valid_toml() -> None:
         "log_level": "error",
         "isvprodid": "1",
         "isvsvn": "1",
+        "broker_key": "A" * 43,
     }
     used = set(re.findall(r"\{\{\s*(.+?)\s*\}\}", template))
     assert used <= set(params), f"undocumented template parameters: {used - set(params)}"
@@ -229,3 +231,5 @@ def test_gramine_manifest_template_renders_to_valid_toml() -> None:
     assert manifest["loader"]["argv"][1:5] == ["-m", "r3e_tee.runtime.enclave", "--device", "gramine"]
     # the channel address reaches the enclave through the environment, outside the measurement
     assert manifest["loader"]["env"]["R3E_ENCLAVE_CONNECT"] == {"passthrough": True}
+    # the key broker's key is a fixed value: part of the measurement, not the host's to choose
+    assert manifest["loader"]["env"]["R3E_TEE_BROKER_KEY"] == "A" * 43

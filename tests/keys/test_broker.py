@@ -25,9 +25,12 @@ M = "ab" * 32
 SIM_POLICY = {"measurements": [M], "allow_simulation": True}
 
 
-def _open(a: Attested, sealed: Any) -> bytes:
+def _open(a: Attested, sealed: Any, broker: x25519.X25519PublicKey) -> bytes:
     return hpke.open_sealed(
-        a.private_key, sealed.sealed, hpke.secret_info(a.attestation_id, sealed.name, sealed.revision)
+        a.private_key,
+        sealed.sealed,
+        hpke.secret_info(a.attestation_id, sealed.name, sealed.revision),
+        broker,
     )
 
 
@@ -43,15 +46,21 @@ def test_release_to_the_matching_enclave(keys: Keys) -> None:
     out = keys.broker.release(enclave.token, ["api-key"], actor="worker:w")
     assert out.attestation_id == enclave.attestation_id and out.enclave_id == enclave.enclave_id
     (sealed,) = out.secrets
-    assert SECRET not in sealed.sealed and _open(enclave, sealed) == SECRET
-    # only the attested key opens it; another enclave's key does not, nor another name's info
+    broker = keys.broker.identity().public_key()
+    assert out.broker_key == hpke.public_key_b64u(broker) == keys.broker.public_key_b64u()
+    assert SECRET not in sealed.sealed and _open(enclave, sealed, broker) == SECRET
+    # only the attested key opens it, as the broker's; another enclave's key does not, nor
+    # another name's info, nor another sender's key
     other = x25519.X25519PrivateKey.generate()
+    info = hpke.secret_info(enclave.attestation_id, "api-key", 1)
     with pytest.raises(InvalidTag):
-        hpke.open_sealed(other, sealed.sealed, hpke.secret_info(enclave.attestation_id, "api-key", 1))
+        hpke.open_sealed(other, sealed.sealed, info, broker)
     with pytest.raises(InvalidTag):
         hpke.open_sealed(
-            enclave.private_key, sealed.sealed, hpke.secret_info(enclave.attestation_id, "other", 1)
+            enclave.private_key, sealed.sealed, hpke.secret_info(enclave.attestation_id, "other", 1), broker
         )
+    with pytest.raises(InvalidTag):
+        hpke.open_sealed(enclave.private_key, sealed.sealed, info, other.public_key())
     rel = keys.audit.entries(action="secret.release")[-1]
     assert rel.subject == "api-key" and rel.actor == "worker:w" and rel.outcome == "ok"
     assert rel.detail["attestation_id"] == enclave.attestation_id and rel.claims_digest
@@ -70,9 +79,10 @@ def test_signer_and_pcr_policies(keys: Keys) -> None:
         actor="t",
     )
     sgx = keys.attest(measurement="ee" * 32, mrsigner="cd" * 32)
-    assert _open(sgx, keys.broker.release(sgx.token, ["by-signer"], actor="w").secrets[0]) == b"v1"
+    broker = keys.broker.identity().public_key()
+    assert _open(sgx, keys.broker.release(sgx.token, ["by-signer"], actor="w").secrets[0], broker) == b"v1"
     nitro = keys.attest(kind="nitro", measurement="00" * 48, pcrs=pcrs)
-    assert _open(nitro, keys.broker.release(nitro.token, ["by-pcr"], actor="w").secrets[0]) == b"v2"
+    assert _open(nitro, keys.broker.release(nitro.token, ["by-pcr"], actor="w").secrets[0], broker) == b"v2"
     wrong = keys.attest(kind="nitro", measurement="00" * 48, pcrs={**pcrs, "2": "ff" * 48})
     with pytest.raises(ReleaseDenied) as err:
         keys.broker.release(wrong.token, ["by-pcr"], actor="w")
@@ -230,14 +240,20 @@ def test_nitro_sealing_key_is_per_pcr_set(keys: Keys) -> None:
 
     def key_of(e: Attested) -> bytes:
         k = keys.broker.sealing_key(e.token, actor="w")
+        assert k.broker_key == keys.broker.public_key_b64u()
         return hpke.open_sealed(
-            e.private_key, k.sealed, hpke.seal_key_info(e.attestation_id, k.owner, k.version)
+            e.private_key,
+            k.sealed,
+            hpke.seal_key_info(e.attestation_id, k.owner, k.version),
+            keys.broker.identity().public_key(),
         )
 
     ka, kb, kc = key_of(a), key_of(b), key_of(c)
     assert ka == kb and ka != kc and len(ka) == 32
-    # sealing owners do not take part in scheduled rotation (sealed data must stay readable)
-    assert all(not o.startswith("seal:") for o in keys.keystore.owners())
+    # sealing and identity owners do not take part in scheduled rotation (sealed data must stay
+    # readable, and enclaves are measured with the broker's identity)
+    assert keys.keystore.owners(rotating=False) != keys.keystore.owners()
+    assert all(not o.startswith(("seal:", "identity:")) for o in keys.keystore.owners())
     with pytest.raises(ReleaseDenied) as err:
         keys.broker.sealing_key(keys.attest(kind="nitro", pcrs=pcrs, debug=True).token, actor="w")
     assert err.value.reason == "debug-enclave"
@@ -264,18 +280,32 @@ def _labeled_expand(prk: bytes, label: bytes, info: bytes, length: int, suite_id
     return HKDFExpand(hashes.SHA256(), length, labeled).derive(prk)
 
 
-def rfc9180_open(sk_r: bytes, enc: bytes, ct: bytes, info: bytes, aad: bytes, nk: int, aead_id: int) -> bytes:
-    """Base-mode open written from RFC 9180 sections 4.1, 5.1 and 5.2 (DHKEM(X25519, HKDF-SHA256))."""
+def rfc9180_open(
+    sk_r: bytes,
+    enc: bytes,
+    ct: bytes,
+    info: bytes,
+    aad: bytes,
+    nk: int,
+    aead_id: int,
+    pk_s: bytes | None = None,
+) -> bytes:
+    """Open written from RFC 9180 sections 4.1, 5.1 and 5.2 (DHKEM(X25519, HKDF-SHA256)): base
+    mode, or auth mode (section 5.1.3) when the sender's public key ``pk_s`` is given."""
     kem_suite = b"KEM" + (0x0020).to_bytes(2, "big")
     sk = x25519.X25519PrivateKey.from_private_bytes(sk_r)
     pk_rm = sk.public_key().public_bytes_raw()
     dh = sk.exchange(x25519.X25519PublicKey.from_public_bytes(enc))
+    kem_context = enc + pk_rm
+    if pk_s is not None:
+        dh += sk.exchange(x25519.X25519PublicKey.from_public_bytes(pk_s))
+        kem_context += pk_s
     eae_prk = _labeled_extract(b"", b"eae_prk", dh, kem_suite)
-    shared = _labeled_expand(eae_prk, b"shared_secret", enc + pk_rm, 32, kem_suite)
+    shared = _labeled_expand(eae_prk, b"shared_secret", kem_context, 32, kem_suite)
     suite = b"HPKE" + (0x0020).to_bytes(2, "big") + (1).to_bytes(2, "big") + aead_id.to_bytes(2, "big")
     psk_id_hash = _labeled_extract(b"", b"psk_id_hash", b"", suite)
     info_hash = _labeled_extract(b"", b"info_hash", info, suite)
-    context = b"\x00" + psk_id_hash + info_hash
+    context = (b"\x02" if pk_s is not None else b"\x00") + psk_id_hash + info_hash
     secret = _labeled_extract(shared, b"secret", b"", suite)
     key = _labeled_expand(secret, b"key", context, nk, suite)
     nonce = _labeled_expand(secret, b"base_nonce", context, 12, suite)
@@ -296,17 +326,35 @@ def test_independent_rfc9180_implementation_matches_the_rfc_vector() -> None:
         0x0001,
     )
     assert pt == bytes.fromhex("4265617574792069732074727574682c20747275746820626561757479")
+    # appendix A.1.3, the same suite in auth mode
+    pt = rfc9180_open(
+        bytes.fromhex("fdea67cf831f1ca98d8e27b1f6abeb5b7745e9d35348b80fa407ff6958f9137e"),
+        bytes.fromhex("23fb952571a14a25e3d678140cd0e5eb47a0961bb18afcf85896e5453c312e76"),
+        bytes.fromhex(
+            "5fd92cc9d46dbf8943e72a07e42f363ed5f721212cd90bcfd072bfd9f44e06b80fd17824947496e21b680c141b"
+        ),
+        bytes.fromhex("4f6465206f6e2061204772656369616e2055726e"),
+        bytes.fromhex("436f756e742d30"),
+        16,
+        0x0001,
+        bytes.fromhex("8b0c70873dc5aecb7f9ee4e62406a397b350e57012be45cf53b7105ae731790b"),
+    )
+    assert pt == bytes.fromhex("4265617574792069732074727574682c20747275746820626561757479")
 
 
 def test_released_blobs_open_with_the_rfc9180_reference(keys: Keys) -> None:
-    """DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, AES-256-GCM (0x0020, 0x0001, 0x0002), base mode."""
+    """DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, AES-256-GCM (0x0020, 0x0001, 0x0002), auth mode
+    with the broker's identity as the sender; not in base mode."""
     keys.broker.put_secret("api-key", SECRET, SIM_POLICY, actor="t")
     enclave = keys.attest(measurement=M)
     (sealed,) = keys.broker.release(enclave.token, ["api-key"], actor="w").secrets
     enc, ct = sealed.sealed[: hpke.ENC_LEN], sealed.sealed[hpke.ENC_LEN :]
     info = hpke.secret_info(enclave.attestation_id, "api-key", sealed.revision)
     sk = enclave.private_key.private_bytes_raw()
-    assert rfc9180_open(sk, enc, ct, info, b"", 32, 0x0002) == SECRET
+    pk_s = keys.broker.identity().public_key().public_bytes_raw()
+    assert rfc9180_open(sk, enc, ct, info, b"", 32, 0x0002, pk_s) == SECRET
+    with pytest.raises(InvalidTag):
+        rfc9180_open(sk, enc, ct, info, b"", 32, 0x0002)
 
 
 def test_a_remembered_token_still_expires_and_is_still_revocable(keys: Keys) -> None:

@@ -152,3 +152,15 @@ def test_stored_signing_key_swapped_between_rows_is_refused(keys: Keys) -> None:
         keys.rotation._load(
             keys.store.fetchone("SELECT * FROM signing_keys WHERE kid = ?", (sim["kid"],))  # type: ignore[arg-type]
         )
+
+
+def test_the_broker_identity_never_rotates(keys: Keys) -> None:
+    """Enclaves are measured with the broker's identity key: scheduled rotation skips it and an
+    explicit request is refused with the reason, and the key stays the same."""
+    before = keys.broker.public_key_b64u()
+    report = keys.rotation.rotate(actor="admin:t", signing_keys=False)
+    assert all(not r["owner"].startswith("identity:") for r in report["data_keys"])
+    with pytest.raises(ConflictError, match="measured with"):
+        keys.rotation.rotate(actor="admin:t", signing_keys=False, owners=["identity:key-broker"])
+    assert [k.version for k in keys.keystore.list_keys("identity:key-broker")] == [1]
+    assert keys.broker.public_key_b64u() == before

@@ -9,14 +9,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import x25519
 
 from r3e_tee.errors import EnclaveError
+from r3e_tee.keys import hpke
 from r3e_tee.keys.service import LocalSecretSource
 from r3e_tee.providers.base import EnclaveSpec
 from r3e_tee.runtime.channel import RemoteError
 from r3e_tee.runtime.devices import GramineAttestationDevice
 from r3e_tee.runtime.enclave import EnclaveRuntime
 from r3e_tee.runtime.nsm import NsmAttestationDevice
+from r3e_tee.runtime.secrets import BROKER_KEY_ENV
 from r3e_tee.worker.manager import AttestationGrant, EnclaveManager
 
 from .conftest import SECRET, InProcessSimulation, Keys, channel_pair
@@ -29,30 +32,61 @@ def test_delivered_secrets_open_inside_the_enclave(keys: Keys) -> None:
     keys.broker.put_secret(
         "db-url", b"postgres://u:p@db/x", {"measurements": [M], "allow_simulation": True}, actor="t"
     )
+    broker_key = keys.broker.public_key_b64u()
 
     async def main() -> None:
         host, enclave = await channel_pair()
-        runtime = EnclaveRuntime(enclave, GramineAttestationDevice(Path("/nonexistent")))
+        runtime = EnclaveRuntime(
+            enclave, GramineAttestationDevice(Path("/nonexistent")), {"broker_key": broker_key}
+        )
         attested = keys.attest(measurement=M, private_key=runtime.keys.hpke)
         await host.request(
             "set_token", token=attested.token, attestation_id=attested.attestation_id, timeout=5
         )
         release = keys.broker.release(attested.token, ["api-key", "db-url"], actor="w")
         wire = [s.to_wire() for s in release.secrets]
+        att = attested.attestation_id
         # a blob for another attestation, or relabelled as another secret, does not open; nothing is kept
         with pytest.raises(RemoteError, match="current attestation"):
-            await host.request("deliver_secrets", attestation_id="0" * 32, secrets=wire, timeout=5)
+            await host.request(
+                "deliver_secrets", attestation_id="0" * 32, broker_key=broker_key, secrets=wire, timeout=5
+            )
         swapped = [{**wire[0], "name": "db-url"}, {**wire[1], "name": "api-key"}]
         with pytest.raises(RemoteError, match="does not open with this enclave's key"):
             await host.request(
-                "deliver_secrets", attestation_id=attested.attestation_id, secrets=swapped, timeout=5
+                "deliver_secrets", attestation_id=att, broker_key=broker_key, secrets=swapped, timeout=5
+            )
+        # a host that seals a value of its own to the enclave's (public) key: named as coming from
+        # its own key, or passed off as the broker's, the pinned enclave opens neither
+        host_key = x25519.X25519PrivateKey.generate()
+        planted = [
+            {
+                "name": "api-key",
+                "revision": 1,
+                "sealed": hpke.seal(
+                    runtime.keys.hpke.public_key(), b"known", hpke.secret_info(att, "api-key", 1), host_key
+                ),
+            }
+        ]
+        with pytest.raises(RemoteError, match="measured to accept only"):
+            await host.request(
+                "deliver_secrets",
+                attestation_id=att,
+                broker_key=hpke.public_key_b64u(host_key.public_key()),
+                secrets=planted,
+                timeout=5,
+            )
+        with pytest.raises(RemoteError, match="by its key broker"):
+            await host.request(
+                "deliver_secrets", attestation_id=att, broker_key=broker_key, secrets=planted, timeout=5
             )
         assert runtime.state["secrets"] == {}
         reply = await host.request(
-            "deliver_secrets", attestation_id=attested.attestation_id, secrets=wire, timeout=5
+            "deliver_secrets", attestation_id=att, broker_key=release.broker_key, secrets=wire, timeout=5
         )
         assert reply == {
-            "received": [{"name": "api-key", "size": len(SECRET)}, {"name": "db-url", "size": 19}]
+            "received": [{"name": "api-key", "size": len(SECRET)}, {"name": "db-url", "size": 19}],
+            "broker": "pinned",
         }
         assert runtime.state["secrets"]["api-key"] == SECRET
         assert await host.request("forget_secrets", names=["db-url", "nope"], timeout=5) == {
@@ -65,6 +99,41 @@ def test_delivered_secrets_open_inside_the_enclave(keys: Keys) -> None:
         await enclave.aclose()
 
     asyncio.run(main())
+
+
+def test_an_enclave_without_a_pinned_broker_says_so(keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An SGX image built without the broker key takes the key the host names: the secrets are
+    still sealed to it alone, but the reply marks their origin as unpinned. The same image with
+    the key in its (measured) environment is pinned."""
+    keys.broker.put_secret("api-key", SECRET, {"measurements": [M], "allow_simulation": True}, actor="t")
+
+    async def deliver() -> dict[str, Any]:
+        host, enclave = await channel_pair()
+        runtime = EnclaveRuntime(enclave, GramineAttestationDevice(Path("/nonexistent")))
+        attested = keys.attest(measurement=M, private_key=runtime.keys.hpke)
+        await host.request(
+            "set_token", token=attested.token, attestation_id=attested.attestation_id, timeout=5
+        )
+        release = keys.broker.release(attested.token, ["api-key"], actor="w")
+        try:
+            return await host.request(
+                "deliver_secrets",
+                attestation_id=release.attestation_id,
+                broker_key=release.broker_key,
+                secrets=[s.to_wire() for s in release.secrets],
+                timeout=5,
+            )
+        finally:
+            await host.aclose()
+            await enclave.aclose()
+
+    monkeypatch.delenv(BROKER_KEY_ENV, raising=False)
+    assert asyncio.run(deliver())["broker"] == "unpinned"
+    monkeypatch.setenv(BROKER_KEY_ENV, keys.broker.public_key_b64u())
+    assert asyncio.run(deliver())["broker"] == "pinned"
+    monkeypatch.setenv(BROKER_KEY_ENV, hpke.public_key_b64u(x25519.X25519PrivateKey.generate().public_key()))
+    with pytest.raises(RemoteError, match="measured to accept only"):
+        asyncio.run(deliver())
 
 
 def test_simulated_sealing_is_bound_to_the_measurement(tmp_path: Path) -> None:

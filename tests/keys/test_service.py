@@ -116,6 +116,9 @@ def test_secret_reaches_the_matching_enclave_and_never_leaks(svc: Svc, tmp_path:
     assert r.json()["received"] == [{"name": "api-key", "size": len(SECRET)}]
     runtime = svc.runtime(enclave["id"])
     assert runtime.state["secrets"]["api-key"] == SECRET  # decrypted inside the enclave
+    # the enclave was measured with the broker's identity and opened the secret as the broker's
+    assert r.json()["broker"] == "pinned"
+    assert runtime.measured["broker_key"] == svc.call("GET", "/v1/keys").json()["broker_key"]
     # the enclave seals with its own key (the host's sim_seal_key) and unseals
     sealed = svc.client.portal.call(runtime.state["seal"], b"enclave state")  # type: ignore[union-attr]
     assert svc.client.portal.call(runtime.state["unseal"], sealed) == b"enclave state"  # type: ignore[union-attr]

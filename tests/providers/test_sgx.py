@@ -444,3 +444,36 @@ def test_start_stops_enclaves_a_previous_worker_left(
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_the_broker_key_is_measured_into_the_manifest(
+    tmp_path: Path,
+    sgx_root: Path,
+    enclave_signing_key: tuple[Path, rsa.RSAPrivateKey],
+    sgx_env: dict[str, str],
+    call_log: Path,
+) -> None:
+    """The key broker's key is a fixed environment value of the signed manifest: enclaves for
+    another broker have another MRENCLAVE, and a malformed key never reaches the manifest."""
+    p = provider(tmp_path, enclave_signing_key[0], sgx_root, sgx_env)
+    broker_a, broker_b = "A" * 43, "b-_" * 14 + "c"
+
+    def with_broker(key: str) -> EnclaveSpec:
+        return EnclaveSpec(id=os.urandom(8).hex(), size_bytes=64 * MIB, payload={"broker_key": key})
+
+    async def main() -> None:
+        a = await p.create(with_broker(broker_a))
+        try:
+            manifest = tomllib.loads((Path(_gramine_cwd(call_log)) / "r3e-enclave.manifest").read_text())
+            assert manifest["loader"]["env"]["R3E_TEE_BROKER_KEY"] == broker_a
+            b = await p.create(with_broker(broker_b))
+            none = await p.create(spec(64 * MIB))
+            assert len({a.measurement, b.measurement, none.measurement}) == 3
+            await p.destroy(b)
+            await p.destroy(none)
+            with pytest.raises(ProviderError, match="not a base64url X25519 key"):
+                await p.create(with_broker('A" \nsgx.debug = true #'))
+        finally:
+            await p.destroy(a)
+
+    asyncio.run(main())

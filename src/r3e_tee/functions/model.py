@@ -110,9 +110,12 @@ def check_code(config: FunctionConfig, code: bytes) -> None:
             raise InvalidRequestError("JavaScript code must be UTF-8 text") from None
 
 
-def enclave_payload(config: FunctionConfig, version: int, code: bytes) -> dict[str, Any]:
-    """The measured configuration of the function's enclaves."""
-    return {
+def enclave_payload(
+    config: FunctionConfig, version: int, code: bytes, broker_key: str | None = None
+) -> dict[str, Any]:
+    """The measured configuration of the function's enclaves, with the key broker they accept
+    secrets from (so the measurement also says which broker)."""
+    payload: dict[str, Any] = {
         "function": config.name,
         "version": version,
         "runtime": config.runtime,
@@ -123,9 +126,14 @@ def enclave_payload(config: FunctionConfig, version: int, code: bytes) -> dict[s
         "timeout": config.timeout,
         "secrets": sorted(config.secrets),
     }
+    if broker_key is not None:
+        payload["broker_key"] = broker_key
+    return payload
 
 
-def expected_measurement(config: FunctionConfig, version: int, code: bytes) -> str | None:
+def expected_measurement(
+    config: FunctionConfig, version: int, code: bytes, broker_key: str | None = None
+) -> str | None:
     """The measurement this version's enclaves will attest to (simulation; hardware providers
     report theirs from the signed enclave image)."""
     if config.provider != "simulation":
@@ -137,7 +145,7 @@ def expected_measurement(config: FunctionConfig, version: int, code: bytes) -> s
         id="-",
         size_bytes=config.enclave_size,
         evidence_format=config.evidence_format or "sgx-dcap",
-        payload=enclave_payload(config, version, code),
+        payload=enclave_payload(config, version, code, broker_key),
     )
     mrenclave, pcr0 = measurement_for(runtime_code_digest(), spec)
     return (pcr0 if spec.evidence_format == "nitro" else mrenclave).hex()

@@ -23,6 +23,7 @@ class FunctionVersion:
     code_sha256: str
     measurement: str | None
     created_at: float
+    broker_key: str | None = None  # the installation's key broker, measured into the enclaves
 
     @property
     def name(self) -> str:
@@ -30,7 +31,7 @@ class FunctionVersion:
 
     @property
     def payload(self) -> dict[str, Any]:
-        return enclave_payload(self.config, self.version, self.code)
+        return enclave_payload(self.config, self.version, self.code, self.broker_key)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -64,8 +65,9 @@ class FunctionRegistry:
     deleted" can change: a deploy or delete through this registry takes effect at once here,
     and one made by another replica within ``resolve_ttl``."""
 
-    def __init__(self, store: Store, *, resolve_ttl: float = 1.0) -> None:
+    def __init__(self, store: Store, *, resolve_ttl: float = 1.0, broker_key: str | None = None) -> None:
         self.store = store
+        self.broker_key = broker_key
         self.resolve_ttl = resolve_ttl
         self._cache: dict[tuple[str, int], FunctionVersion] = {}
         self._resolved: dict[tuple[str, int | None], tuple[float, FunctionVersion]] = {}
@@ -76,7 +78,7 @@ class FunctionRegistry:
         with self.store.transaction() as tx:
             latest = tx.fetchval("SELECT max(version) FROM functions WHERE name = ?", (config.name,))
             version = int(latest or 0) + 1
-            measurement = expected_measurement(config, version, code)
+            measurement = expected_measurement(config, version, code, self.broker_key)
             now = time.time()
             tx.execute(
                 "INSERT INTO functions (name, version, config, code, code_sha256, measurement, created_at) "
@@ -92,7 +94,9 @@ class FunctionRegistry:
                 ),
             )
         self._forget(config.name)
-        return FunctionVersion(config, version, code, hashlib.sha256(code).hexdigest(), measurement, now)
+        return FunctionVersion(
+            config, version, code, hashlib.sha256(code).hexdigest(), measurement, now, self.broker_key
+        )
 
     def _row(self, row: dict[str, Any]) -> FunctionVersion:
         key = (str(row["name"]), int(row["version"]))
@@ -106,6 +110,7 @@ class FunctionRegistry:
             str(row["code_sha256"]),
             row["measurement"],
             float(row["created_at"]),
+            self.broker_key,
         )
         self._cache[key] = fv  # versions are immutable
         return fv

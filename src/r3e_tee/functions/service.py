@@ -27,9 +27,9 @@ log = logging.getLogger("r3e_tee.functions")
 class FunctionsService:
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
-        self.registry = FunctionRegistry(ctx.store)
-        self.queue = InvocationQueue(ctx.store)
         self.enclaves = ctx.components["enclaves"]
+        self.registry = FunctionRegistry(ctx.store, broker_key=self.enclaves.broker_key)
+        self.queue = InvocationQueue(ctx.store)
         self.manager = ctx.components.get("manager")
         self.scheduler = Scheduler(self._launch, self._destroy)
         self.dispatcher = Dispatcher(self.queue, self._run_queued)

@@ -4,7 +4,10 @@ An enclave (through its worker) presents the attestation token the service signe
 broker checks the token (signature, issuer, expiry), that it is not revoked and its enclave still
 runs, then each requested secret's release policy against the token's claims, and returns the
 secrets sealed with HPKE to the X25519 key the enclave bound into its evidence (``cnf.x25519``).
-Only that enclave can open them. Every release and every denial is an audit-log entry with the
+Only that enclave can open them, and only as coming from this broker: they are sealed in HPKE
+auth mode with the broker's identity key (``identity:key-broker``, wrapped by the KEK like every
+data key, never rotated), whose public half the service puts into every enclave's measured
+configuration (``broker_key``). Every release and every denial is an audit-log entry with the
 actor, the reason and a digest of the claims.
 
 Changing a secret's release policy, or deleting the secret, revokes every token it was released
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jwt
+from cryptography.hazmat.primitives.asymmetric import x25519
 
 from r3e_tee.attestation.service import AttestationService
 from r3e_tee.attestation.tokens import TokenError, verify_token
@@ -32,12 +36,20 @@ from r3e_tee.keys import hpke
 from r3e_tee.keys.audit import AuditLog, claims_digest
 from r3e_tee.keys.errors import ReleaseDenied
 from r3e_tee.keys.kek import zeroize
-from r3e_tee.keys.keystore import SEAL_PREFIX, KeyStore, check_owner, lock_owner
+from r3e_tee.keys.keystore import (
+    IDENTITY_PREFIX,
+    RESERVED_PREFIXES,
+    SEAL_PREFIX,
+    KeyStore,
+    check_owner,
+    lock_owner,
+)
 from r3e_tee.keys.policy import ReleasePolicy
 from r3e_tee.store import Store, Tx
 
 log = logging.getLogger("r3e_tee.keys")
 
+IDENTITY_OWNER = f"{IDENTITY_PREFIX}key-broker"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_SECRET_BYTES = 1024 * 1024
 MAX_NAMES = 64
@@ -156,6 +168,7 @@ class Release:
     enclave_id: str
     expires_at: int
     secrets: tuple[SealedSecret, ...]
+    broker_key: str  # the sender of the sealed blobs (base64url X25519)
 
 
 @dataclass(frozen=True)
@@ -164,6 +177,7 @@ class SealedKey:
     owner: str
     version: int
     sealed: bytes
+    broker_key: str
 
 
 class KeyBroker:
@@ -188,6 +202,27 @@ class KeyBroker:
         self._policies_lock = threading.Lock()
         self._tokens: dict[bytes, tuple[dict[str, Any], str]] = {}
         self._tokens_lock = threading.Lock()
+        self._identity: x25519.X25519PrivateKey | None = None
+        self._identity_lock = threading.Lock()
+
+    # -- identity ------------------------------------------------------------------------------------
+
+    def identity(self) -> x25519.X25519PrivateKey:
+        """The broker's X25519 identity: made once per installation (replicas share it through the
+        store), kept in memory from then on, as the token signing keys are."""
+        with self._identity_lock:
+            if self._identity is None:
+                with self.store.transaction() as tx:
+                    _, raw = self.keystore.key_material(tx, IDENTITY_OWNER, actor="service")
+                try:
+                    self._identity = x25519.X25519PrivateKey.from_private_bytes(bytes(raw))
+                finally:
+                    zeroize(raw)
+            return self._identity
+
+    def public_key_b64u(self) -> str:
+        """What enclaves pin as ``broker_key`` (raw X25519, base64url without padding)."""
+        return hpke.public_key_b64u(self.identity().public_key())
 
     # -- secrets (admin) ----------------------------------------------------------------------------
 
@@ -210,8 +245,10 @@ class KeyBroker:
         if not isinstance(policy, ReleasePolicy):
             policy = ReleasePolicy.from_dict(policy, source=f"release policy of secret {name!r}")
         key_owner = check_owner(owner or f"secret:{name}")
-        if key_owner.startswith(SEAL_PREFIX):
-            raise InvalidRequestError(f"key owner {key_owner!r} is reserved for sealing keys")
+        if key_owner.startswith(RESERVED_PREFIXES):
+            raise InvalidRequestError(
+                f"key owner {key_owner!r} is reserved for the broker's sealing and identity keys"
+            )
         if description is not None and len(description) > 1000:
             raise InvalidRequestError("description: at most 1000 characters")
         now = self.clock()
@@ -489,6 +526,7 @@ class KeyBroker:
             except ValueError as exc:
                 raise ReleaseDenied("invalid-token", f"the token binds no usable X25519 key: {exc}") from None
             att_id, enclave_id = str(claims["jti"]), str(claims["sub"])
+            identity = self.identity()
             sealed: list[SealedSecret] = []
             with self.store.transaction() as tx:
                 self._check_live(tx, claims)
@@ -523,7 +561,7 @@ class KeyBroker:
                         SealedSecret(
                             name,
                             revision,
-                            hpke.seal(public_key, value, hpke.secret_info(att_id, name, revision)),
+                            hpke.seal(public_key, value, hpke.secret_info(att_id, name, revision), identity),
                         )
                     )
                     tx.execute(
@@ -570,7 +608,7 @@ class KeyBroker:
                 "actor": actor,
             },
         )
-        return Release(att_id, enclave_id, int(claims["exp"]), tuple(sealed))
+        return Release(att_id, enclave_id, int(claims["exp"]), tuple(sealed), self.public_key_b64u())
 
     # -- Nitro sealing keys ---------------------------------------------------------------------------
 
@@ -605,11 +643,12 @@ class KeyBroker:
             owner = nitro_seal_owner(claims)
             public_key = hpke.public_key_from_b64u(str((claims.get("cnf") or {}).get("x25519", "")))
             att_id = str(claims["jti"])
+            identity = self.identity()
             with self.store.transaction() as tx:
                 self._check_live(tx, claims)
                 version, key = self.keystore.key_material(tx, owner, actor=actor)
                 try:
-                    sealed = hpke.seal(public_key, key, hpke.seal_key_info(att_id, owner, version))
+                    sealed = hpke.seal(public_key, key, hpke.seal_key_info(att_id, owner, version), identity)
                 finally:
                     zeroize(key)
                 self.audit.append(
@@ -627,7 +666,7 @@ class KeyBroker:
         except ReleaseDenied as exc:
             self._deny(exc, actor=actor, names=what, digest=digest, claims=claims)
             raise
-        return SealedKey(att_id, owner, version, sealed)
+        return SealedKey(att_id, owner, version, sealed, self.public_key_b64u())
 
 
 def nitro_seal_owner(claims: Mapping[str, Any]) -> str:
@@ -665,6 +704,7 @@ def _token_digest(token: str) -> str:
 
 
 __all__ = [
+    "IDENTITY_OWNER",
     "KeyBroker",
     "Release",
     "SealedKey",

@@ -1,27 +1,116 @@
 """HPKE (RFC 9180) as the broker and the enclave runtime use it: one definition for both sides.
 
-Suite: DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, AES-256-GCM, base mode, single shot, sealed to
-the X25519 key the enclave bound into its attestation evidence (the token's ``cnf.x25519``). A
-sealed blob is ``enc (32 bytes) || ciphertext || tag``. The HPKE ``info`` binds what the blob is
-for: the attestation it was released against, the secret's name and revision (or the sealing
-key's owner and version), so a host that swaps or replays blobs makes the open fail.
+Suite: DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, AES-256-GCM, single shot, sealed to the X25519
+key the enclave bound into its attestation evidence (the token's ``cnf.x25519``). A sealed blob
+is ``enc (32 bytes) || ciphertext || tag``. The HPKE ``info`` binds what the blob is for: the
+attestation it was released against, the secret's name and revision (or the sealing key's owner
+and version), so a host that swaps or replays blobs makes the open fail.
 
-Base mode gives confidentiality, not origin: only the enclave reads a blob, but anyone holding the
-enclave's (public) key could seal a value of their own to it. The enclave has no pinned key of
-the broker to check against; binding one into the measured image (or HPKE auth mode) would.
+The broker seals in **auth mode** (RFC 9180 section 5.1.3) with its identity key: a blob opens
+only with the broker's public key as the sender, so it also proves its origin. Base mode would
+give confidentiality alone: anyone holding the enclave's (public) key could seal a value of their
+own to it, and a host relaying blobs could plant secrets or a Nitro sealing key it knows. Origin
+is only as good as the enclave's knowledge of the broker's key: an enclave launched with the key
+in its measured configuration (``broker_key``) opens nothing else; one launched without it takes
+the sender key the host names, which proves nothing (runtime/secrets.py says which it did).
+
+``cryptography`` implements base mode only, so auth mode is built here from its primitives (X25519,
+HKDF, AES-GCM) and checked against RFC 9180's test vectors (tests/keys/test_hpke.py).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import x25519
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hpke import AEAD, KDF, KEM, Suite
+from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 SUITE = Suite(KEM.X25519, KDF.HKDF_SHA256, AEAD.AES_256_GCM)
-SUITE_NAME = "DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, AES-256-GCM"
+SUITE_NAME = "DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, AES-256-GCM, auth mode"
 ENC_LEN = 32
+
+_KEM_ID, _KDF_ID = 0x0020, 0x0001
+_AEAD_IDS = {16: 0x0001, 32: 0x0002}  # AES-128-GCM, AES-256-GCM by key length
+_MODE_AUTH = 0x02
+_NONCE_LEN = 12
+
+
+def _raw(public_key: x25519.X25519PublicKey) -> bytes:
+    return public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def _extract(suite_id: bytes, salt: bytes, label: bytes, ikm: bytes) -> bytes:
+    return hmac.new(salt or bytes(32), b"HPKE-v1" + suite_id + label + ikm, hashlib.sha256).digest()
+
+
+def _expand(suite_id: bytes, prk: bytes, label: bytes, info: bytes, length: int) -> bytes:
+    labeled = length.to_bytes(2, "big") + b"HPKE-v1" + suite_id + label + info
+    return HKDFExpand(hashes.SHA256(), length, labeled).derive(prk)
+
+
+def _kem_shared_secret(dh: bytes, kem_context: bytes) -> bytes:
+    suite_id = b"KEM" + _KEM_ID.to_bytes(2, "big")
+    eae_prk = _extract(suite_id, b"", b"eae_prk", dh)
+    return _expand(suite_id, eae_prk, b"shared_secret", kem_context, 32)
+
+
+def _auth_key_schedule(shared_secret: bytes, info: bytes, key_len: int) -> tuple[AESGCM, bytes]:
+    """KeyScheduleS/R for mode_auth (no PSK): the AEAD and the base nonce (sequence 0)."""
+    suite_id = b"HPKE" + b"".join(i.to_bytes(2, "big") for i in (_KEM_ID, _KDF_ID, _AEAD_IDS[key_len]))
+    context = (
+        bytes([_MODE_AUTH])
+        + _extract(suite_id, b"", b"psk_id_hash", b"")
+        + _extract(suite_id, b"", b"info_hash", info)
+    )
+    secret = _extract(suite_id, shared_secret, b"secret", b"")
+    key = _expand(suite_id, secret, b"key", context, key_len)
+    return AESGCM(key), _expand(suite_id, secret, b"base_nonce", context, _NONCE_LEN)
+
+
+def _seal_auth(
+    public_key: x25519.X25519PublicKey,
+    sender: x25519.X25519PrivateKey,
+    plaintext: bytes,
+    info: bytes,
+    *,
+    aad: bytes = b"",
+    key_len: int = 32,
+    ephemeral: x25519.X25519PrivateKey | None = None,
+) -> bytes:
+    """SealAuth, single shot. ``ephemeral`` and ``key_len`` exist for the RFC's test vectors."""
+    eph = ephemeral or x25519.X25519PrivateKey.generate()
+    enc = _raw(eph.public_key())
+    dh = eph.exchange(public_key) + sender.exchange(public_key)
+    kem_context = enc + _raw(public_key) + _raw(sender.public_key())
+    aead, nonce = _auth_key_schedule(_kem_shared_secret(dh, kem_context), info, key_len)
+    return enc + aead.encrypt(nonce, bytes(plaintext), aad)
+
+
+def _open_auth(
+    private_key: x25519.X25519PrivateKey,
+    sender: x25519.X25519PublicKey,
+    blob: bytes,
+    info: bytes,
+    *,
+    aad: bytes = b"",
+    key_len: int = 32,
+) -> bytes:
+    if len(blob) < ENC_LEN + 16:
+        raise ValueError("the sealed blob is too short")
+    enc = blob[:ENC_LEN]
+    pk_e = x25519.X25519PublicKey.from_public_bytes(enc)
+    dh = private_key.exchange(pk_e) + private_key.exchange(sender)
+    kem_context = enc + _raw(private_key.public_key()) + _raw(sender)
+    aead, nonce = _auth_key_schedule(_kem_shared_secret(dh, kem_context), info, key_len)
+    return aead.decrypt(nonce, blob[ENC_LEN:], aad)
 
 
 def secret_info(attestation_id: str, name: str, revision: int) -> bytes:
@@ -47,10 +136,26 @@ def public_key_from_b64u(value: str) -> x25519.X25519PublicKey:
     return x25519.X25519PublicKey.from_public_bytes(raw)
 
 
-def seal(public_key: x25519.X25519PublicKey, plaintext: bytes | bytearray, info: bytes) -> bytes:
-    return SUITE.encrypt(bytes(plaintext), public_key, info=info)
+def public_key_b64u(public_key: x25519.X25519PublicKey) -> str:
+    return base64.urlsafe_b64encode(_raw(public_key)).rstrip(b"=").decode()
 
 
-def open_sealed(private_key: x25519.X25519PrivateKey, blob: bytes, info: bytes) -> bytes:
-    """Raises ``cryptography.exceptions.InvalidTag`` (or ValueError) when the blob does not open."""
-    return SUITE.decrypt(blob, private_key, info=info)
+def seal(
+    public_key: x25519.X25519PublicKey,
+    plaintext: bytes | bytearray,
+    info: bytes,
+    sender: x25519.X25519PrivateKey,
+) -> bytes:
+    """Seal to ``public_key`` as ``sender`` (auth mode): it opens only with the sender's key."""
+    return _seal_auth(public_key, sender, bytes(plaintext), info)
+
+
+def open_sealed(
+    private_key: x25519.X25519PrivateKey, blob: bytes, info: bytes, sender: x25519.X25519PublicKey
+) -> bytes:
+    """Raises ``cryptography.exceptions.InvalidTag`` (or ValueError) when the blob does not open:
+    not sealed to this key, by this sender, for this ``info``, or altered."""
+    try:
+        return _open_auth(private_key, sender, blob, info)
+    except ValueError as exc:  # a low-order point or a short blob: the same answer as a bad tag
+        raise InvalidTag from exc

@@ -1,7 +1,9 @@
 """Versioned data keys per owner, wrapped by the KEK (envelope encryption).
 
 An *owner* is what a data key protects: ``secret:<name>``, ``function:<name>``, ``tenant:<id>``,
-or ``seal:<...>`` (the sealing keys the broker holds for Nitro enclaves). Each owner has one
+``seal:<...>`` (the sealing keys the broker holds for Nitro enclaves) or ``identity:<...>`` (the
+broker's own X25519 identity, which enclaves pin). Sealing and identity keys never rotate on
+schedule: enclaves depend on them staying the same. Each owner has one
 ``current`` version (new encryptions), ``previous`` versions (still decrypt) and ``retired``
 versions (the wrapped key is erased: what they encrypted can no longer be decrypted, and asking
 is a :class:`KeyRetiredError`). Rotation adds a version; ``retain_versions`` bounds how many
@@ -35,6 +37,8 @@ from r3e_tee.store.postgres import lock_key
 
 OWNER_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}:[A-Za-z0-9._:/@+=-]{1,200}$")
 SEAL_PREFIX = "seal:"
+IDENTITY_PREFIX = "identity:"
+RESERVED_PREFIXES = (SEAL_PREFIX, IDENTITY_PREFIX)  # not for secrets, not rotated on schedule
 _VALUE_FORMAT = b"\x01"
 _NONCE = 12
 _CHECK_PLAINTEXT = b"r3e-tee KEK check value v1"
@@ -415,7 +419,8 @@ class KeyStore:
             ) from None
 
     def key_material(self, tx: Tx, owner: str, *, actor: str) -> tuple[int, bytearray]:
-        """The raw current key of an owner (the broker's Nitro sealing keys). Zeroize it after use."""
+        """The raw current key of an owner (the broker's Nitro sealing keys and its identity).
+        Zeroize it after use."""
         lock_owner(tx, owner)
         version = self.current_version(tx, owner, actor=actor)
         assert version is not None
@@ -435,7 +440,7 @@ class KeyStore:
     def owners(self, *, rotating: bool = True) -> list[str]:
         rows = self.store.fetchall("SELECT DISTINCT owner FROM data_keys WHERE state = ?", (CURRENT,))
         names = sorted(str(r["owner"]) for r in rows)
-        return [o for o in names if not (rotating and o.startswith(SEAL_PREFIX))]
+        return [o for o in names if not (rotating and o.startswith(RESERVED_PREFIXES))]
 
     def list_keys(self, owner: str | None = None) -> list[DataKeyInfo]:
         sql = "SELECT owner, version, state, kek_id, created_at, retired_at FROM data_keys"

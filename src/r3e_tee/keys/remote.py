@@ -70,7 +70,11 @@ class HttpSecretSource(SecretSource):
                 }
                 for s in reply["secrets"]
             ]
-            return {"attestation_id": str(reply["attestation_id"]), "secrets": secrets}
+            return {
+                "attestation_id": str(reply["attestation_id"]),
+                "broker_key": str(reply["broker_key"]),
+                "secrets": secrets,
+            }
         except (KeyError, TypeError, ValueError, binascii.Error):
             raise EnclaveError("the key broker's release answer is malformed") from None
 
@@ -82,6 +86,7 @@ class HttpSecretSource(SecretSource):
                 "owner": str(reply["owner"]),
                 "version": int(reply["version"]),
                 "sealed": base64.b64decode(reply["sealed"]),
+                "broker_key": str(reply["broker_key"]),
             }
         except (KeyError, TypeError, ValueError, binascii.Error):
             raise EnclaveError("the key broker's sealing-key answer is malformed") from None

@@ -31,7 +31,7 @@ from r3e_tee.errors import ConflictError, KeyManagementError, NotFoundError, R3E
 from r3e_tee.keys.audit import AuditLog
 from r3e_tee.keys.broker import KeyBroker
 from r3e_tee.keys.kek import zeroize
-from r3e_tee.keys.keystore import KeyStore, signing_key_aad
+from r3e_tee.keys.keystore import IDENTITY_PREFIX, KeyStore, signing_key_aad
 from r3e_tee.store import Store
 
 log = logging.getLogger("r3e_tee.keys")
@@ -147,6 +147,12 @@ class KeyRotation:
         return report
 
     def rotate_owner(self, owner: str, *, actor: str) -> dict[str, Any]:
+        if owner.startswith(IDENTITY_PREFIX):
+            raise ConflictError(
+                f"{owner} is the key broker's identity, which every enclave is measured with; "
+                "rotating it would leave them unable to open anything the broker seals",
+                hint="a compromised identity means a new installation: new measurements for every enclave",
+            )
         with self.store.transaction() as tx:
             known = tx.fetchval("SELECT count(*) FROM data_keys WHERE owner = ?", (owner,))
             if not known:

@@ -13,7 +13,8 @@ Routes (admin unless noted; no endpoint ever returns a secret's value):
 * ``POST /v1/secrets/release`` (enclave scope): sealed secrets for an attestation token;
 * ``POST /v1/secrets/seal-key`` (enclave scope): a Nitro enclave's sealing key, sealed to it;
 * ``POST /v1/secrets/deliver``: release and hand secrets to a running enclave of this service;
-* ``GET /v1/keys`` (read): KEK, data key and signing key metadata; ``POST /v1/keys/rotate``;
+* ``GET /v1/keys`` (read): KEK, data key and signing key metadata, and the broker's public identity
+  key (``broker_key``, what enclaves pin); ``POST /v1/keys/rotate``;
 * ``GET /v1/audit``, ``GET /v1/audit/verify``: the audit log and its chain check.
 """
 
@@ -67,6 +68,7 @@ class LocalSecretSource(SecretSource):
         release = await anyio.to_thread.run_sync(lambda: self.broker.release(token, names, actor=self.actor))
         return {
             "attestation_id": release.attestation_id,
+            "broker_key": release.broker_key,
             "secrets": [s.to_wire() for s in release.secrets],
         }
 
@@ -77,6 +79,7 @@ class LocalSecretSource(SecretSource):
             "owner": key.owner,
             "version": key.version,
             "sealed": key.sealed,
+            "broker_key": key.broker_key,
         }
 
 
@@ -133,6 +136,9 @@ def install(ctx: ServiceContext) -> None:
     keys = KeyManagement(audit, keystore, broker, rotation)
     ctx.components["keys"] = keys
     ctx.components["broker"] = broker
+    # every enclave this service launches is measured with the broker's key: it opens only what
+    # this broker sealed (keys/hpke.py), and a relying party sees which broker in the measurement
+    ctx.components["enclaves"].broker_key = broker.public_key_b64u()
     manager: EnclaveManager | None = ctx.components.get("manager")
     if manager is not None:
         manager.secret_source = LocalSecretSource(broker, manager.worker_id)
@@ -262,6 +268,7 @@ async def release(body: ReleaseRequest, ctx: Ctx, principal: EnclaveScope) -> di
         "enclave_id": out.enclave_id,
         "expires_at": out.expires_at,
         "suite": SUITE_NAME,
+        "broker_key": out.broker_key,
         "secrets": [
             {"name": s.name, "revision": s.revision, "sealed": base64.b64encode(s.sealed).decode()}
             for s in out.secrets
@@ -282,6 +289,7 @@ async def seal_key(body: SealKeyRequest, ctx: Ctx, principal: EnclaveScope) -> d
         "owner": key.owner,
         "version": key.version,
         "sealed": base64.b64encode(key.sealed).decode(),
+        "broker_key": key.broker_key,
     }
 
 
@@ -308,7 +316,12 @@ async def deliver(body: DeliverRequest, ctx: Ctx, principal: Admin) -> dict[str,
         },
     )
     reply = await worker.deliver_secrets(body.enclave_id, list(body.names))
-    return {"enclave_id": body.enclave_id, "received": reply.get("received", [])}
+    # "pinned": the enclave opened them as sealed by the broker key it was measured with
+    return {
+        "enclave_id": body.enclave_id,
+        "received": reply.get("received", []),
+        "broker": reply.get("broker"),
+    }
 
 
 # --- keys -----------------------------------------------------------------------------------------------
@@ -321,6 +334,7 @@ def list_keys(
     keys = _keys(ctx)
     return {
         "kek": keys.keystore.kek.describe(),
+        "broker_key": keys.broker.public_key_b64u(),
         "rotation": {
             "period_s": keys.rotation.rotation_period,
             "retain_versions": keys.rotation.retain_versions,

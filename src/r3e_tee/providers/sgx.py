@@ -54,6 +54,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import resource
 import secrets
 import shutil
@@ -89,6 +90,7 @@ MIB = 1024 * KIB
 GIB = 1024 * MIB
 
 MANIFEST_NAME = "r3e-enclave"
+_BROKER_KEY_RE = re.compile(r"^[A-Za-z0-9_-]{43}$")  # 32 bytes, base64url without padding
 DEFAULT_TEMPLATE = Path(__file__).parent / "templates" / f"{MANIFEST_NAME}.manifest.template"
 HELLO_LEN = 32
 _MISSING = "install Gramine in the worker image, or set providers[sgx].options.{option} to the tool"
@@ -604,8 +606,14 @@ class SgxProvider(Provider):
 
     # -- build ---------------------------------------------------------------------------------
 
-    def manifest_variables(self, *, enclave_size: int, debug: bool) -> dict[str, str]:
+    def manifest_variables(self, *, enclave_size: int, debug: bool, broker_key: str = "") -> dict[str, str]:
+        if broker_key and not _BROKER_KEY_RE.match(broker_key):
+            raise ProviderError(
+                "the key broker's key to measure into the enclave is not a base64url X25519 key",
+                hint="it comes from the service (GET /v1/keys, broker_key); check the worker's service URL",
+            )
         return {
+            "broker_key": broker_key,
             "python": self.python,
             "python_libdir": self.python_libdir,
             "site_packages": self.site_packages,
@@ -618,9 +626,11 @@ class SgxProvider(Provider):
             "isvsvn": str(self.isvsvn),
         }
 
-    async def build(self, *, enclave_size: int, debug: bool) -> SgxBuild:
-        """The signed manifest for this configuration (made once, then reused)."""
-        variables = self.manifest_variables(enclave_size=enclave_size, debug=debug)
+    async def build(self, *, enclave_size: int, debug: bool, broker_key: str = "") -> SgxBuild:
+        """The signed manifest for this configuration (made once, then reused). The key broker's
+        key is one of its environment values, so MRENCLAVE covers which broker the enclave accepts
+        secrets from."""
+        variables = self.manifest_variables(enclave_size=enclave_size, debug=debug, broker_key=broker_key)
         try:
             template = self.template.read_bytes()
         except OSError as exc:
@@ -754,7 +764,11 @@ class SgxProvider(Provider):
         probe = self.probe()
         if not probe.available:
             raise ProviderUnavailableError(probe.explanation(), hint="run r3e-tee-cli doctor on this node")
-        build = await self.build(enclave_size=self.enclave_size(spec.size_bytes), debug=spec.debug)
+        build = await self.build(
+            enclave_size=self.enclave_size(spec.size_bytes),
+            debug=spec.debug,
+            broker_key=str(spec.payload.get("broker_key") or ""),
+        )
         run_dir = self.directory / "run" / spec.id
         run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         log_path = run_dir / "enclave.log"

@@ -2,11 +2,18 @@
 
 Operations the host may call:
 
-* ``deliver_secrets`` ``{attestation_id, secrets: [{name, revision, sealed}]}``: each blob is HPKE
-  sealed by the key broker to this enclave's attested X25519 key, with ``info`` binding the
-  attestation, the name and the revision. They are opened here (all or none) into
-  ``runtime.state["secrets"]`` (``dict[str, bytes]``). The reply names what arrived and its size,
-  never a value.
+* ``deliver_secrets`` ``{attestation_id, broker_key, secrets: [{name, revision, sealed}]}``: each
+  blob is HPKE sealed (auth mode) by the key broker to this enclave's attested X25519 key, with
+  ``info`` binding the attestation, the name and the revision. They are opened here (all or none)
+  into ``runtime.state["secrets"]`` (``dict[str, bytes]``). The reply names what arrived and its
+  size, never a value, and whether the sender was the pinned broker.
+
+Which broker: the key the enclave was measured with, ``broker_key`` in its measured configuration
+(the simulation provider measures the payload the service puts it in) or, in an SGX or Nitro
+image, the ``R3E_TEE_BROKER_KEY`` environment fixed by the measured manifest or image. With a
+pin, a blob sealed by anyone else does not open, whatever key the host names. Without one (an
+image built without the key), the host-named key is used and the reply says ``unpinned``: the
+secrets are still confidential, but their origin is the host's word.
 * ``forget_secrets`` ``{names}``: drop them (a release policy changed).
 
 For code running in the enclave (functions), ``runtime.state`` carries:
@@ -36,11 +43,12 @@ from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from r3e_tee.errors import EnclaveError
-from r3e_tee.keys.hpke import open_sealed, seal_key_info, secret_info
+from r3e_tee.keys.hpke import open_sealed, public_key_from_b64u, seal_key_info, secret_info
 from r3e_tee.runtime.devices import GramineAttestationDevice, HostQuotingDevice
 
 if TYPE_CHECKING:
@@ -52,6 +60,14 @@ _NONCE = 12
 BACKENDS = {1: "simulation", 2: "sgx-mrenclave", 3: "sgx-mrsigner", 4: "nitro-broker"}
 _BACKEND_IDS = {v: k for k, v in BACKENDS.items()}
 MAX_SEAL_BYTES = 16 * 1024 * 1024
+#: the broker key of an SGX or Nitro image: set by its measured manifest or image, never the host
+BROKER_KEY_ENV = "R3E_TEE_BROKER_KEY"
+
+
+def _nsm_device() -> type:
+    from r3e_tee.runtime.nsm import NsmAttestationDevice  # imported late, as in _backend
+
+    return NsmAttestationDevice
 
 
 def _stretch(raw: bytes | bytearray, backend: str) -> AESGCM:
@@ -77,6 +93,34 @@ class SecretsExtension:
         runtime.channel.handlers["forget_secrets"] = self.op_forget_secrets
         runtime.on_shutdown.append(self.zeroize)
 
+    # -- the broker ----------------------------------------------------------------------------
+
+    def pinned_broker(self) -> str | None:
+        """The broker key this enclave was measured with, if any (see the module docstring)."""
+        value = self.runtime.measured.get("broker_key")
+        if value is None and isinstance(self.runtime.device, GramineAttestationDevice | _nsm_device()):
+            value = os.environ.get(BROKER_KEY_ENV) or None
+        return value if isinstance(value, str) else None
+
+    def _sender(self, named: object, what: str) -> tuple[x25519.X25519PublicKey, bool]:
+        """The broker key to open ``what`` with, and whether it is pinned."""
+        pinned = self.pinned_broker()
+        if pinned is not None:
+            if isinstance(named, str) and named != pinned:
+                raise EnclaveError(
+                    f"{what}: the host says it comes from key broker {named}, but this enclave was "
+                    f"measured to accept only {pinned}; was it launched by another service?"
+                )
+            value = pinned
+        elif isinstance(named, str):
+            value = named
+        else:
+            raise EnclaveError(f"{what}: no broker key was named and this enclave has none pinned")
+        try:
+            return public_key_from_b64u(value), pinned is not None
+        except ValueError as exc:
+            raise EnclaveError(f"{what}: the broker key is unusable: {exc}") from None
+
     # -- secrets ---------------------------------------------------------------------------------
 
     async def op_deliver_secrets(self, msg: dict[str, Any]) -> dict[str, Any]:
@@ -89,6 +133,7 @@ class SecretsExtension:
                 f"attestation is {self.runtime.attestation_id}; release them again"
             )
         private = self.runtime.keys.hpke
+        sender, pinned = self._sender(msg.get("broker_key"), "deliver_secrets")
         opened: dict[str, bytes] = {}
         for item in items:
             if not isinstance(item, dict):
@@ -97,14 +142,17 @@ class SecretsExtension:
             if not isinstance(name, str) or not isinstance(revision, int) or not isinstance(sealed, bytes):
                 raise EnclaveError("deliver_secrets: each secret needs name, revision and sealed bytes")
             try:
-                opened[name] = open_sealed(private, sealed, secret_info(att, name, revision))
+                opened[name] = open_sealed(private, sealed, secret_info(att, name, revision), sender)
             except (InvalidTag, ValueError):
                 raise EnclaveError(
-                    f"secret {name!r} does not open with this enclave's key: not sealed to this enclave, "
-                    "for another name or revision, or corrupted in transit"
+                    f"secret {name!r} does not open with this enclave's key: not sealed to this enclave "
+                    "by its key broker, for another name or revision, or corrupted in transit"
                 ) from None
         self.secrets.update(opened)
-        return {"received": [{"name": n, "size": len(v)} for n, v in opened.items()]}
+        return {
+            "received": [{"name": n, "size": len(v)} for n, v in opened.items()],
+            "broker": "pinned" if pinned else "unpinned",
+        }
 
     async def op_forget_secrets(self, msg: dict[str, Any]) -> dict[str, Any]:
         names = msg.get("names")
@@ -163,14 +211,17 @@ class SecretsExtension:
             raise EnclaveError("sealing needs an attested enclave (no attestation token yet)")
         reply = await self.runtime.channel.request("broker_seal_key", timeout=30)
         att, owner, version, sealed = (reply.get(k) for k in ("attestation_id", "owner", "version", "sealed"))
+        sender, _ = self._sender(reply.get("broker_key"), "the sealing key")
         if not (isinstance(att, str) and isinstance(owner, str) and isinstance(version, int)):
             raise EnclaveError("the host returned no sealing key")
         if not isinstance(sealed, bytes):
             raise EnclaveError("the host returned no sealing key")
         try:
-            raw = open_sealed(self.runtime.keys.hpke, sealed, seal_key_info(att, owner, version))
+            raw = open_sealed(self.runtime.keys.hpke, sealed, seal_key_info(att, owner, version), sender)
         except (InvalidTag, ValueError):
-            raise EnclaveError("the broker's sealing key does not open with this enclave's key") from None
+            raise EnclaveError(
+                "the sealing key does not open with this enclave's key as one from its key broker"
+            ) from None
         return bytearray(raw), version
 
     async def seal(self, data: bytes, *, bind: str = "measurement") -> bytes:

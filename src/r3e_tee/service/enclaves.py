@@ -99,6 +99,8 @@ class EnclaveRegistry:
         self.local = local
         self.directory = directory
         self.on_destroy = on_destroy
+        # the key broker's identity (keys/service.py sets it): measured into every enclave
+        self.broker_key: str | None = None
 
     def _place(self, provider: str, size: int) -> WorkerClient:
         enabled = self.config.enabled_providers
@@ -131,6 +133,15 @@ class EnclaveRegistry:
             hint="start r3e-tee-worker on a node with this hardware, or enable the embedded worker",
         )
 
+    def measured_payload(self, payload: Mapping[str, Any] | None) -> dict[str, Any]:
+        """What an enclave is measured with: the caller's payload and the broker key it will
+        accept secrets from (the simulation provider measures the payload; SGX and Nitro images
+        carry the key in their own measured configuration, see keys/hpke.py)."""
+        out = dict(payload or {})
+        if self.broker_key is not None:
+            out.setdefault("broker_key", self.broker_key)
+        return out
+
     async def create(
         self,
         *,
@@ -158,7 +169,7 @@ class EnclaveRegistry:
             size_bytes=size_bytes,
             debug=debug,
             evidence_format=fmt,
-            payload=dict(payload or {}),
+            payload=self.measured_payload(payload),
         )
         now = time.time()
         self.store.execute(

@@ -271,6 +271,7 @@ class EnclaveManager:
         return await handle.channel.request(
             "deliver_secrets",
             attestation_id=release["attestation_id"],
+            broker_key=release.get("broker_key"),
             secrets=release["secrets"],
             timeout=self.attest_timeout,
         )
