@@ -8,6 +8,7 @@ import copy
 import json
 import os
 import signal
+import sqlite3
 import time
 from pathlib import Path
 
@@ -338,6 +339,16 @@ def test_bad_deployments_are_explained(live: LiveService) -> None:
         assert c.post("/v1/functions/missing/invoke", content=b"{}").status_code == 404
         r = c.post("/v1/functions/price-oracle/invoke", content=b"not json")
         assert r.status_code >= 400
+        # a version whose published measurement is no longer what its enclaves measure (deployed
+        # before the runtime or the pinned broker key changed) is refused with what to do
+        deploy(c, "stale", "python", b"def handler(event, ctx):\n    return event\n")
+        with sqlite3.connect(live.data_dir / "r3e-tee.sqlite3") as db:
+            db.execute("UPDATE functions SET measurement = ? WHERE name = 'stale'", ("ab" * 32,))
+        r = c.post("/v1/functions/stale/invoke", content=b"{}")
+        assert r.status_code == 502 and "deploy the function again" in r.json()["message"], r.text
+        assert not [
+            e for e in c.get("/v1/enclaves").json() if e["function_name"] == "stale" and e["state"] == "ready"
+        ]
 
 
 def test_pipelined_invocations_queue_in_the_enclave_and_outlive_a_timeout(live: LiveService) -> None:

@@ -73,6 +73,13 @@ class FunctionsService:
             raise FunctionError(f"the enclave for {fv.name} did not become ready: {enclave.get('reason')}")
         eid = str(enclave["id"])
         try:
+            if fv.measurement is not None and enclave.get("measurement") != fv.measurement:
+                raise FunctionError(
+                    f"version {fv.version} was deployed for measurement {fv.measurement}, but its "
+                    f"enclave measures {enclave.get('measurement')}: what enclaves are measured with "
+                    "changed since (the runtime, or the key broker's key it pins); deploy the "
+                    "function again to publish the new measurement"
+                )
             worker = self.enclaves.worker_of(enclave)
             if worker is None:
                 raise FunctionError(f"enclave {eid} runs on no worker this service can reach")
