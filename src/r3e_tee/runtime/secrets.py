@@ -64,10 +64,11 @@ MAX_SEAL_BYTES = 16 * 1024 * 1024
 BROKER_KEY_ENV = "R3E_TEE_BROKER_KEY"
 
 
-def _nsm_device() -> type:
+def _hardware_image(device: object) -> bool:
+    """SGX (Gramine) or Nitro: the environment is the one their measured manifest or image fixed."""
     from r3e_tee.runtime.nsm import NsmAttestationDevice  # imported late, as in _backend
 
-    return NsmAttestationDevice
+    return isinstance(device, GramineAttestationDevice | NsmAttestationDevice)
 
 
 def _stretch(raw: bytes | bytearray, backend: str) -> AESGCM:
@@ -98,7 +99,7 @@ class SecretsExtension:
     def pinned_broker(self) -> str | None:
         """The broker key this enclave was measured with, if any (see the module docstring)."""
         value = self.runtime.measured.get("broker_key")
-        if value is None and isinstance(self.runtime.device, GramineAttestationDevice | _nsm_device()):
+        if value is None and _hardware_image(self.runtime.device):
             value = os.environ.get(BROKER_KEY_ENV) or None
         return value if isinstance(value, str) else None
 
@@ -108,7 +109,7 @@ class SecretsExtension:
         if pinned is not None:
             if isinstance(named, str) and named != pinned:
                 raise EnclaveError(
-                    f"{what}: the host says it comes from key broker {named}, but this enclave was "
+                    f"{what}: the host says it comes from key broker {named[:64]}, but this enclave was "
                     f"measured to accept only {pinned}; was it launched by another service?"
                 )
             value = pinned
