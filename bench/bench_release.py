@@ -7,8 +7,9 @@ simulation provider with its fork server and sandboxed enclave processes, the ke
 one enclave, attests it and stores a 48-byte secret whose policy pins the enclave's measurement.
 Then, interleaved round by round (the median is robust when other processes share the CPU):
 
-* anchor: one HPKE seal (DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, AES-256-GCM) of the value to the
-  enclave's key: the cryptographic floor of a release;
+* anchor: one HPKE seal (DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, AES-256-GCM, auth mode with the
+  broker's identity, as the broker seals) of the value to the enclave's key: the cryptographic
+  floor of a release;
 * release (warm): ``KeyBroker.release`` for the already-attested enclave: token signature and
   expiry, revocation and enclave state, the release policy, data-key unwrap (cached) and value
   decryption, the HPKE seal, and the release row plus hash-chained audit entry committed to the
@@ -77,8 +78,10 @@ async def run(rounds: int, store_url: str, data_dir: Path) -> dict[str, Any]:
         public = hpke.public_key_from_b64u(hpke_b64u(bytes.fromhex(enclave["public_keys"]["x25519"])))
         info = hpke.secret_info("0" * 32, "bench", 1)
 
+        identity = broker.identity()
+
         def anchor() -> None:
-            hpke.seal(public, VALUE, info)
+            hpke.seal(public, VALUE, info, identity)
 
         def release() -> None:
             broker.release(manager.grants[eid].token, ["bench"], actor="bench")
