@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_invoke import BARE_APP, free_port, load, wait_ready
+from bench_invoke import BARE_APP, free_port, load, measured_load, wait_ready
 
 TOKEN = "r3e_bench-ceiling-admin-token-0123456789"
 
@@ -107,14 +107,16 @@ def main() -> int:
                 wait_ready(ready)
                 url = f"http://127.0.0.1:{port}/v1/functions/echo/invoke"
                 load(url, headers, 2, args.connections)  # warm-up
-                results[name] = load(url, headers, args.seconds, args.connections)
+                results[name] = measured_load(url, headers, args.seconds, args.connections, {name: proc.pid})
             finally:
                 proc.terminate()
                 proc.wait(30)
-    (bare, bare_lat, tool), (svc, svc_lat, _) = results["bare"], results["service"]
+    (bare, bare_lat, tool, bare_cpu), (svc, svc_lat, _, svc_cpu) = results["bare"], results["service"]
     print(f"load generator: {tool}; {args.connections} connections, {args.seconds} s")
     print(f"bare ASGI endpoint:                    {bare:8.0f} req/s  p99 {bare_lat['99']:.2f} ms")
+    print(f"  {bare_cpu}")
     print(f"service, enclave answering at once:    {svc:8.0f} req/s  p99 {svc_lat['99']:.2f} ms")
+    print(f"  {svc_cpu}")
     print(
         f"ceiling for bench_invoke's ratio: {svc / bare:.2f} of the bare endpoint"
         " (what the HTTP layer leaves for any enclave path)"
