@@ -4,7 +4,8 @@
 #   R3E_TEE_BROKER_KEY=<broker_key of GET /v1/keys> deploy/nitro/build-eif.sh [TAG]
 #
 # The broker key is built into the image (and so into PCR0): the enclave then opens only secrets
-# and sealing keys that broker sealed. Without it the enclave takes the key its host names.
+# and sealing keys that broker sealed. R3E_TEE_BROKER_KEY=unsafe-unpinned builds an image that
+# takes whatever key its host names instead (its host could plant secrets): tests only.
 # Needs docker and nitro-cli with its blobs (/usr/share/nitro_enclaves/blobs): an EC2 instance with
 # the aws-nitro-enclaves-cli package, or any Linux host with nitro-cli installed. Writes
 #   deploy/nitro/out/r3e-tee-runtime.eif   copied into the nitro image (deploy/Dockerfile --target nitro)
@@ -21,10 +22,12 @@ done
 
 docker build -f deploy/Dockerfile --target runtime -t "r3e-tee:${tag}" .
 if [ -z "${R3E_TEE_BROKER_KEY:-}" ]; then
-    echo "build-eif: R3E_TEE_BROKER_KEY is not set: the enclave will not pin its key broker" >&2
+    echo "build-eif: set R3E_TEE_BROKER_KEY to the broker_key of GET /v1/keys (r3e-tee-cli list-keys)" \
+        "of the service these enclaves serve; without it they accept no secrets" >&2
+    exit 2
 fi
 docker build -f deploy/nitro/enclave.Dockerfile --build-arg "BASE=r3e-tee:${tag}" \
-    --build-arg "BROKER_KEY=${R3E_TEE_BROKER_KEY:-}" -t "r3e-tee-enclave:${tag}" .
+    --build-arg "BROKER_KEY=${R3E_TEE_BROKER_KEY}" -t "r3e-tee-enclave:${tag}" .
 
 mkdir -p "$out"
 nitro-cli build-enclave --docker-uri "r3e-tee-enclave:${tag}" --output-file "$out/r3e-tee-runtime.eif" \

@@ -6,7 +6,7 @@ ARG BASE=r3e-tee:0.1.0
 FROM ${BASE}
 # The key broker this enclave accepts secrets and its sealing key from (GET /v1/keys, broker_key
 # of the service it serves): measured into PCR0 with the rest of the image. Empty, the enclave
-# takes the key its host names and reports its secrets as "unpinned" (runtime/secrets.py).
+# accepts no secrets; "unsafe-unpinned" makes it take the key its host names (runtime/secrets.py).
 ARG BROKER_KEY=""
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

@@ -199,7 +199,7 @@ def test_generated_enclave_files_come_from_the_eif_recipe() -> None:
     subprocess.run(["bash", "-n", str(REPO / "deploy" / "nitro" / "build-eif.sh")], check=True)
     enclave = (REPO / "deploy" / "nitro" / "enclave.Dockerfile").read_text()
     assert '"r3e_tee.runtime.enclave"' in enclave
-    assert "R3E_TEE_BROKER_KEY=${BROKER_KEY}" in enclave and "BROKER_KEY=${R3E_TEE_BROKER_KEY" in script
+    assert "R3E_TEE_BROKER_KEY=${BROKER_KEY}" in enclave and "BROKER_KEY=${R3E_TEE_BROKER_KEY}" in script
 
 
 def test_gramine_manifest_template_renders_to_valid_toml() -> None:

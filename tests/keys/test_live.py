@@ -212,6 +212,9 @@ def test_cli_rotate_delete_and_audit_verify(live: LiveService, capsys: pytest.Ca
     assert "signing key simulation" in out and "kept in the JWKS" in out
     code, out = cli(live, capsys, "list-keys")
     assert code == 0 and "KEK: file file:" in out and "current" in out
+    with live.client() as c:
+        broker_key = c.get("/v1/keys").json()["broker_key"]
+    assert f"key broker: {broker_key}" in out
     code, out = cli(live, capsys, "delete-secret", "wrong-code")
     assert code == 0 and "deleted" in out
     code, out = cli(live, capsys, "delete-secret", "wrong-code")

@@ -19,7 +19,7 @@ from r3e_tee.runtime.channel import RemoteError
 from r3e_tee.runtime.devices import GramineAttestationDevice
 from r3e_tee.runtime.enclave import EnclaveRuntime
 from r3e_tee.runtime.nsm import NsmAttestationDevice
-from r3e_tee.runtime.secrets import BROKER_KEY_ENV
+from r3e_tee.runtime.secrets import BROKER_KEY_ENV, UNSAFE_UNPINNED
 from r3e_tee.worker.manager import AttestationGrant, EnclaveManager
 
 from .conftest import SECRET, InProcessSimulation, Keys, channel_pair
@@ -101,10 +101,12 @@ def test_delivered_secrets_open_inside_the_enclave(keys: Keys) -> None:
     asyncio.run(main())
 
 
-def test_an_enclave_without_a_pinned_broker_says_so(keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
-    """An SGX image built without the broker key takes the key the host names: the secrets are
-    still sealed to it alone, but the reply marks their origin as unpinned. The same image with
-    the key in its (measured) environment is pinned."""
+def test_an_enclave_without_a_pinned_broker_receives_nothing(
+    keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An SGX image built without the broker key refuses secrets, saying how to fix it; with the
+    key in its (measured) environment it is pinned; with the explicit unsafe-unpinned it takes the
+    key the host names and says so; with another broker's key it refuses this broker's blobs."""
     keys.broker.put_secret("api-key", SECRET, {"measurements": [M], "allow_simulation": True}, actor="t")
 
     async def deliver() -> dict[str, Any]:
@@ -128,9 +130,12 @@ def test_an_enclave_without_a_pinned_broker_says_so(keys: Keys, monkeypatch: pyt
             await enclave.aclose()
 
     monkeypatch.delenv(BROKER_KEY_ENV, raising=False)
-    assert asyncio.run(deliver())["broker"] == "unpinned"
+    with pytest.raises(RemoteError, match="measured without a key broker.*GET /v1/keys"):
+        asyncio.run(deliver())
     monkeypatch.setenv(BROKER_KEY_ENV, keys.broker.public_key_b64u())
     assert asyncio.run(deliver())["broker"] == "pinned"
+    monkeypatch.setenv(BROKER_KEY_ENV, UNSAFE_UNPINNED)
+    assert asyncio.run(deliver())["broker"] == "unsafe-unpinned"
     monkeypatch.setenv(BROKER_KEY_ENV, hpke.public_key_b64u(x25519.X25519PrivateKey.generate().public_key()))
     with pytest.raises(RemoteError, match="measured to accept only"):
         asyncio.run(deliver())
@@ -220,7 +225,10 @@ def test_nitro_sealing_key_comes_from_the_broker_through_the_worker(keys: Keys) 
         async def nitro_runtime(eid: str, pcr_set: dict[str, str]) -> EnclaveRuntime:
             handlers = {"broker_seal_key": manager._seal_key_handler(eid)}
             host, enclave = await channel_pair(handlers)
-            runtime = EnclaveRuntime(enclave, NsmAttestationDevice(lambda _req: b""))
+            # a Nitro image built with the broker's key (R3E_TEE_BROKER_KEY, measured into PCR0)
+            runtime = EnclaveRuntime(
+                enclave, NsmAttestationDevice(lambda _req: b""), {"broker_key": keys.broker.public_key_b64u()}
+            )
             attested = keys.attest(kind="nitro", pcrs=pcr_set, private_key=runtime.keys.hpke, enclave_id=eid)
             manager.grants[eid] = AttestationGrant(attested.attestation_id, attested.token, 2e9, None)
             await host.request(

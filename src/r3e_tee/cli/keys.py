@@ -171,6 +171,8 @@ def list_keys(ctx: typer.Context) -> None:
         return
     kek = out["kek"]
     console.print(f"KEK: {escape(kek['provider'])} {escape(kek['kek_id'])} ({escape(kek['location'])})")
+    # what enclaves pin: the service measures it into them; a Nitro image takes it at build time
+    console.print(f"key broker: {escape(str(out.get('broker_key')))}")
     rot = out["rotation"]
     console.print(
         f"rotation every {rot['period_s'] / 86400:g} d, last {_when(rot['last'])}, next {_when(rot['next'])}"

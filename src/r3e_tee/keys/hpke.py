@@ -11,8 +11,8 @@ only with the broker's public key as the sender, so it also proves its origin. B
 give confidentiality alone: anyone holding the enclave's (public) key could seal a value of their
 own to it, and a host relaying blobs could plant secrets or a Nitro sealing key it knows. Origin
 is only as good as the enclave's knowledge of the broker's key: an enclave launched with the key
-in its measured configuration (``broker_key``) opens nothing else; one launched without it takes
-the sender key the host names, which proves nothing (runtime/secrets.py says which it did).
+in its measured configuration (``broker_key``) opens nothing else, and one launched without it
+opens nothing at all unless its image says ``unsafe-unpinned`` (runtime/secrets.py).
 
 ``cryptography`` implements base mode only, so auth mode is built here from its primitives (X25519,
 HKDF, AES-GCM) and checked against RFC 9180's test vectors (tests/keys/test_hpke.py).

@@ -11,9 +11,9 @@ Operations the host may call:
 Which broker: the key the enclave was measured with, ``broker_key`` in its measured configuration
 (the simulation provider measures the payload the service puts it in) or, in an SGX or Nitro
 image, the ``R3E_TEE_BROKER_KEY`` environment fixed by the measured manifest or image. With a
-pin, a blob sealed by anyone else does not open, whatever key the host names. Without one (an
-image built without the key), the host-named key is used and the reply says ``unpinned``: the
-secrets are still confidential, but their origin is the host's word.
+pin, a blob sealed by anyone else does not open, whatever key the host names. An enclave without
+a pin receives nothing (its host could otherwise plant values), unless its image says
+``R3E_TEE_BROKER_KEY=unsafe-unpinned``: then the host-named key is used and the reply says so.
 * ``forget_secrets`` ``{names}``: drop them (a release policy changed).
 
 For code running in the enclave (functions), ``runtime.state`` carries:
@@ -62,6 +62,8 @@ _BACKEND_IDS = {v: k for k, v in BACKENDS.items()}
 MAX_SEAL_BYTES = 16 * 1024 * 1024
 #: the broker key of an SGX or Nitro image: set by its measured manifest or image, never the host
 BROKER_KEY_ENV = "R3E_TEE_BROKER_KEY"
+#: the value that lets an image without a pin take the key its host names (named as unsafe)
+UNSAFE_UNPINNED = "unsafe-unpinned"
 
 
 def _hardware_image(device: object) -> bool:
@@ -97,7 +99,8 @@ class SecretsExtension:
     # -- the broker ----------------------------------------------------------------------------
 
     def pinned_broker(self) -> str | None:
-        """The broker key this enclave was measured with, if any (see the module docstring)."""
+        """The broker key this enclave was measured with (see the module docstring): a key, the
+        explicit ``unsafe-unpinned``, or None."""
         value = self.runtime.measured.get("broker_key")
         if value is None and _hardware_image(self.runtime.device):
             value = os.environ.get(BROKER_KEY_ENV) or None
@@ -106,19 +109,26 @@ class SecretsExtension:
     def _sender(self, named: object, what: str) -> tuple[x25519.X25519PublicKey, bool]:
         """The broker key to open ``what`` with, and whether it is pinned."""
         pinned = self.pinned_broker()
-        if pinned is not None:
+        if pinned is None:
+            raise EnclaveError(
+                f"{what}: this enclave was measured without a key broker to accept secrets from, so "
+                "its host could plant values; launch it through the service (which measures the "
+                f"broker's key into it) or build its image with {BROKER_KEY_ENV} set to the "
+                "broker_key of GET /v1/keys"
+            )
+        if pinned == UNSAFE_UNPINNED:
+            if not isinstance(named, str):
+                raise EnclaveError(f"{what}: the host named no broker key")
+            value = named
+        else:
             if isinstance(named, str) and named != pinned:
                 raise EnclaveError(
                     f"{what}: the host says it comes from key broker {named[:64]}, but this enclave was "
                     f"measured to accept only {pinned}; was it launched by another service?"
                 )
             value = pinned
-        elif isinstance(named, str):
-            value = named
-        else:
-            raise EnclaveError(f"{what}: no broker key was named and this enclave has none pinned")
         try:
-            return public_key_from_b64u(value), pinned is not None
+            return public_key_from_b64u(value), pinned != UNSAFE_UNPINNED
         except ValueError as exc:
             raise EnclaveError(f"{what}: the broker key is unusable: {exc}") from None
 
@@ -152,7 +162,7 @@ class SecretsExtension:
         self.secrets.update(opened)
         return {
             "received": [{"name": n, "size": len(v)} for n, v in opened.items()],
-            "broker": "pinned" if pinned else "unpinned",
+            "broker": "pinned" if pinned else UNSAFE_UNPINNED,
         }
 
     async def op_forget_secrets(self, msg: dict[str, Any]) -> dict[str, Any]:
