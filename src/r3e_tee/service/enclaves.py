@@ -139,7 +139,7 @@ class EnclaveRegistry:
         carry the key in their own measured configuration, see keys/hpke.py)."""
         out = dict(payload or {})
         if self.broker_key is not None:
-            out.setdefault("broker_key", self.broker_key)
+            out["broker_key"] = self.broker_key  # this service's broker, whatever a caller asked
         return out
 
     async def create(
