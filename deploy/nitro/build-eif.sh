@@ -32,5 +32,15 @@ docker build -f deploy/nitro/enclave.Dockerfile --build-arg "BASE=r3e-tee:${tag}
 mkdir -p "$out"
 nitro-cli build-enclave --docker-uri "r3e-tee-enclave:${tag}" --output-file "$out/r3e-tee-runtime.eif" \
     > "$out/measurements.json"
+# which key broker the image pins, for the provider to check against its service's
+python3 - "$out/measurements.json" "$R3E_TEE_BROKER_KEY" <<'PY'
+import json, sys
+path, key = sys.argv[1], sys.argv[2]
+with open(path) as f:
+    data = json.load(f)
+data["BrokerKey"] = key
+with open(path, "w") as f:
+    json.dump(data, f, indent=2)
+PY
 echo "EIF: $out/r3e-tee-runtime.eif"
 cat "$out/measurements.json"

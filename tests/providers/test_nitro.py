@@ -363,3 +363,36 @@ def test_real_vsock_connector_fails_like_a_runtime_not_listening_yet() -> None:
 
     with pytest.raises(OSError):  # no enclave at CID 99 on this machine: the provider retries
         vsock_connect(99, 5005, timeout=0.2)
+
+
+def test_an_image_pinned_to_another_key_broker_is_refused_at_create(
+    tmp_path: Path, eif: Path, state_dir: Path, nitro_env: dict[str, str]
+) -> None:
+    """build-eif.sh records the broker key the EIF pins; an enclave for a service with another
+    broker would accept none of its secrets, so it is not started. The same key, or an image
+    built unsafe-unpinned, starts."""
+    mine, theirs = "A" * 43, "B" * 43
+    measurements = tmp_path / "measurements.json"
+
+    def pinned(key: str) -> None:
+        measurements.write_text(json.dumps({"Measurements": {"PCR0": "0f" * 48}, "BrokerKey": key}))
+
+    def for_broker(key: str) -> EnclaveSpec:
+        return EnclaveSpec(
+            id=os.urandom(8).hex(), size_bytes=100 * MIB, evidence_format="nitro", payload={"broker_key": key}
+        )
+
+    async def main() -> None:
+        pinned(theirs)
+        p = provider(tmp_path, eif, state_dir, nitro_env, measurements=measurements)
+        with pytest.raises(ProviderError, match=f"pins key broker {theirs}") as err:
+            await p.create(for_broker(mine))
+        assert f"R3E_TEE_BROKER_KEY={mine} deploy/nitro/build-eif.sh" in (err.value.hint or "")
+        for key in (mine, "unsafe-unpinned"):
+            pinned(key)
+            os.utime(eif)  # a rebuilt image: measurements are read again
+            handle = await p.create(for_broker(mine))
+            await p.destroy(handle)
+        await p.stop()
+
+    asyncio.run(main())

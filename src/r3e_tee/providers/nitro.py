@@ -20,7 +20,9 @@ Provider options (``providers[].options`` of tee-config.yaml, all optional):
     The enclave image (deploy/nitro/build-eif.sh).
 ``measurements``
     The measurements JSON written next to it by build-eif.sh. Default: ``measurements.json``
-    beside the EIF when present, else ``nitro-cli describe-eif`` is asked.
+    beside the EIF when present, else ``nitro-cli describe-eif`` is asked. build-eif.sh also
+    records there the key broker the image pins (``BrokerKey``): an enclave for a service whose
+    broker is another is refused at once, rather than when its first secret does not open.
 ``nitro_cli`` (``nitro-cli``)
     The tool, a name on PATH or a path.
 ``cpu_count`` (2)
@@ -63,6 +65,7 @@ from r3e_tee.providers.nitro_allocator import read_allocator
 from r3e_tee.providers.sgx import ProviderOptions, call_on_exit, run_tool
 from r3e_tee.runtime.channel import Channel
 from r3e_tee.runtime.enclave import DEFAULT_VSOCK_PORT
+from r3e_tee.runtime.secrets import UNSAFE_UNPINNED
 
 if TYPE_CHECKING:
     from r3e_tee.config import TeeConfig
@@ -231,6 +234,7 @@ class NitroProvider(Provider):
         self._enclaves: dict[str, _NitroEnclave] = {}
         self._pending_cids: set[int] = set()
         self._pcr0: tuple[tuple[float, int, str], str] | None = None
+        self._broker_key: str | None = None  # what the EIF pins, when its measurements file says
         self._poke = asyncio.Event()
         self._monitor_task: asyncio.Task[None] | None = None
 
@@ -340,6 +344,8 @@ class NitroProvider(Provider):
                     hint="rebuild with deploy/nitro/build-eif.sh or drop the measurements option",
                 ) from None
             pcr0 = pcr0_from_measurements(data, str(self.measurements))
+            broker_key = data.get("BrokerKey") if isinstance(data, dict) else None
+            self._broker_key = broker_key if isinstance(broker_key, str) else None
         else:
             out = await self._cli("describe-eif", "--eif-path", str(self.eif_path))
             pcr0 = pcr0_from_measurements(parse_cli_json(out, "nitro-cli describe-eif"), "describe-eif")
@@ -409,6 +415,13 @@ class NitroProvider(Provider):
         if not probe.available:
             raise ProviderUnavailableError(probe.explanation(), hint="run r3e-tee-cli doctor on this node")
         pcr0 = await self.measurement()
+        wanted = spec.payload.get("broker_key")
+        if isinstance(wanted, str) and self._broker_key not in (None, wanted, UNSAFE_UNPINNED):
+            raise ProviderError(
+                f"the enclave image {self.eif_path} pins key broker {self._broker_key}, but this "
+                f"service's broker is {wanted}: its enclaves would accept no secret from it",
+                hint=f"rebuild it: R3E_TEE_BROKER_KEY={wanted} deploy/nitro/build-eif.sh",
+            )
         mib = nitro_memory_mib(spec.size_bytes)
         name = f"{self.name_prefix}{spec.id}"
         cid = await self._free_cid()
