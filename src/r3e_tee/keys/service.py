@@ -124,21 +124,27 @@ def install(ctx: ServiceContext) -> None:
         )
         broker.refresh_keys = rotation.sync_signing_keys
         rotation.initialize()
+        broker_key = broker.public_key_b64u()  # made here on an installation's first start
     except BaseException:
         kek.close()
         if previous is not None:
             previous.close()
         raise
-    log.info(
-        "key management ready",
-        extra={"provider": kek.provider, "kek_id": kek.kek_id, "registered": status["registered"]},
-    )
     keys = KeyManagement(audit, keystore, broker, rotation)
     ctx.components["keys"] = keys
     ctx.components["broker"] = broker
     # every enclave this service launches is measured with the broker's key: it opens only what
     # this broker sealed (keys/hpke.py), and a relying party sees which broker in the measurement
-    ctx.components["enclaves"].broker_key = broker.public_key_b64u()
+    ctx.components["enclaves"].broker_key = broker_key
+    log.info(
+        "key management ready",
+        extra={
+            "provider": kek.provider,
+            "kek_id": kek.kek_id,
+            "registered": status["registered"],
+            "broker_key": broker_key,  # public: what enclaves pin (and Nitro images are built with)
+        },
+    )
     manager: EnclaveManager | None = ctx.components.get("manager")
     if manager is not None:
         manager.secret_source = LocalSecretSource(broker, manager.worker_id)
