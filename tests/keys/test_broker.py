@@ -388,3 +388,15 @@ def x25519_free_signing_key() -> Any:
     from cryptography.hazmat.primitives.asymmetric import ec
 
     return ec.generate_private_key(ec.SECP256R1())
+
+
+def test_secrets_cannot_use_the_brokers_own_key_owners(keys: Keys) -> None:
+    """A secret stored under the broker's identity or a sealing key's owner would share (and, on
+    rotation, re-encrypt) a key enclaves depend on: refused, with the reason."""
+    for owner in ("identity:key-broker", "seal:nitro:abc"):
+        with pytest.raises(InvalidRequestError, match="reserved for the broker's sealing and identity keys"):
+            keys.broker.put_secret("x", b"v", SIM_POLICY, actor="t", owner=owner)
+    assert (
+        keys.broker.put_secret("x", b"v", SIM_POLICY, actor="t", owner="tenant:acme").secret.owner
+        == "tenant:acme"
+    )
