@@ -601,3 +601,23 @@ def test_pool_shrinks_an_enclave_to_a_shallower_pipeline() -> None:
         assert (await waiter).inflight == 1
 
     asyncio.run(main())
+
+
+def test_a_versions_measurement_names_its_key_broker(tmp_path: Path) -> None:
+    """The broker key is part of what a function's enclaves are measured with: another broker,
+    another measurement, so a receipt also says which broker could have given the function its
+    secrets."""
+    from r3e_tee.functions.model import enclave_payload, expected_measurement
+
+    config = FunctionConfig(name="f", runtime="python")
+    code = b"def handler(event, ctx):\n    return event\n"
+    a, b = "A" * 43, "B" * 43
+    assert enclave_payload(config, 1, code, a)["broker_key"] == a
+    assert len({expected_measurement(config, 1, code, key) for key in (a, b, None)}) == 3
+    store = open_store(f"sqlite:///{tmp_path / 's.db'}")
+    store.migrate()
+    try:
+        fv = FunctionRegistry(store, broker_key=a).deploy(config, code)
+        assert fv.payload["broker_key"] == a and fv.measurement == expected_measurement(config, 1, code, a)
+    finally:
+        store.close()
