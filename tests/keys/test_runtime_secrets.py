@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -247,3 +248,33 @@ def test_nitro_sealing_key_comes_from_the_broker_through_the_worker(keys: Keys) 
         assert len(released) == 3 and released[0].actor == "worker:w1"
 
     asyncio.run(main())
+
+
+def test_the_worker_warns_when_an_enclave_opens_secrets_unpinned(
+    keys: Keys, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    keys.broker.put_secret("api-key", SECRET, {"measurements": [M], "allow_simulation": True}, actor="t")
+
+    async def deliver(pin: str) -> dict[str, Any]:
+        manager = EnclaveManager("w1", {}, None, None)  # type: ignore[arg-type]
+        manager.secret_source = LocalSecretSource(keys.broker, manager.worker_id)
+        host, enclave = await channel_pair()
+        runtime = EnclaveRuntime(enclave, GramineAttestationDevice(Path("/nonexistent")), {"broker_key": pin})
+        attested = keys.attest(measurement=M, private_key=runtime.keys.hpke, enclave_id="e1")
+        await host.request(
+            "set_token", token=attested.token, attestation_id=attested.attestation_id, timeout=5
+        )
+        manager.grants["e1"] = AttestationGrant(attested.attestation_id, attested.token, 2e9, None)
+        manager.handles["e1"] = SimpleNamespace(channel=host)  # type: ignore[assignment]
+        try:
+            return await manager.deliver_secrets("e1", ["api-key"])
+        finally:
+            await host.aclose()
+            await enclave.aclose()
+
+    with caplog.at_level("WARNING", logger="r3e_tee.worker"):
+        assert asyncio.run(deliver(keys.broker.public_key_b64u()))["broker"] == "pinned"
+        assert not [r for r in caplog.records if "pinned key broker" in r.getMessage()]
+        assert asyncio.run(deliver(UNSAFE_UNPINNED))["broker"] == UNSAFE_UNPINNED
+    (warning,) = [r for r in caplog.records if "pinned key broker" in r.getMessage()]
+    assert "UNSAFE" in warning.getMessage() and warning.enclave_id == "e1"  # type: ignore[attr-defined]

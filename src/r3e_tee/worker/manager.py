@@ -268,13 +268,20 @@ class EnclaveManager:
                 raise
             grant = await self.reattest(enclave_id)
             release = await self.secret_source.release(token=grant.token, names=list(names))
-        return await handle.channel.request(
+        reply: dict[str, Any] = await handle.channel.request(
             "deliver_secrets",
             attestation_id=release["attestation_id"],
             broker_key=release.get("broker_key"),
             secrets=release["secrets"],
             timeout=self.attest_timeout,
         )
+        if reply.get("broker") != "pinned":
+            log.warning(
+                "the enclave opened its secrets without a pinned key broker (UNSAFE: its host could "
+                "have planted them); build its image with R3E_TEE_BROKER_KEY",
+                extra={"enclave_id": enclave_id, "broker": reply.get("broker")},
+            )
+        return reply
 
     def _seal_key_handler(self, enclave_id: str) -> Any:
         async def broker_seal_key(_: dict[str, Any]) -> dict[str, Any]:
