@@ -14,51 +14,15 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import httpx
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start(data: Path) -> tuple[subprocess.Popen[bytes], str, dict[str, str]]:
-    port = free_port()
-    env = {**os.environ, "XDG_STATE_HOME": str(data / "state"), "R3E_TEE_CONFIG": ""}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "r3e_tee.service",
-            "--dev",
-            "--data-dir",
-            str(data / "d"),
-            "--port",
-            str(port),
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            if httpx.get(f"{url}/readyz", timeout=0.5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    token = (data / "d" / "admin-token").read_text().strip()
-    return proc, url, {"Authorization": f"Bearer {token}"}
+from bench_invoke import start_service
 
 
 def pct(values: list[float], p: float) -> float:
@@ -93,7 +57,8 @@ def main() -> int:
     anchor_ms = statistics.median(anchor)
 
     with tempfile.TemporaryDirectory() as tmp:
-        proc, url, auth = start(Path(tmp))
+        proc, url, token = start_service(tmp)
+        auth = {"Authorization": f"Bearer {token}"}
         try:
             with httpx.Client(base_url=url, headers=auth, timeout=60) as c:
                 for fmt in ("sgx-dcap", "nitro"):

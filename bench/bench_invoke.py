@@ -62,13 +62,15 @@ def free_port() -> int:
 
 
 def wait_ready(url: str) -> None:
+    """Until ``url`` answers 200 (a service's /readyz: started and its store reachable)."""
     for _ in range(300):
         try:
-            httpx.get(url, timeout=0.5)
-            return
+            if httpx.get(url, timeout=0.5).status_code == 200:
+                return
         except httpx.HTTPError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{url} did not answer")
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer 200")
 
 
 def _proc_table() -> dict[int, tuple[int, float, str]]:
@@ -190,11 +192,19 @@ async def _client_load(
             t = time.perf_counter()
             writer.write(request)
             status = await reader.readline()
-            length = 0
+            length, chunked = 0, False
             while (line := await reader.readline()) not in (b"\r\n", b""):
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":")[1])
-            await reader.readexactly(length)
+                name, _, value = line.partition(b":")
+                if name.lower() == b"content-length":
+                    length = int(value)
+                elif name.lower() == b"transfer-encoding":
+                    chunked = b"chunked" in value.lower()
+            if chunked:  # an ASGI answer without a content-length header comes chunked
+                while (size := int((await reader.readline()).split(b";")[0], 16)) > 0:
+                    await reader.readexactly(size + 2)
+                await reader.readline()  # the CRLF after the last (empty) chunk
+            else:
+                await reader.readexactly(length)
             if b" 200 " not in status:
                 raise RuntimeError(status.decode())
             latencies.append((time.perf_counter() - t) * 1000)
@@ -257,7 +267,7 @@ def start_service(tmp: str) -> tuple[subprocess.Popen[bytes], str, str]:
         stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
-    wait_ready(f"{url}/healthz")
+    wait_ready(f"{url}/readyz")
     return proc, url, (Path(tmp) / "d" / "admin-token").read_text().strip()
 
 

@@ -41,3 +41,19 @@ def test_benchmark_runs(script: str, tmp_path: Path) -> None:
     )
     assert done.returncode == 0, f"{script} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
     assert done.stdout.strip(), f"{script} printed nothing"
+
+
+def test_the_http_benchmarks_run_without_wrk(tmp_path: Path) -> None:
+    """Without wrk on PATH the HTTP benchmarks load the servers from an asyncio client, which
+    must read both answers: the bare endpoint's (chunked) and the service's (content-length)."""
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent), "XDG_STATE_HOME": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "bench_service_ceiling.py"), "--seconds", "1"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, f"{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    assert "load generator: asyncio client" in done.stdout

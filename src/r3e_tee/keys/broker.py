@@ -203,6 +203,7 @@ class KeyBroker:
         self._tokens: dict[bytes, tuple[dict[str, Any], str]] = {}
         self._tokens_lock = threading.Lock()
         self._identity: x25519.X25519PrivateKey | None = None
+        self._identity_b64u = ""
         self._identity_lock = threading.Lock()
 
     # -- identity ------------------------------------------------------------------------------------
@@ -215,14 +216,18 @@ class KeyBroker:
                 with self.store.transaction() as tx:
                     _, raw = self.keystore.key_material(tx, IDENTITY_OWNER, actor="service")
                 try:
-                    self._identity = x25519.X25519PrivateKey.from_private_bytes(bytes(raw))
+                    identity = x25519.X25519PrivateKey.from_private_bytes(bytes(raw))
                 finally:
                     zeroize(raw)
+                self._identity_b64u = hpke.public_key_b64u(identity.public_key())
+                self._identity = identity
             return self._identity
 
     def public_key_b64u(self) -> str:
-        """What enclaves pin as ``broker_key`` (raw X25519, base64url without padding)."""
-        return hpke.public_key_b64u(self.identity().public_key())
+        """What enclaves pin as ``broker_key`` (raw X25519, base64url without padding); encoded
+        once, as every release names it."""
+        self.identity()
+        return self._identity_b64u
 
     # -- secrets (admin) ----------------------------------------------------------------------------
 

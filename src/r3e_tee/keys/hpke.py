@@ -29,11 +29,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.hpke import AEAD, KDF, KEM, Suite
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-SUITE = Suite(KEM.X25519, KDF.HKDF_SHA256, AEAD.AES_256_GCM)
 SUITE_NAME = "DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, AES-256-GCM, auth mode"
 ENC_LEN = 32
 
@@ -41,10 +38,6 @@ _KEM_ID, _KDF_ID = 0x0020, 0x0001
 _AEAD_IDS = {16: 0x0001, 32: 0x0002}  # AES-128-GCM, AES-256-GCM by key length
 _MODE_AUTH = 0x02
 _NONCE_LEN = 12
-
-
-def _raw(public_key: x25519.X25519PublicKey) -> bytes:
-    return public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
 def _extract(suite_id: bytes, salt: bytes, label: bytes, ikm: bytes) -> bytes:
@@ -87,9 +80,9 @@ def _seal_auth(
 ) -> bytes:
     """SealAuth, single shot. ``ephemeral`` and ``key_len`` exist for the RFC's test vectors."""
     eph = ephemeral or x25519.X25519PrivateKey.generate()
-    enc = _raw(eph.public_key())
+    enc = eph.public_key().public_bytes_raw()
     dh = eph.exchange(public_key) + sender.exchange(public_key)
-    kem_context = enc + _raw(public_key) + _raw(sender.public_key())
+    kem_context = enc + public_key.public_bytes_raw() + sender.public_key().public_bytes_raw()
     aead, nonce = _auth_key_schedule(_kem_shared_secret(dh, kem_context), info, key_len)
     return enc + aead.encrypt(nonce, bytes(plaintext), aad)
 
@@ -108,7 +101,7 @@ def _open_auth(
     enc = blob[:ENC_LEN]
     pk_e = x25519.X25519PublicKey.from_public_bytes(enc)
     dh = private_key.exchange(pk_e) + private_key.exchange(sender)
-    kem_context = enc + _raw(private_key.public_key()) + _raw(sender)
+    kem_context = enc + private_key.public_key().public_bytes_raw() + sender.public_bytes_raw()
     aead, nonce = _auth_key_schedule(_kem_shared_secret(dh, kem_context), info, key_len)
     return aead.decrypt(nonce, blob[ENC_LEN:], aad)
 
@@ -137,7 +130,7 @@ def public_key_from_b64u(value: str) -> x25519.X25519PublicKey:
 
 
 def public_key_b64u(public_key: x25519.X25519PublicKey) -> str:
-    return base64.urlsafe_b64encode(_raw(public_key)).rstrip(b"=").decode()
+    return base64.urlsafe_b64encode(public_key.public_bytes_raw()).rstrip(b"=").decode()
 
 
 def seal(
@@ -153,8 +146,8 @@ def seal(
 def open_sealed(
     private_key: x25519.X25519PrivateKey, blob: bytes, info: bytes, sender: x25519.X25519PublicKey
 ) -> bytes:
-    """Raises ``cryptography.exceptions.InvalidTag`` (or ValueError) when the blob does not open:
-    not sealed to this key, by this sender, for this ``info``, or altered."""
+    """Raises ``cryptography.exceptions.InvalidTag`` when the blob does not open: not sealed to
+    this key, by this sender, for this ``info``, or altered (a short blob or a low-order key too)."""
     try:
         return _open_auth(private_key, sender, blob, info)
     except ValueError as exc:  # a low-order point or a short blob: the same answer as a bad tag
