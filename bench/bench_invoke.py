@@ -275,7 +275,7 @@ def deploy_and_cold_start(url: str, auth: dict[str, str], args: argparse.Namespa
     """Deploy the echo function (warm) and a scale-to-zero twin; time five cold starts."""
     with httpx.Client(base_url=url, headers=auth, timeout=60) as c:
         for name, mins in (("cold", 0), ("echo", args.enclaves)):
-            c.post(
+            r = c.post(
                 "/v1/functions",
                 json={
                     "name": name,
@@ -283,11 +283,14 @@ def deploy_and_cold_start(url: str, auth: dict[str, str], args: argparse.Namespa
                     "code": base64.b64encode(ECHO).decode(),
                     "concurrency": args.concurrency,
                     "memory": "32M",
+                    "enclave_size": max(128, 32 * args.concurrency) * 2**20,
                     "min_enclaves": mins,
                     "max_enclaves": max(1, args.enclaves),
                     "idempotent": True,
                 },
-            ).raise_for_status()
+            )
+            if r.status_code != 201:  # the service's answer says what to change (e.g. enclave size)
+                raise SystemExit(f"deploying {name!r} failed: HTTP {r.status_code} {r.text}")
         cold = []
         for _ in range(5):
             t = time.perf_counter()
