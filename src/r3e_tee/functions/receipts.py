@@ -20,6 +20,7 @@ import binascii
 import hashlib
 import hmac
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,8 +100,20 @@ def verify_receipt(
         + (f" (one signature over a batch of {len(batch['leaves'])})" if isinstance(batch, Mapping) else "")
     )
 
+    started_at = body.get("started_at")
+    if (
+        isinstance(started_at, bool)
+        or not isinstance(started_at, int | float)
+        or not math.isfinite(started_at)
+    ):
+        # the token must be checked at the time the invocation ran: without it nothing says
+        # the enclave was attested then (and float() of it would fail with a bare ValueError)
+        raise ReceiptError(
+            f"the receipt's started_at is {started_at!r}, not a time (seconds since the epoch)",
+            hint="pass the receipt exactly as the invocation returned it",
+        )
     try:
-        claims = verify_token(token, jwks, issuer=issuer, at=float(body["started_at"]), leeway=_CLOCK_SKEW)
+        claims = verify_token(token, jwks, issuer=issuer, at=float(started_at), leeway=_CLOCK_SKEW)
     except TokenError as exc:
         raise ReceiptError(f"attestation token: {exc.message}", hint=exc.hint) from None
     done.append("attestation token signed by a JWKS key and valid when the invocation ran")

@@ -1,0 +1,110 @@
+"""Offline receipt verification against hostile receipts: each case a receipt signed by the
+attested enclave key (so only the check under test can refuse it) and its accepted twin."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from r3e_tee.attestation.tokens import TokenIssuer
+from r3e_tee.errors import ReceiptError
+from r3e_tee.functions.receipts import RECEIPT_DOMAIN, canonical, verify_receipt
+from r3e_tee.runtime.functions import ReceiptSigner
+from r3e_tee.runtime.keys import EnclaveKeys
+
+INPUT = b'{"pair": "NEO/USD"}'
+OUTPUT = b'{"price": 12.0}'
+
+
+def _b64u(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+@dataclass
+class Enclave:
+    keys: EnclaveKeys
+    issuer: TokenIssuer
+    body: dict[str, Any]
+    receipt: dict[str, Any]
+
+    @property
+    def jwks(self) -> dict[str, Any]:
+        return self.issuer.jwks()
+
+    def resign(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``body`` as a receipt signed by this enclave's attested key (as the runtime signs)."""
+        signature = self.keys.sign(RECEIPT_DOMAIN + canonical(body))
+        return {"alg": "ES256", "body": body, "signature": base64.b64encode(signature).decode()}
+
+
+@pytest.fixture
+def enclave() -> Enclave:
+    keys = EnclaveKeys()
+    issuer = TokenIssuer({"default": ec.generate_private_key(ec.SECP256R1())}, issuer="r3e-test", ttl=300)
+    measurement = "ab" * 32
+    token = issuer.issue(
+        "simulation",
+        {
+            "provider": "simulation",
+            "evidence_kind": "sgx-dcap",
+            "measurement": measurement,
+            "tcb_status": "UpToDate",
+            "advisories": [],
+            "debug": False,
+            "simulated": True,
+            "cnf": {"x25519": _b64u(keys.x25519_public), "p256": _b64u(keys.p256_public)},
+            "tee": {"mrenclave": measurement, "mrsigner": "cd" * 32},
+        },
+        subject="e" * 32,
+    )
+    spec = {"enclave_id": "e" * 32, "function": "echo", "measurement": measurement, "version": 1}
+    signer = ReceiptSigner(spec, keys, token.jti, token.token)
+    now = time.time()
+    body = {
+        "v": 1,
+        "function": "echo",
+        "version": 1,
+        "measurement": measurement,
+        "invocation_id": "inv-1",
+        "status": "ok",
+        "input_sha256": hashlib.sha256(canonical(json.loads(INPUT))).hexdigest(),
+        "output_sha256": hashlib.sha256(canonical(json.loads(OUTPUT))).hexdigest(),
+        "error_sha256": None,
+        "enclave_id": "e" * 32,
+        "enclave_key": signer.enclave_key,
+        "attestation": {"id": token.jti, "token": token.token},
+        "started_at": round(now, 6),
+        "finished_at": round(now + 0.01, 6),
+    }
+    receipt = json.loads(signer.sign(body, keys.sign_digest))
+    return Enclave(keys, issuer, body, receipt)
+
+
+def test_a_receipt_without_a_usable_start_time_is_a_receipt_error(enclave: Enclave) -> None:
+    check = verify_receipt(enclave.receipt, enclave.jwks, input_bytes=INPUT, output_bytes=OUTPUT)
+    assert "input matches" in check.checks and "output matches" in check.checks
+    assert verify_receipt(enclave.resign(copy.deepcopy(enclave.body)), enclave.jwks).body == enclave.body
+    for started_at in (None, "yesterday", [1], {"t": 1}, True, float("nan"), float("inf")):
+        body = copy.deepcopy(enclave.body)
+        if started_at is None:
+            del body["started_at"]
+        else:
+            body["started_at"] = started_at
+        with pytest.raises(ReceiptError, match="started_at"):
+            verify_receipt(enclave.resign(body), enclave.jwks)
+            pytest.fail(f"accepted a receipt with started_at={started_at!r}")
+
+
+def test_a_receipt_signed_by_the_enclave_still_needs_its_token_valid_when_it_ran(enclave: Enclave) -> None:
+    body = copy.deepcopy(enclave.body)
+    body["started_at"] = body["started_at"] + 3600  # after the token expired
+    with pytest.raises(ReceiptError, match="not valid at"):
+        verify_receipt(enclave.resign(body), enclave.jwks)
