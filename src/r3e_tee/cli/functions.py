@@ -280,6 +280,7 @@ def _check_evidence(
 ) -> str:
     from r3e_tee.attestation.binding import report_data_for
     from r3e_tee.attestation.policy import Policy
+    from r3e_tee.attestation.service import measurement_of
     from r3e_tee.attestation.verify import verify_evidence
 
     claims = check.token_claims
@@ -318,6 +319,16 @@ def _check_evidence(
     )
     if got != expected:
         raise ReceiptError("the raw evidence does not bind the token's nonce and keys")
+    # the point of --evidence is not to trust the issuer: what the hardware measured must be
+    # what the token (and, through it, the receipt) says ran, or the token misstates the code
+    measured = measurement_of(result)
+    claimed = claims.get("measurement")
+    if not isinstance(measured, str) or not isinstance(claimed, str) or measured.lower() != claimed.lower():
+        raise ReceiptError(
+            f"measurement mismatch: the raw evidence measures {measured}, but the attestation token "
+            f"and the receipt say {claimed}: the token does not describe the enclave that signed it",
+            hint="do not trust this receipt; ask the operator why its attestation service issued that token",
+        )
     simulated = " (SIMULATED: no hardware protects it)" if result.simulated else ""
     return f"raw {result.kind.value} evidence verifies and binds the token's keys{simulated}"
 
