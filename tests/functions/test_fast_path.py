@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import x25519
 from fastapi.testclient import TestClient
 
 from r3e_tee.config import TeeConfig
@@ -252,3 +253,29 @@ def test_other_methods_and_paths_fall_through_to_fastapi(
     assert client.get("/v1/functions/echo/invoke", headers=auth).status_code == 405
     assert client.post("/v1/functions/echo/invoke/extra", headers=auth).status_code == 404
     assert client.get("/v1/functions/echo", headers=auth).json()["name"] == "echo"
+
+
+def test_reply_keys_nothing_can_be_sealed_to_are_refused_at_the_edge(
+    app_and_channel: tuple[TestClient, _Channel],
+) -> None:
+    """A reply key of the wrong length or of low order is a 400 at once, on both invoke routes
+    and when queued, instead of a function run whose output is then lost (on every retry)."""
+    client, channel = app_and_channel
+    auth = {"Authorization": f"Bearer {ADMIN}", "X-Request-ID": "req-reply-key"}
+    key = base64.b64encode(x25519.X25519PrivateKey.generate().public_key().public_bytes_raw()).decode()
+    ok = _both(client, channel, [OUTPUTS[0]], content=b"{}", headers={**auth, "X-R3E-Reply-Key": key})
+    assert [r.status_code for r in ok] == [200, 200]
+    for raw in (bytes(32), (1).to_bytes(32, "little"), bytes.fromhex("ec" + "ff" * 30 + "7f"), b"k" * 31):
+        headers = {**auth, "X-R3E-Reply-Key": base64.b64encode(raw).decode()}
+        channel.last = {}
+        fast, ref = _both(client, channel, [OUTPUTS[0]], content=b"{}", headers=headers)
+        _same(fast, ref)
+        assert fast.status_code == 400 and "reply key" in fast.json()["message"], fast.text
+        assert channel.last == {}, "the invocation reached the enclave"
+        r = client.post("/v1/functions/echo/invocations", content=b"{}", headers=headers)
+        assert r.status_code == 400 and "reply key" in r.json()["message"], r.text
+    # (last: the queued one is then run in the background)
+    queued = client.post(
+        "/v1/functions/echo/invocations", content=b"{}", headers={**auth, "X-R3E-Reply-Key": key}
+    )
+    assert queued.status_code == 202

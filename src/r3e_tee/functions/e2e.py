@@ -14,6 +14,22 @@ from cryptography.hazmat.primitives.asymmetric import x25519
 SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
 INPUT_INFO = b"r3e-tee/function-input/v1"
 OUTPUT_INFO = b"r3e-tee/function-output/v1"
+#: a throwaway key to test reply keys with: X25519 with a low-order point fails
+_PROBE = x25519.X25519PrivateKey.generate()
+
+
+def reply_public_key(reply_key: bytes) -> x25519.X25519PublicKey:
+    """The client's reply key, refused unless it is a raw 32-byte X25519 key that a shared secret
+    can be made with: a low-order point would make every output unsealable (after the function
+    ran, and again on each retry of a queued invocation). Raises ValueError."""
+    if not isinstance(reply_key, bytes) or len(reply_key) != 32:
+        raise ValueError("the reply key must be a raw 32-byte X25519 public key")
+    key = x25519.X25519PublicKey.from_public_bytes(reply_key)
+    try:
+        _PROBE.exchange(key)
+    except ValueError:
+        raise ValueError("the reply key is a low-order X25519 point: nothing can be sealed to it") from None
+    return key
 
 
 def seal_input(plaintext: bytes, enclave_key: bytes) -> bytes:
@@ -31,11 +47,7 @@ def open_input(ciphertext: bytes, enclave_private: x25519.X25519PrivateKey) -> b
 
 def seal_output(plaintext: bytes, reply_key: bytes) -> bytes:
     """Enclave side: encrypt the output to the client's raw X25519 reply key."""
-    try:
-        key = x25519.X25519PublicKey.from_public_bytes(reply_key)
-    except ValueError:
-        raise ValueError("the reply key must be a raw 32-byte X25519 public key") from None
-    return SUITE.encrypt(plaintext, key, info=OUTPUT_INFO)
+    return SUITE.encrypt(plaintext, reply_public_key(reply_key), info=OUTPUT_INFO)
 
 
 def open_output(ciphertext: bytes, reply_private: x25519.X25519PrivateKey) -> bytes:

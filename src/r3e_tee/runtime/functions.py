@@ -451,6 +451,10 @@ class FunctionHost:
         raw = msg.get("input")
         if not isinstance(raw, bytes):
             raise EnclaveError("invoke needs the input as bytes")
+        reply_key = msg.get("reply_key")
+        if reply_key is not None:
+            # checked before the function runs: an output that cannot be sealed is lost work
+            self._check_reply_key(reply_key)
         decrypted_from = None
         if msg.get("encrypted"):
             decrypted_from = raw
@@ -459,9 +463,6 @@ class FunctionHost:
             event = json.loads(raw)
         except ValueError:
             raise EnclaveError("the input is not JSON") from None
-        reply_key = msg.get("reply_key")
-        if reply_key is not None and (not isinstance(reply_key, bytes) or len(reply_key) != 32):
-            raise EnclaveError("the reply key must be a raw 32-byte X25519 public key")
         inv = _Invocation(
             rid=msg.get("id"),
             invocation_id=str(msg.get("invocation_id") or new_id()),
@@ -607,6 +608,17 @@ class FunctionHost:
             return open_input(ciphertext, self.runtime.keys.hpke)
         except ValueError as exc:
             raise EnclaveError(f"cannot decrypt the input: {exc}") from None
+
+    @staticmethod
+    def _check_reply_key(reply_key: object) -> None:
+        from r3e_tee.functions.e2e import reply_public_key
+
+        if not isinstance(reply_key, bytes):
+            raise EnclaveError("the reply key must be a raw 32-byte X25519 public key")
+        try:
+            reply_public_key(reply_key)
+        except ValueError as exc:
+            raise EnclaveError(str(exc)) from None
 
     @staticmethod
     def _seal_output(output: bytes, reply_key: bytes) -> bytes:

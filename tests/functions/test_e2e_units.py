@@ -1,0 +1,62 @@
+"""End-to-end encryption units: reply keys the enclave refuses before a function runs, and the
+enclave's handling of sealed inputs (tests/functions/test_functions_e2e.py runs it live)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import x25519
+
+from r3e_tee.errors import EnclaveError
+from r3e_tee.functions import e2e
+from r3e_tee.runtime.functions import FunctionHost, LoadedFunction
+from r3e_tee.runtime.keys import EnclaveKeys
+
+#: the X25519 points of small order (and non-canonical encodings of them): a shared secret made
+#: with any of them is all zeros, so nothing can be sealed to them
+LOW_ORDER = [
+    bytes(32),
+    (1).to_bytes(32, "little"),
+    bytes.fromhex("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800"),
+    bytes.fromhex("5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157"),
+    bytes.fromhex("ec" + "ff" * 30 + "7f"),  # p - 1
+    bytes.fromhex("ed" + "ff" * 30 + "7f"),  # p
+    bytes.fromhex("ee" + "ff" * 30 + "7f"),  # p + 1
+]
+
+
+class _Channel:
+    def __init__(self) -> None:
+        self.handlers: dict[str, Any] = {}
+        self.direct: dict[str, Any] = {}
+
+
+def _host() -> tuple[FunctionHost, EnclaveKeys, LoadedFunction]:
+    """A function host with a loaded function and no sandbox: what it accepts waits in pending."""
+    keys = EnclaveKeys()
+    runtime = type("Runtime", (), {"keys": keys, "channel": _Channel(), "on_shutdown": []})()
+    host = FunctionHost(runtime)  # type: ignore[arg-type]
+    loaded = LoadedFunction({"enclave_id": "e" * 32, "function": "echo", "measurement": "m", "version": 1})
+    host.loaded = loaded
+    return host, keys, loaded
+
+
+def _raw(key: x25519.X25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes_raw()
+
+
+def test_reply_keys_that_cannot_receive_the_output_are_refused_before_the_function_runs() -> None:
+    host, _, loaded = _host()
+    reply = x25519.X25519PrivateKey.generate()
+    good = _raw(reply)
+    host.start_invoke({"id": 1, "input": b"{}", "reply_key": good})
+    assert [inv.reply_key for inv in loaded.pending] == [good]
+    assert e2e.open_output(e2e.seal_output(b"{}", good), reply) == b"{}"
+    for bad in [*LOW_ORDER, b"k" * 31, b"k" * 33, b""]:
+        with pytest.raises(EnclaveError, match="reply key"):
+            host.start_invoke({"id": 2, "input": b"{}", "reply_key": bad})
+            pytest.fail(f"accepted the reply key {bad.hex()}")
+        with pytest.raises(ValueError, match="reply key"):
+            e2e.reply_public_key(bad)
+    assert len(loaded.pending) == 1  # none of them was queued to run
