@@ -60,3 +60,29 @@ def test_reply_keys_that_cannot_receive_the_output_are_refused_before_the_functi
         with pytest.raises(ValueError, match="reply key"):
             e2e.reply_public_key(bad)
     assert len(loaded.pending) == 1  # none of them was queued to run
+
+
+def test_the_operator_cannot_swap_or_drop_the_reply_key_a_sealed_input_names() -> None:
+    """The reply key travels beside the ciphertext; the input is sealed for it, so a relay that
+    swaps in its own key (to read the output) or drops it (to get the output in the clear) makes
+    the input not open, and the function does not run."""
+    host, keys, loaded = _host()
+    client, operator = x25519.X25519PrivateKey.generate(), x25519.X25519PrivateKey.generate()
+    sealed = e2e.seal_input(b'{"plan": "merger"}', keys.x25519_public, _raw(client))
+    host.start_invoke({"id": 1, "input": sealed, "encrypted": True, "reply_key": _raw(client)})
+    assert [inv.input_bytes for inv in loaded.pending] == [b'{"plan":"merger"}']
+    for forged in ({"reply_key": _raw(operator)}, {}):
+        with pytest.raises(EnclaveError, match="cannot decrypt"):
+            host.start_invoke({"id": 2, "input": sealed, "encrypted": True, **forged})
+            pytest.fail(f"opened an input sealed for another reply key with {forged}")
+    # sealed without a reply key (the client asked for the output in the clear): opens without
+    # one, and not once a relay adds its own
+    bare = e2e.seal_input(b"{}", keys.x25519_public)
+    with pytest.raises(EnclaveError, match="cannot decrypt"):
+        host.start_invoke({"id": 3, "input": bare, "encrypted": True, "reply_key": _raw(operator)})
+    host.start_invoke({"id": 4, "input": bare, "encrypted": True})
+    assert [inv.rid for inv in loaded.pending] == [1, 4]
+    # malformed ciphertexts are the same typed error, never a crash
+    for junk in (b"", b"\x00" * 31, b"\x00" * 32, sealed[:-1], sealed[:32] + b"\x00" * 16):
+        with pytest.raises(EnclaveError, match="cannot decrypt"):
+            host.start_invoke({"id": 5, "input": junk, "encrypted": True, "reply_key": _raw(client)})

@@ -166,7 +166,7 @@ def invoke(
                 raise R3ETeeError("the enclave does not run the deployed function's measurement")
             reply_private = x25519.X25519PrivateKey.generate()
             reply_public = reply_private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-            body = e2e.seal_input(raw, key)
+            body = e2e.seal_input(raw, key, reply_public)
             headers = {
                 "Content-Type": "application/r3e-hpke",
                 "X-R3E-Enclave": str(target["enclave_id"]),

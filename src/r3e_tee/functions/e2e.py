@@ -4,6 +4,11 @@ Suite: DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, AES-256-GCM, base mode. The clie
 input to the enclave's *attested* X25519 key (from a verified attestation token) and names a
 reply key of its own; the enclave seals the output to that key. The operator relays and stores
 only ciphertext.
+
+The reply key travels beside the ciphertext (``X-R3E-Reply-Key``), so the operator could swap
+in a key of its own and read the output, or drop it to have the output returned in the clear.
+The input is therefore sealed with the reply key in its HPKE ``info``: the enclave opens it
+only with the reply key the client sealed it for (or with none, if the client named none).
 """
 
 from __future__ import annotations
@@ -16,6 +21,11 @@ INPUT_INFO = b"r3e-tee/function-input/v1"
 OUTPUT_INFO = b"r3e-tee/function-output/v1"
 #: a throwaway key to test reply keys with: X25519 with a low-order point fails
 _PROBE = x25519.X25519PrivateKey.generate()
+
+
+def input_info(reply_key: bytes | None) -> bytes:
+    """The HPKE ``info`` of an input: it binds the reply key the output will be sealed to."""
+    return INPUT_INFO if reply_key is None else INPUT_INFO + b"\0reply-key\0" + reply_key
 
 
 def reply_public_key(reply_key: bytes) -> x25519.X25519PublicKey:
@@ -32,17 +42,25 @@ def reply_public_key(reply_key: bytes) -> x25519.X25519PublicKey:
     return key
 
 
-def seal_input(plaintext: bytes, enclave_key: bytes) -> bytes:
-    """Client side: encrypt to the enclave's raw X25519 public key (32 bytes)."""
-    return SUITE.encrypt(plaintext, x25519.X25519PublicKey.from_public_bytes(enclave_key), info=INPUT_INFO)
+def seal_input(plaintext: bytes, enclave_key: bytes, reply_key: bytes | None = None) -> bytes:
+    """Client side: encrypt to the enclave's raw X25519 public key (32 bytes), for the raw
+    X25519 ``reply_key`` the request names (None: the output comes back unencrypted)."""
+    return SUITE.encrypt(
+        plaintext, x25519.X25519PublicKey.from_public_bytes(enclave_key), info=input_info(reply_key)
+    )
 
 
-def open_input(ciphertext: bytes, enclave_private: x25519.X25519PrivateKey) -> bytes:
-    """Enclave side. Raises ValueError when the ciphertext was not made for this key."""
+def open_input(
+    ciphertext: bytes, enclave_private: x25519.X25519PrivateKey, reply_key: bytes | None = None
+) -> bytes:
+    """Enclave side. Raises ValueError when the ciphertext was not made for this key and this
+    reply key."""
     try:
-        return SUITE.decrypt(ciphertext, enclave_private, info=INPUT_INFO)
+        return SUITE.decrypt(ciphertext, enclave_private, info=input_info(reply_key))
     except Exception as exc:
-        raise ValueError("not encrypted to this enclave's attested key, or altered") from exc
+        raise ValueError(
+            "not encrypted to this enclave's attested key for this reply key, or altered"
+        ) from exc
 
 
 def seal_output(plaintext: bytes, reply_key: bytes) -> bytes:

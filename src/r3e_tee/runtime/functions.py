@@ -458,7 +458,7 @@ class FunctionHost:
         decrypted_from = None
         if msg.get("encrypted"):
             decrypted_from = raw
-            raw = self._open_input(raw)
+            raw = self._open_input(raw, reply_key)
         try:
             event = json.loads(raw)
         except ValueError:
@@ -601,11 +601,12 @@ class FunctionHost:
             for item in chunk:
                 channel.respond(item.rid, item.out)
 
-    def _open_input(self, ciphertext: bytes) -> bytes:
+    def _open_input(self, ciphertext: bytes, reply_key: bytes | None) -> bytes:
+        """The input opens only for the reply key its client sealed it for (functions/e2e.py)."""
         from r3e_tee.functions.e2e import open_input
 
         try:
-            return open_input(ciphertext, self.runtime.keys.hpke)
+            return open_input(ciphertext, self.runtime.keys.hpke, reply_key)
         except ValueError as exc:
             raise EnclaveError(f"cannot decrypt the input: {exc}") from None
 
