@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import x25519
 
-from r3e_tee.errors import EnclaveError
+from r3e_tee.errors import EnclaveError, InvocationInputError
 from r3e_tee.functions import e2e
 from r3e_tee.runtime.functions import FunctionHost, LoadedFunction
 from r3e_tee.runtime.keys import EnclaveKeys
@@ -86,3 +86,29 @@ def test_the_operator_cannot_swap_or_drop_the_reply_key_a_sealed_input_names() -
     for junk in (b"", b"\x00" * 31, b"\x00" * 32, sealed[:-1], sealed[:32] + b"\x00" * 16):
         with pytest.raises(EnclaveError, match="cannot decrypt"):
             host.start_invoke({"id": 5, "input": junk, "encrypted": True, "reply_key": _raw(client)})
+
+
+def test_inputs_the_enclave_refuses_are_the_callers_error_not_the_enclaves() -> None:
+    """What the runtime refuses about an input is an InvocationInputError ("invalid_input" on the
+    channel), which the scheduler answers with a 400 without recycling the enclave."""
+    host, keys, loaded = _host()
+    reply = _raw(x25519.X25519PrivateKey.generate())
+    refused: list[dict[str, Any]] = [
+        {"input": b"not json"},
+        {"input": "{}"},
+        {"input": b"{}", "reply_key": bytes(32)},
+        {"input": b"\x00" * 80, "encrypted": True, "reply_key": reply},
+    ]
+    for msg in refused:
+        with pytest.raises(InvocationInputError) as err:
+            host.start_invoke({"id": 1, **msg})
+        assert err.value.code == "invalid_input" and err.value.http_status == 400
+    host.start_invoke(
+        {
+            "id": 2,
+            "input": e2e.seal_input(b"[1]", keys.x25519_public, reply),
+            "encrypted": True,
+            "reply_key": reply,
+        }
+    )
+    assert [inv.input_bytes for inv in loaded.pending] == [b"[1]"]

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import cbor2
 
-from r3e_tee.errors import EnclaveError
+from r3e_tee.errors import EnclaveError, InvocationInputError
 from r3e_tee.functions.receipts import BATCH_DOMAIN, MAX_BATCH, RECEIPT_DOMAIN, canonical
 from r3e_tee.ids import new_id
 from r3e_tee.runtime import function_worker
@@ -450,7 +450,7 @@ class FunctionHost:
             raise EnclaveError("no function is loaded in this enclave")
         raw = msg.get("input")
         if not isinstance(raw, bytes):
-            raise EnclaveError("invoke needs the input as bytes")
+            raise InvocationInputError("invoke needs the input as bytes")
         reply_key = msg.get("reply_key")
         if reply_key is not None:
             # checked before the function runs: an output that cannot be sealed is lost work
@@ -462,7 +462,7 @@ class FunctionHost:
         try:
             event = json.loads(raw)
         except ValueError:
-            raise EnclaveError("the input is not JSON") from None
+            raise InvocationInputError("the input is not JSON") from None
         inv = _Invocation(
             rid=msg.get("id"),
             invocation_id=str(msg.get("invocation_id") or new_id()),
@@ -608,18 +608,18 @@ class FunctionHost:
         try:
             return open_input(ciphertext, self.runtime.keys.hpke, reply_key)
         except ValueError as exc:
-            raise EnclaveError(f"cannot decrypt the input: {exc}") from None
+            raise InvocationInputError(f"cannot decrypt the input: {exc}") from None
 
     @staticmethod
     def _check_reply_key(reply_key: object) -> None:
         from r3e_tee.functions.e2e import reply_public_key
 
         if not isinstance(reply_key, bytes):
-            raise EnclaveError("the reply key must be a raw 32-byte X25519 public key")
+            raise InvocationInputError("the reply key must be a raw 32-byte X25519 public key")
         try:
             reply_public_key(reply_key)
         except ValueError as exc:
-            raise EnclaveError(str(exc)) from None
+            raise InvocationInputError(str(exc)) from None
 
     @staticmethod
     def _seal_output(output: bytes, reply_key: bytes) -> bytes:
