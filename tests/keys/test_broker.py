@@ -400,3 +400,37 @@ def test_secrets_cannot_use_the_brokers_own_key_owners(keys: Keys) -> None:
         keys.broker.put_secret("x", b"v", SIM_POLICY, actor="t", owner="tenant:acme").secret.owner
         == "tenant:acme"
     )
+
+
+@pytest.mark.parametrize(
+    "pcrs",
+    [
+        {3: "33" * 48},  # the parent instance's IAM role: any code launched there
+        {4: "44" * 48},  # the parent instance's id
+        {5: "00" * 48},  # unused: zero in every enclave
+        {1: "01" * 48},  # the kernel and bootstrap nitro-cli ships: common to all images
+        {0: "00" * 48},  # what every debug enclave reports
+    ],
+)
+def test_a_pcr_policy_must_pin_the_code_not_the_instance(keys: Keys, pcrs: dict[int, str]) -> None:
+    """PCR0 (image), PCR2 (application) and PCR8 (signing certificate) name the code; a policy
+    that pins only other PCRs is met by whatever an operator launches on that instance."""
+    allowed = {str(i): (f"{i:02x}") * 48 for i in range(16)}
+    keys.broker.put_secret("pinned", b"v", {"pcrs": {2: allowed["2"]}, "allow_simulation": True}, actor="t")
+    keys.broker.put_secret("signed", b"v", {"pcrs": {8: allowed["8"]}, "allow_simulation": True}, actor="t")
+    with pytest.raises(PolicyError, match="does not name the code"):
+        keys.broker.put_secret("x", b"v", {"pcrs": pcrs, "allow_simulation": True}, actor="t")
+        # what it would have released: other code, same instance
+        other = keys.attest(
+            kind="nitro",
+            measurement="ee" * 48,
+            pcrs={**allowed, "0": "ee" * 48, "2": "ef" * 48, **{str(k): v for k, v in pcrs.items()}},
+        )
+        keys.broker.release(other.token, ["x"], actor="w")
+        pytest.fail(f"a policy pinning only PCRs {sorted(pcrs)} released the secret to other code")
+    with pytest.raises(PolicyError, match="does not name the code"):
+        ReleasePolicy.from_dict({"pcrs": pcrs})
+    # with a code PCR beside them, they narrow it further
+    keys.broker.put_secret(
+        "both", b"v", {"pcrs": {**pcrs, 0: "0a" * 48}, "allow_simulation": True}, actor="t"
+    )
