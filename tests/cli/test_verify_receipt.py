@@ -122,3 +122,17 @@ def test_evidence_must_measure_what_the_token_and_receipt_say(
     err = "".join(captured.err.split())  # the console wraps long lines
     assert "measurementmismatch" in err and other.hex() in err and deployed.hex() in err
     assert "valid receipt" not in captured.out
+
+
+def test_a_jwks_file_that_is_not_a_jwk_set_is_refused_by_name(
+    tmp_path: Path, authority: SimulationAuthority, capsys: pytest.CaptureFixture[str]
+) -> None:
+    same = hashlib.sha256(b"f").digest()
+    args = _receipt_files(tmp_path, authority, claimed=same, runs=same)[:4]  # no --evidence
+    assert main(args) == 0
+    capsys.readouterr()
+    for text in ("[1, 2]", '{"keys": [1]}', '"keys"'):
+        (tmp_path / "jwks.json").write_text(text)
+        code = main(args)
+        err = " ".join(capsys.readouterr().err.split())
+        assert code in (1, 2) and "JWK" in err and "Traceback" not in err, (text, err)

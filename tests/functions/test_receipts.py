@@ -108,3 +108,13 @@ def test_a_receipt_signed_by_the_enclave_still_needs_its_token_valid_when_it_ran
     body["started_at"] = body["started_at"] + 3600  # after the token expired
     with pytest.raises(ReceiptError, match="not valid at"):
         verify_receipt(enclave.resign(body), enclave.jwks)
+
+
+def test_a_malformed_jwks_is_a_receipt_error_naming_it(enclave: Enclave) -> None:
+    assert verify_receipt(enclave.receipt, {"keys": [{"kid": "other"}, *enclave.jwks["keys"]]})
+    for jwks in ({"keys": [1]}, {"keys": "abc"}, {"keys": [None, *enclave.jwks["keys"]]}, {"keys": {"a": 1}}):
+        with pytest.raises(ReceiptError, match="JWK"):
+            verify_receipt(enclave.receipt, jwks)
+            pytest.fail(f"accepted the JWKS {jwks!r}")
+    with pytest.raises(ReceiptError, match="unknown key"):
+        verify_receipt(enclave.receipt, {"keys": []})

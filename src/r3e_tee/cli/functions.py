@@ -113,13 +113,17 @@ def _jwks(c: ServiceClient, source: str | None) -> dict[str, Any]:
         return jwks
     if source.startswith(("http://", "https://")):
         try:
-            return dict(httpx.get(source, timeout=10).json())
+            doc = httpx.get(source, timeout=10).json()
         except (httpx.HTTPError, ValueError) as exc:
             raise R3ETeeError(f"cannot fetch the JWKS from {source}: {exc}") from None
-    try:
-        return dict(json.loads(_read(Path(source), "JWKS")))
-    except ValueError:
-        raise InvalidRequestError(f"{source} is not a JWKS (JSON)") from None
+    else:
+        try:
+            doc = json.loads(_read(Path(source), "JWKS"))
+        except ValueError:
+            raise InvalidRequestError(f"{source} is not a JWKS (JSON)") from None
+    if not isinstance(doc, dict):
+        raise InvalidRequestError(f'{source} is not a JWKS: a JWK set is a JSON object with "keys"')
+    return doc
 
 
 def invoke(
