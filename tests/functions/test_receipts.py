@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from r3e_tee.attestation.policy import Policy
 from r3e_tee.attestation.tokens import TokenIssuer
 from r3e_tee.errors import ReceiptError
 from r3e_tee.functions.receipts import RECEIPT_DOMAIN, canonical, verify_receipt
@@ -118,3 +119,39 @@ def test_a_malformed_jwks_is_a_receipt_error_naming_it(enclave: Enclave) -> None
             pytest.fail(f"accepted the JWKS {jwks!r}")
     with pytest.raises(ReceiptError, match="unknown key"):
         verify_receipt(enclave.receipt, {"keys": []})
+
+
+def test_a_max_age_policy_judges_the_attestation_when_the_invocation_ran(enclave: Enclave) -> None:
+    """``max_age`` bounds how old the evidence was; for a receipt what matters is its age when
+    the invocation ran, not when the token was issued (a token may be used for its whole life)."""
+    evidence_time = int(time.time()) - 5
+    token = enclave.issuer.issue(
+        "nitro",
+        {
+            "provider": "simulation",
+            "evidence_kind": "nitro",
+            "measurement": enclave.body["measurement"],
+            "debug": False,
+            "simulated": True,
+            "cnf": {"x25519": _b64u(enclave.keys.x25519_public), "p256": _b64u(enclave.keys.p256_public)},
+            "tee": {"timestamp": evidence_time * 1000, "pcrs": {"0": enclave.body["measurement"]}},
+        },
+        subject="e" * 32,
+    )
+    policy = Policy.from_dict({"allow_simulation": True, "max_age": 60})
+
+    def receipt(started_at: float) -> dict[str, Any]:
+        body = {
+            **copy.deepcopy(enclave.body),
+            "attestation": {"id": token.jti, "token": token.token},
+            "started_at": started_at,
+        }
+        return enclave.resign(body)
+
+    fresh = verify_receipt(receipt(evidence_time + 30.0), enclave.jwks, policy=policy)
+    assert "attestation claims satisfy the policy" in fresh.checks
+    # the token is still valid 200 s after it was issued, but the evidence was then 200 s old
+    with pytest.raises(ReceiptError, match="max_age"):
+        verify_receipt(receipt(evidence_time + 200.0), enclave.jwks, policy=policy)
+        pytest.fail("accepted an invocation that ran on 200 s old evidence under max_age 60")
+    assert verify_receipt(receipt(evidence_time + 200.0), enclave.jwks, policy=Policy(allow_simulation=True))

@@ -134,7 +134,7 @@ def verify_receipt(
         )
     done.append("measurement matches the attestation")
     if policy is not None:
-        _check_policy(policy, claims)
+        _check_policy(policy, claims, at=float(started_at))
         done.append("attestation claims satisfy the policy")
     hashed = (("input", input_bytes, "input_sha256"), ("output", output_bytes, "output_sha256"))
     for name, data, key_name in hashed:
@@ -179,8 +179,10 @@ def signed_message(receipt: Mapping[str, Any], statement: bytes) -> bytes:
     return BATCH_DOMAIN + b"".join(digests)
 
 
-def _check_policy(policy: Any, claims: Mapping[str, Any]) -> None:
-    """Apply a verification Policy to the attested claims carried by the token."""
+def _check_policy(policy: Any, claims: Mapping[str, Any], *, at: float) -> None:
+    """Apply a verification Policy to the attested claims carried by the token, as of ``at``,
+    when the invocation ran: a ``max_age`` bounds how old the evidence was then (judged as of
+    the token's issue, any evidence passes however late in the token's life the receipt is)."""
     from datetime import UTC, datetime
 
     from r3e_tee.attestation.result import EvidenceKind, VerificationResult
@@ -196,6 +198,6 @@ def _check_policy(policy: Any, claims: Mapping[str, Any]) -> None:
         simulated=bool(claims.get("simulated")),
     )
     try:
-        policy.check(result)
+        policy.check(result, at=datetime.fromtimestamp(at, UTC))
     except VerificationError as exc:
         raise ReceiptError(f"policy: {exc.message}") from None
