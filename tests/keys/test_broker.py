@@ -3,6 +3,7 @@ audit entry, revocation on policy change, Nitro sealing keys, and HPKE as RFC 91
 
 from __future__ import annotations
 
+import base64
 import time
 from typing import Any
 
@@ -434,3 +435,25 @@ def test_a_pcr_policy_must_pin_the_code_not_the_instance(keys: Keys, pcrs: dict[
     keys.broker.put_secret(
         "both", b"v", {"pcrs": {**pcrs, 0: "0a" * 48}, "allow_simulation": True}, actor="t"
     )
+
+
+@pytest.mark.parametrize(
+    "raw", [bytes(32), (1).to_bytes(32, "little"), bytes.fromhex("ec" + "ff" * 30 + "7f")]
+)
+def test_a_token_binding_a_low_order_x25519_key_is_a_denial_on_record(keys: Keys, raw: bytes) -> None:
+    """An enclave that binds a low-order point as its X25519 key (a simulated or debug one can
+    bind anything) gets a typed, audited denial: nothing can be sealed to such a key."""
+    keys.broker.put_secret("api-key", SECRET, SIM_POLICY, actor="t")
+    good = keys.attest(measurement=M)
+    assert keys.broker.release(good.token, ["api-key"], actor="w").secrets
+    claims = {
+        **good.claims,
+        "cnf": {**good.claims["cnf"], "x25519": base64.urlsafe_b64encode(raw).decode()},
+    }
+    token = keys.issuer.issue("simulation", claims, subject=good.enclave_id, jti=good.attestation_id).token
+    with pytest.raises(ReleaseDenied) as err:
+        keys.broker.release(token, ["api-key"], actor="w")
+    assert err.value.reason == "invalid-token" and "X25519" in err.value.message
+    assert _last_denial(keys).reason == "invalid-token"
+    with pytest.raises(ValueError, match="low-order"):
+        hpke.public_key_from_b64u(base64.urlsafe_b64encode(raw).decode().rstrip("="))
