@@ -126,6 +126,28 @@ def _jwks(c: ServiceClient, source: str | None) -> dict[str, Any]:
     return doc
 
 
+def encryption_key(target: dict[str, Any], fn: dict[str, Any], trusted: dict[str, Any]) -> bytes:
+    """The X25519 key to seal an input to: the one the enclave's attestation token binds, for
+    the function's measurement, and never a debug enclave's (its host can read its memory, so
+    sealing to it would hand the plaintext to the operator the encryption is meant to exclude)."""
+    from r3e_tee.attestation.tokens import verify_token
+
+    claims = verify_token(str(target["token"]), trusted)
+    key = base64.b64decode(target["x25519"])
+    bound = base64.urlsafe_b64decode(claims["cnf"]["x25519"] + "==")
+    if bound != key or claims["sub"] != target["enclave_id"]:
+        raise R3ETeeError("the enclave key offered is not the attested one; refusing to encrypt to it")
+    if fn["measurement"] and claims["measurement"] != fn["measurement"]:
+        raise R3ETeeError("the enclave does not run the deployed function's measurement")
+    if claims.get("debug") is not False:
+        raise R3ETeeError(
+            f"enclave {claims['sub']} is attested as a debug enclave (or its token does not say): its "
+            "host can read its memory, so encrypting to it would not keep the input from the operator",
+            hint="invoke without --encrypt, or have the function served by non-debug enclaves",
+        )
+    return key
+
+
 def invoke(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="function name")],
@@ -144,7 +166,6 @@ def invoke(
     from cryptography.hazmat.primitives.asymmetric import x25519
     from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-    from r3e_tee.attestation.tokens import verify_token
     from r3e_tee.functions import e2e
     from r3e_tee.functions.receipts import verify_receipt
 
@@ -158,16 +179,7 @@ def invoke(
         trusted = _jwks(c, jwks)
         if encrypt:
             target = c.get(f"/v1/functions/{name}/enclave")
-            claims = verify_token(str(target["token"]), trusted)
-            key = base64.b64decode(target["x25519"])
-            bound = base64.urlsafe_b64decode(claims["cnf"]["x25519"] + "==")
-            fn = c.get(f"/v1/functions/{name}")
-            if bound != key or claims["sub"] != target["enclave_id"]:
-                raise R3ETeeError(
-                    "the enclave key offered is not the attested one; refusing to encrypt to it"
-                )
-            if fn["measurement"] and claims["measurement"] != fn["measurement"]:
-                raise R3ETeeError("the enclave does not run the deployed function's measurement")
+            key = encryption_key(target, c.get(f"/v1/functions/{name}"), trusted)
             reply_private = x25519.X25519PrivateKey.generate()
             reply_public = reply_private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
             body = e2e.seal_input(raw, key, reply_public)
