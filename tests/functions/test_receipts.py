@@ -155,3 +155,30 @@ def test_a_max_age_policy_judges_the_attestation_when_the_invocation_ran(enclave
         verify_receipt(receipt(evidence_time + 200.0), enclave.jwks, policy=policy)
         pytest.fail("accepted an invocation that ran on 200 s old evidence under max_age 60")
     assert verify_receipt(receipt(evidence_time + 200.0), enclave.jwks, policy=Policy(allow_simulation=True))
+
+
+def test_a_debug_enclaves_receipt_is_refused_unless_the_policy_allows_debug(enclave: Enclave) -> None:
+    """A debug enclave's host can read its signing key, so its receipts prove nothing: refused
+    by default, as the default policy refuses debug evidence; accepted only when asked."""
+    claims = {
+        "provider": "simulation",
+        "evidence_kind": "sgx-dcap",
+        "measurement": enclave.body["measurement"],
+        "simulated": True,
+        "cnf": {"x25519": _b64u(enclave.keys.x25519_public), "p256": _b64u(enclave.keys.p256_public)},
+        "tee": {},
+    }
+    assert verify_receipt(enclave.receipt, enclave.jwks).checks  # debug: false
+    for debug in ({"debug": True}, {}):
+        token = enclave.issuer.issue("simulation", {**claims, **debug}, subject="e" * 32)
+        body = {**copy.deepcopy(enclave.body), "attestation": {"id": token.jti, "token": token.token}}
+        with pytest.raises(ReceiptError, match="debug"):
+            verify_receipt(enclave.resign(body), enclave.jwks)
+            pytest.fail(f"accepted a receipt whose token says {debug or 'nothing about debug'}")
+        with pytest.raises(ReceiptError, match="debug"):
+            verify_receipt(enclave.resign(body), enclave.jwks, policy=Policy(allow_simulation=True))
+    unsafe = Policy(allow_simulation=True, allow_debug=True)
+    assert (
+        "attestation claims satisfy the policy"
+        in verify_receipt(enclave.resign(body), enclave.jwks, policy=unsafe).checks
+    )

@@ -7,8 +7,8 @@ in the operator, only the issuer's JWKS (and, with ``evidence``, the hardware ro
 1. the receipt signature verifies with the enclave key it names (over the receipt, or over
    the batch of receipts the enclave finished together, which the receipt lists);
 2. that key is the one the attestation token binds (``cnf.p256``), for the same enclave;
-3. the token is signed by a JWKS key, names the same measurement, and was valid when the
-   invocation ran;
+3. the token is signed by a JWKS key, names the same measurement, was valid when the
+   invocation ran, and is not a debug enclave's (unless the policy allows debug);
 4. the token's claims satisfy the caller's policy;
 5. the input/output the caller holds hash to the receipt's values.
 """
@@ -127,6 +127,13 @@ def verify_receipt(
     if body.get("attestation", {}).get("id") not in (None, claims.get("jti")):
         raise ReceiptError("the receipt names another attestation than its token")
     done.append("enclave key bound to the attestation result")
+    if claims.get("debug") is not False and not getattr(policy, "allow_debug", False):
+        # a debug enclave's host reads its memory, signing key included: it can sign anything
+        raise ReceiptError(
+            f"enclave {claims.get('sub')} is attested as a debug enclave (or its token does not say "
+            "it is not): its host can read its signing key, so the receipt proves nothing",
+            hint="accept it only knowingly, with a policy saying allow_debug: true (UNSAFE)",
+        )
     if claims.get("measurement") != body.get("measurement"):
         raise ReceiptError(
             f"measurement mismatch: receipt {body.get('measurement')}, "
@@ -194,7 +201,7 @@ def _check_policy(policy: Any, claims: Mapping[str, Any], *, at: float) -> None:
         claims=dict(claims.get("tee", {})),
         tcb_status=claims.get("tcb_status"),
         advisories=tuple(claims.get("advisories", ())),
-        debug=bool(claims.get("debug")),
+        debug=claims.get("debug") is not False,
         simulated=bool(claims.get("simulated")),
     )
     try:
