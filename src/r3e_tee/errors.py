@@ -281,6 +281,15 @@ class FunctionError(R3ETeeError):
     exit_code = 1
 
 
+class InvocationInputError(EnclaveError):
+    """The enclave refused an invocation's input (a ciphertext that does not open, not JSON, a
+    reply key nothing can be sealed to): the caller's mistake, not a sign the enclave is unwell,
+    so the service answers 400 and keeps the enclave."""
+
+    code = "invalid_input"
+    http_status = 400
+
+
 class ReceiptError(R3ETeeError):
     code = "receipt"
     http_status = 422

@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import x25519
 from fastapi.testclient import TestClient
 
 from r3e_tee.config import TeeConfig
 from r3e_tee.functions import service as functions_service
 from r3e_tee.functions.model import FunctionConfig
 from r3e_tee.logging import JsonFormatter
+from r3e_tee.runtime.channel import RemoteError
 from r3e_tee.service.__main__ import build_context
 from r3e_tee.service.app import ServiceApp, create_app
 from r3e_tee.service.auth import Scope, token_hash
@@ -252,3 +254,71 @@ def test_other_methods_and_paths_fall_through_to_fastapi(
     assert client.get("/v1/functions/echo/invoke", headers=auth).status_code == 405
     assert client.post("/v1/functions/echo/invoke/extra", headers=auth).status_code == 404
     assert client.get("/v1/functions/echo", headers=auth).json()["name"] == "echo"
+
+
+def test_reply_keys_nothing_can_be_sealed_to_are_refused_at_the_edge(
+    app_and_channel: tuple[TestClient, _Channel],
+) -> None:
+    """A reply key of the wrong length or of low order is a 400 at once, on both invoke routes
+    and when queued, instead of a function run whose output is then lost (on every retry)."""
+    client, channel = app_and_channel
+    auth = {"Authorization": f"Bearer {ADMIN}", "X-Request-ID": "req-reply-key"}
+    key = base64.b64encode(x25519.X25519PrivateKey.generate().public_key().public_bytes_raw()).decode()
+    ok = _both(client, channel, [OUTPUTS[0]], content=b"{}", headers={**auth, "X-R3E-Reply-Key": key})
+    assert [r.status_code for r in ok] == [200, 200]
+    for raw in (bytes(32), (1).to_bytes(32, "little"), bytes.fromhex("ec" + "ff" * 30 + "7f"), b"k" * 31):
+        headers = {**auth, "X-R3E-Reply-Key": base64.b64encode(raw).decode()}
+        channel.last = {}
+        fast, ref = _both(client, channel, [OUTPUTS[0]], content=b"{}", headers=headers)
+        _same(fast, ref)
+        assert fast.status_code == 400 and "reply key" in fast.json()["message"], fast.text
+        assert channel.last == {}, "the invocation reached the enclave"
+        r = client.post("/v1/functions/echo/invocations", content=b"{}", headers=headers)
+        assert r.status_code == 400 and "reply key" in r.json()["message"], r.text
+    # (last: the queued one is then run in the background)
+    queued = client.post(
+        "/v1/functions/echo/invocations", content=b"{}", headers={**auth, "X-R3E-Reply-Key": key}
+    )
+    assert queued.status_code == 202
+
+
+def test_an_input_the_enclave_refuses_is_a_400_and_does_not_cost_the_enclave(
+    app_and_channel: tuple[TestClient, _Channel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An enclave that refuses an invocation's input (a ciphertext that does not open, not JSON)
+    is healthy: the caller gets a 400 and the enclave keeps serving. Recycling it instead would
+    let any invoker destroy enclaves (an encrypted input even names the one it is for)."""
+    client, channel = app_and_channel
+    auth = {"Authorization": f"Bearer {ADMIN}", "X-Request-ID": "req-bad-input"}
+    svc = client.app.state.ctx.components["functions"]  # type: ignore[attr-defined]
+    launches: list[str] = []
+    launch = svc.scheduler._launch
+
+    async def counting(fv: Any) -> tuple[str, Any]:
+        launches.append(fv.name)
+        return await launch(fv)  # type: ignore[no-any-return]
+
+    svc.scheduler._launch = counting
+    ok = _both(client, channel, [OUTPUTS[0], OUTPUTS[0]], content=b"{}", headers=auth)
+    assert [r.status_code for r in ok] == [200, 200]
+    refusal = RemoteError("cannot decrypt the input: not encrypted to this enclave", kind="invalid_input")
+
+    async def refuse(op: str, timeout: float | None = None, **args: Any) -> dict[str, Any]:
+        raise refusal
+
+    monkeypatch.setattr(channel, "request", refuse)
+    fast, ref = _both(client, channel, [], content=b"\x00junk", headers=auth)
+    _same(fast, ref)
+    assert fast.status_code == 400 and "cannot decrypt the input" in fast.json()["message"], fast.text
+    monkeypatch.undo()
+    again = _both(client, channel, [OUTPUTS[0], OUTPUTS[0]], content=b"{}", headers=auth)
+    assert [r.status_code for r in again] == [200, 200]
+    assert launches == ["echo"], "the enclave was recycled for a caller's bad input"
+    # an enclave that fails otherwise is still recycled
+    monkeypatch.setattr(channel, "request", lambda *a, **k: _raise(RemoteError("boom", kind="internal")))
+    fast = client.post("/v1/functions/echo/invoke", content=b"{}", headers=auth)
+    assert fast.status_code == 502
+
+
+async def _raise(exc: Exception) -> dict[str, Any]:
+    raise exc

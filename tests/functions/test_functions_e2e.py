@@ -116,15 +116,14 @@ def test_end_to_end_encryption_keeps_plaintext_from_the_operator(tmp_path: Path)
         key = base64.b64decode(target["x25519"])
         assert base64.urlsafe_b64decode(claims["cnf"]["x25519"] + "==") == key
         reply = x25519.X25519PrivateKey.generate()
+        reply_public = reply.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
         plaintext = json.dumps({"text": f"{secret_text} {secret_text} ok"}).encode()
         headers = {
             "Content-Type": "application/r3e-hpke",
             "X-R3E-Enclave": target["enclave_id"],
-            "X-R3E-Reply-Key": base64.b64encode(
-                reply.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-            ).decode(),
+            "X-R3E-Reply-Key": base64.b64encode(reply_public).decode(),
         }
-        body = e2e.seal_input(plaintext, key)
+        body = e2e.seal_input(plaintext, key, reply_public)
         result = c.post("/v1/functions/word-stats-e2e/invoke", content=body, headers=headers).json()
         assert "output" not in result and result["status"] == "ok"
         output = e2e.open_output(base64.b64decode(result["output_encrypted"]), reply)
@@ -133,7 +132,7 @@ def test_end_to_end_encryption_keeps_plaintext_from_the_operator(tmp_path: Path)
         # queued (stored) encrypted invocation
         queued = c.post(
             "/v1/functions/word-stats-e2e/invocations",
-            content=e2e.seal_input(plaintext, key),
+            content=e2e.seal_input(plaintext, key, reply_public),
             headers=headers,
         ).json()
         deadline = time.monotonic() + 15
@@ -147,9 +146,23 @@ def test_end_to_end_encryption_keeps_plaintext_from_the_operator(tmp_path: Path)
         wrong = e2e.seal_input(
             plaintext,
             x25519.X25519PrivateKey.generate().public_key().public_bytes(Encoding.Raw, PublicFormat.Raw),
+            reply_public,
         )
         r = c.post("/v1/functions/word-stats-e2e/invoke", content=wrong, headers=headers)
         assert r.status_code >= 400 and "decrypt" in r.text
+        # a relay that swaps in a reply key of its own (to read the output) is refused too
+        target = c.get("/v1/functions/word-stats-e2e/enclave").json()
+        relay = x25519.X25519PrivateKey.generate().public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        r = c.post(
+            "/v1/functions/word-stats-e2e/invoke",
+            content=e2e.seal_input(plaintext, base64.b64decode(target["x25519"]), reply_public),
+            headers={
+                **headers,
+                "X-R3E-Enclave": target["enclave_id"],
+                "X-R3E-Reply-Key": base64.b64encode(relay).decode(),
+            },
+        )
+        assert r.status_code >= 400 and "decrypt" in r.text and "output_encrypted" not in r.text
     log_text = stop_service(live)
     assert "attestation accepted" in log_text  # the log was captured
     assert secret_text not in log_text

@@ -3,6 +3,7 @@ audit entry, revocation on policy change, Nitro sealing keys, and HPKE as RFC 91
 
 from __future__ import annotations
 
+import base64
 import time
 from typing import Any
 
@@ -400,3 +401,59 @@ def test_secrets_cannot_use_the_brokers_own_key_owners(keys: Keys) -> None:
         keys.broker.put_secret("x", b"v", SIM_POLICY, actor="t", owner="tenant:acme").secret.owner
         == "tenant:acme"
     )
+
+
+@pytest.mark.parametrize(
+    "pcrs",
+    [
+        {3: "33" * 48},  # the parent instance's IAM role: any code launched there
+        {4: "44" * 48},  # the parent instance's id
+        {5: "00" * 48},  # unused: zero in every enclave
+        {1: "01" * 48},  # the kernel and bootstrap nitro-cli ships: common to all images
+        {0: "00" * 48},  # what every debug enclave reports
+    ],
+)
+def test_a_pcr_policy_must_pin_the_code_not_the_instance(keys: Keys, pcrs: dict[int, str]) -> None:
+    """PCR0 (image), PCR2 (application) and PCR8 (signing certificate) name the code; a policy
+    that pins only other PCRs is met by whatever an operator launches on that instance."""
+    allowed = {str(i): (f"{i:02x}") * 48 for i in range(16)}
+    keys.broker.put_secret("pinned", b"v", {"pcrs": {2: allowed["2"]}, "allow_simulation": True}, actor="t")
+    keys.broker.put_secret("signed", b"v", {"pcrs": {8: allowed["8"]}, "allow_simulation": True}, actor="t")
+    with pytest.raises(PolicyError, match="does not name the code"):
+        keys.broker.put_secret("x", b"v", {"pcrs": pcrs, "allow_simulation": True}, actor="t")
+        # what it would have released: other code, same instance
+        other = keys.attest(
+            kind="nitro",
+            measurement="ee" * 48,
+            pcrs={**allowed, "0": "ee" * 48, "2": "ef" * 48, **{str(k): v for k, v in pcrs.items()}},
+        )
+        keys.broker.release(other.token, ["x"], actor="w")
+        pytest.fail(f"a policy pinning only PCRs {sorted(pcrs)} released the secret to other code")
+    with pytest.raises(PolicyError, match="does not name the code"):
+        ReleasePolicy.from_dict({"pcrs": pcrs})
+    # with a code PCR beside them, they narrow it further
+    keys.broker.put_secret(
+        "both", b"v", {"pcrs": {**pcrs, 0: "0a" * 48}, "allow_simulation": True}, actor="t"
+    )
+
+
+@pytest.mark.parametrize(
+    "raw", [bytes(32), (1).to_bytes(32, "little"), bytes.fromhex("ec" + "ff" * 30 + "7f")]
+)
+def test_a_token_binding_a_low_order_x25519_key_is_a_denial_on_record(keys: Keys, raw: bytes) -> None:
+    """An enclave that binds a low-order point as its X25519 key (a simulated or debug one can
+    bind anything) gets a typed, audited denial: nothing can be sealed to such a key."""
+    keys.broker.put_secret("api-key", SECRET, SIM_POLICY, actor="t")
+    good = keys.attest(measurement=M)
+    assert keys.broker.release(good.token, ["api-key"], actor="w").secrets
+    claims = {
+        **good.claims,
+        "cnf": {**good.claims["cnf"], "x25519": base64.urlsafe_b64encode(raw).decode()},
+    }
+    token = keys.issuer.issue("simulation", claims, subject=good.enclave_id, jti=good.attestation_id).token
+    with pytest.raises(ReleaseDenied) as err:
+        keys.broker.release(token, ["api-key"], actor="w")
+    assert err.value.reason == "invalid-token" and "X25519" in err.value.message
+    assert _last_denial(keys).reason == "invalid-token"
+    with pytest.raises(ValueError, match="low-order"):
+        hpke.public_key_from_b64u(base64.urlsafe_b64encode(raw).decode().rstrip("="))

@@ -215,7 +215,14 @@ def verify_token(
     except jwt.PyJWTError:
         raise TokenError("not a JWT (cannot read its header)") from None
     kid = header.get("kid")
-    match = next((k for k in jwks.get("keys", []) if k.get("kid") == kid), None)
+    keys = jwks.get("keys") if isinstance(jwks, Mapping) else None
+    if not isinstance(keys, list) or not all(isinstance(k, Mapping) for k in keys):
+        # a relying party's own file or URL: say what is wrong with it rather than crash on it
+        raise TokenError(
+            'the JWKS is not a JWK set: it must be an object whose "keys" is a list of JWKs',
+            hint="use the issuing service's /.well-known/jwks.json as it serves it",
+        )
+    match = next((k for k in keys if k.get("kid") == kid), None)
     if match is None:
         raise TokenError(
             f"token signed by unknown key {kid!r}",

@@ -113,13 +113,39 @@ def _jwks(c: ServiceClient, source: str | None) -> dict[str, Any]:
         return jwks
     if source.startswith(("http://", "https://")):
         try:
-            return dict(httpx.get(source, timeout=10).json())
+            doc = httpx.get(source, timeout=10).json()
         except (httpx.HTTPError, ValueError) as exc:
             raise R3ETeeError(f"cannot fetch the JWKS from {source}: {exc}") from None
-    try:
-        return dict(json.loads(_read(Path(source), "JWKS")))
-    except ValueError:
-        raise InvalidRequestError(f"{source} is not a JWKS (JSON)") from None
+    else:
+        try:
+            doc = json.loads(_read(Path(source), "JWKS"))
+        except ValueError:
+            raise InvalidRequestError(f"{source} is not a JWKS (JSON)") from None
+    if not isinstance(doc, dict):
+        raise InvalidRequestError(f'{source} is not a JWKS: a JWK set is a JSON object with "keys"')
+    return doc
+
+
+def encryption_key(target: dict[str, Any], fn: dict[str, Any], trusted: dict[str, Any]) -> bytes:
+    """The X25519 key to seal an input to: the one the enclave's attestation token binds, for
+    the function's measurement, and never a debug enclave's (its host can read its memory, so
+    sealing to it would hand the plaintext to the operator the encryption is meant to exclude)."""
+    from r3e_tee.attestation.tokens import verify_token
+
+    claims = verify_token(str(target["token"]), trusted)
+    key = base64.b64decode(target["x25519"])
+    bound = base64.urlsafe_b64decode(claims["cnf"]["x25519"] + "==")
+    if bound != key or claims["sub"] != target["enclave_id"]:
+        raise R3ETeeError("the enclave key offered is not the attested one; refusing to encrypt to it")
+    if fn["measurement"] and claims["measurement"] != fn["measurement"]:
+        raise R3ETeeError("the enclave does not run the deployed function's measurement")
+    if claims.get("debug") is not False:
+        raise R3ETeeError(
+            f"enclave {claims['sub']} is attested as a debug enclave (or its token does not say): its "
+            "host can read its memory, so encrypting to it would not keep the input from the operator",
+            hint="invoke without --encrypt, or have the function served by non-debug enclaves",
+        )
+    return key
 
 
 def invoke(
@@ -140,7 +166,6 @@ def invoke(
     from cryptography.hazmat.primitives.asymmetric import x25519
     from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-    from r3e_tee.attestation.tokens import verify_token
     from r3e_tee.functions import e2e
     from r3e_tee.functions.receipts import verify_receipt
 
@@ -154,19 +179,10 @@ def invoke(
         trusted = _jwks(c, jwks)
         if encrypt:
             target = c.get(f"/v1/functions/{name}/enclave")
-            claims = verify_token(str(target["token"]), trusted)
-            key = base64.b64decode(target["x25519"])
-            bound = base64.urlsafe_b64decode(claims["cnf"]["x25519"] + "==")
-            fn = c.get(f"/v1/functions/{name}")
-            if bound != key or claims["sub"] != target["enclave_id"]:
-                raise R3ETeeError(
-                    "the enclave key offered is not the attested one; refusing to encrypt to it"
-                )
-            if fn["measurement"] and claims["measurement"] != fn["measurement"]:
-                raise R3ETeeError("the enclave does not run the deployed function's measurement")
+            key = encryption_key(target, c.get(f"/v1/functions/{name}"), trusted)
             reply_private = x25519.X25519PrivateKey.generate()
             reply_public = reply_private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-            body = e2e.seal_input(raw, key)
+            body = e2e.seal_input(raw, key, reply_public)
             headers = {
                 "Content-Type": "application/r3e-hpke",
                 "X-R3E-Enclave": str(target["enclave_id"]),
@@ -280,6 +296,7 @@ def _check_evidence(
 ) -> str:
     from r3e_tee.attestation.binding import report_data_for
     from r3e_tee.attestation.policy import Policy
+    from r3e_tee.attestation.service import measurement_of
     from r3e_tee.attestation.verify import verify_evidence
 
     claims = check.token_claims
@@ -318,6 +335,16 @@ def _check_evidence(
     )
     if got != expected:
         raise ReceiptError("the raw evidence does not bind the token's nonce and keys")
+    # the point of --evidence is not to trust the issuer: what the hardware measured must be
+    # what the token (and, through it, the receipt) says ran, or the token misstates the code
+    measured = measurement_of(result)
+    claimed = claims.get("measurement")
+    if not isinstance(measured, str) or not isinstance(claimed, str) or measured.lower() != claimed.lower():
+        raise ReceiptError(
+            f"measurement mismatch: the raw evidence measures {measured}, but the attestation token "
+            f"and the receipt say {claimed}: the token does not describe the enclave that signed it",
+            hint="do not trust this receipt; ask the operator why its attestation service issued that token",
+        )
     simulated = " (SIMULATED: no hardware protects it)" if result.simulated else ""
     return f"raw {result.kind.value} evidence verifies and binds the token's keys{simulated}"
 

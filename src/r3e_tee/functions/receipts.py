@@ -7,8 +7,8 @@ in the operator, only the issuer's JWKS (and, with ``evidence``, the hardware ro
 1. the receipt signature verifies with the enclave key it names (over the receipt, or over
    the batch of receipts the enclave finished together, which the receipt lists);
 2. that key is the one the attestation token binds (``cnf.p256``), for the same enclave;
-3. the token is signed by a JWKS key, names the same measurement, and was valid when the
-   invocation ran;
+3. the token is signed by a JWKS key, names the same measurement, was valid when the
+   invocation ran, and is not a debug enclave's (unless the policy allows debug);
 4. the token's claims satisfy the caller's policy;
 5. the input/output the caller holds hash to the receipt's values.
 """
@@ -20,6 +20,7 @@ import binascii
 import hashlib
 import hmac
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,8 +100,20 @@ def verify_receipt(
         + (f" (one signature over a batch of {len(batch['leaves'])})" if isinstance(batch, Mapping) else "")
     )
 
+    started_at = body.get("started_at")
+    if (
+        isinstance(started_at, bool)
+        or not isinstance(started_at, int | float)
+        or not math.isfinite(started_at)
+    ):
+        # the token must be checked at the time the invocation ran: without it nothing says
+        # the enclave was attested then (and float() of it would fail with a bare ValueError)
+        raise ReceiptError(
+            f"the receipt's started_at is {started_at!r}, not a time (seconds since the epoch)",
+            hint="pass the receipt exactly as the invocation returned it",
+        )
     try:
-        claims = verify_token(token, jwks, issuer=issuer, at=float(body["started_at"]), leeway=_CLOCK_SKEW)
+        claims = verify_token(token, jwks, issuer=issuer, at=float(started_at), leeway=_CLOCK_SKEW)
     except TokenError as exc:
         raise ReceiptError(f"attestation token: {exc.message}", hint=exc.hint) from None
     done.append("attestation token signed by a JWKS key and valid when the invocation ran")
@@ -114,6 +127,13 @@ def verify_receipt(
     if body.get("attestation", {}).get("id") not in (None, claims.get("jti")):
         raise ReceiptError("the receipt names another attestation than its token")
     done.append("enclave key bound to the attestation result")
+    if claims.get("debug") is not False and not getattr(policy, "allow_debug", False):
+        # a debug enclave's host reads its memory, signing key included: it can sign anything
+        raise ReceiptError(
+            f"enclave {claims.get('sub')} is attested as a debug enclave (or its token does not say "
+            "it is not): its host can read its signing key, so the receipt proves nothing",
+            hint="accept it only knowingly, with a policy saying allow_debug: true (UNSAFE)",
+        )
     if claims.get("measurement") != body.get("measurement"):
         raise ReceiptError(
             f"measurement mismatch: receipt {body.get('measurement')}, "
@@ -121,7 +141,7 @@ def verify_receipt(
         )
     done.append("measurement matches the attestation")
     if policy is not None:
-        _check_policy(policy, claims)
+        _check_policy(policy, claims, at=float(started_at))
         done.append("attestation claims satisfy the policy")
     hashed = (("input", input_bytes, "input_sha256"), ("output", output_bytes, "output_sha256"))
     for name, data, key_name in hashed:
@@ -166,8 +186,10 @@ def signed_message(receipt: Mapping[str, Any], statement: bytes) -> bytes:
     return BATCH_DOMAIN + b"".join(digests)
 
 
-def _check_policy(policy: Any, claims: Mapping[str, Any]) -> None:
-    """Apply a verification Policy to the attested claims carried by the token."""
+def _check_policy(policy: Any, claims: Mapping[str, Any], *, at: float) -> None:
+    """Apply a verification Policy to the attested claims carried by the token, as of ``at``,
+    when the invocation ran: a ``max_age`` bounds how old the evidence was then (judged as of
+    the token's issue, any evidence passes however late in the token's life the receipt is)."""
     from datetime import UTC, datetime
 
     from r3e_tee.attestation.result import EvidenceKind, VerificationResult
@@ -179,10 +201,10 @@ def _check_policy(policy: Any, claims: Mapping[str, Any]) -> None:
         claims=dict(claims.get("tee", {})),
         tcb_status=claims.get("tcb_status"),
         advisories=tuple(claims.get("advisories", ())),
-        debug=bool(claims.get("debug")),
+        debug=claims.get("debug") is not False,
         simulated=bool(claims.get("simulated")),
     )
     try:
-        policy.check(result)
+        policy.check(result, at=datetime.fromtimestamp(at, UTC))
     except VerificationError as exc:
         raise ReceiptError(f"policy: {exc.message}") from None

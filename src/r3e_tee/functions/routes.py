@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, Response
 
 from r3e_tee.functions.registry import config_from_request
-from r3e_tee.functions.service import FunctionsService, decode_b64
+from r3e_tee.functions.service import FunctionsService, decode_reply_key
 from r3e_tee.service.app import FastRequest, FastRoute, ServiceContext
 from r3e_tee.service.auth import Principal, Scope, TokenAuthority
 from r3e_tee.service.deps import get_ctx, require
@@ -64,7 +64,7 @@ def _encryption(
     request: Request, enclave: str | None, reply_key: str | None
 ) -> tuple[bool, bytes | None, str | None]:
     encrypted = request.headers.get("content-type", "").split(";")[0].strip() == ENCRYPTED_TYPE
-    key = decode_b64(reply_key, "X-R3E-Reply-Key") if reply_key else None
+    key = decode_reply_key(reply_key) if reply_key else None
     return encrypted, key, enclave
 
 
@@ -107,7 +107,7 @@ def fast_invoke(ctx: ServiceContext) -> FastRoute:
             request.params[0],
             await request.body(),
             encrypted=encrypted,
-            reply_key=decode_b64(reply_key, "X-R3E-Reply-Key") if reply_key else None,
+            reply_key=decode_reply_key(reply_key) if reply_key else None,
             enclave_id=request.header(b"x-r3e-enclave"),
         )
         return 200, result.to_json_bytes()

@@ -31,9 +31,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from r3e_tee.errors import EnclaveError, FunctionError, R3ETeeError
+from r3e_tee.errors import EnclaveError, FunctionError, InvalidRequestError, InvocationInputError, R3ETeeError
 from r3e_tee.functions.registry import FunctionVersion
-from r3e_tee.runtime.channel import ChannelClosed
+from r3e_tee.runtime.channel import ChannelClosed, RemoteError
 
 log = logging.getLogger("r3e_tee.functions")
 
@@ -437,6 +437,13 @@ class Scheduler:
                     slot.draining = True  # a timed-out enclave is recycled
                 return reply, slot.enclave_id
             except (ChannelClosed, EnclaveError) as exc:
+                if isinstance(exc, RemoteError) and exc.kind == InvocationInputError.code:
+                    # the enclave refused the caller's input and is fine: it keeps serving
+                    raise InvalidRequestError(
+                        exc.message,
+                        hint="an encrypted input is sealed to the enclave named by X-R3E-Enclave, for the "
+                        "reply key X-R3E-Reply-Key names; a plain input is JSON",
+                    ) from None
                 slot.draining = True
                 last = exc if isinstance(exc, R3ETeeError) else EnclaveError(str(exc))
                 log.warning("enclave failed mid-invocation", extra={"enclave_id": slot.enclave_id})

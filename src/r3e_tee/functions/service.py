@@ -230,6 +230,22 @@ def decode_b64(value: str, what: str) -> bytes:
         raise InvalidRequestError(f"{what} is not valid base64") from None
 
 
+def decode_reply_key(value: str) -> bytes:
+    """``X-R3E-Reply-Key``: a raw X25519 key the output can be sealed to, refused here (400)
+    rather than after the function ran (and on each retry of a queued invocation)."""
+    from r3e_tee.functions.e2e import reply_public_key
+
+    raw = decode_b64(value, "X-R3E-Reply-Key")
+    try:
+        reply_public_key(raw)
+    except ValueError as exc:
+        raise InvalidRequestError(
+            f"X-R3E-Reply-Key: {exc}",
+            hint="send the base64 of a fresh X25519 public key (32 bytes) whose private key you hold",
+        ) from None
+    return raw
+
+
 def install(ctx: ServiceContext) -> None:
     service = FunctionsService(ctx)
     ctx.components["functions"] = service

@@ -38,6 +38,8 @@ _KEM_ID, _KDF_ID = 0x0020, 0x0001
 _AEAD_IDS = {16: 0x0001, 32: 0x0002}  # AES-128-GCM, AES-256-GCM by key length
 _MODE_AUTH = 0x02
 _NONCE_LEN = 12
+#: a throwaway key to test public keys with (see public_key_from_b64u)
+_PROBE = x25519.X25519PrivateKey.generate()
 
 
 def _extract(suite_id: bytes, salt: bytes, label: bytes, ikm: bytes) -> bytes:
@@ -126,7 +128,13 @@ def public_key_from_b64u(value: str) -> x25519.X25519PublicKey:
         raise ValueError("cnf.x25519 is not base64url") from None
     if len(raw) != 32:
         raise ValueError(f"cnf.x25519 is {len(raw)} bytes, expected 32")
-    return x25519.X25519PublicKey.from_public_bytes(raw)
+    key = x25519.X25519PublicKey.from_public_bytes(raw)
+    try:
+        # an enclave may bind any 32 bytes; a low-order point gives an all-zero shared secret
+        _PROBE.exchange(key)
+    except ValueError:
+        raise ValueError("cnf.x25519 is a low-order X25519 point: nothing can be sealed to it") from None
+    return key
 
 
 def public_key_b64u(public_key: x25519.X25519PublicKey) -> str:

@@ -14,9 +14,10 @@ an attestation token the service signed::
 
 A release policy must name the code (``measurements``, ``mrenclave``, ``mrsigner``, ``expected_pcrs``,
 ``mr_td``, ``measurement`` or an ``rtmr``): a policy that any enclave satisfies would hand the secret
-to whatever code an operator launches. Keys that bind one piece of evidence (``nonce``,
-``report_data``, ``user_data``, ``public_key``, ``max_age``) have no meaning for a secret and are
-refused.
+to whatever code an operator launches. PCRs name the code only through PCR0, PCR2 or PCR8
+(non-zero): PCR1, PCR3, PCR4 and the unused ones are shared by every image on an instance. Keys
+that bind one piece of evidence (``nonce``, ``report_data``, ``user_data``, ``public_key``,
+``max_age``) have no meaning for a secret and are refused.
 """
 
 from __future__ import annotations
@@ -54,6 +55,16 @@ _IDENTITY = (
     "rtmr3",
 )
 _OWN_KEYS = ("measurements", "providers")
+#: the Nitro PCRs that name the code: the image (0), the application (2) and the certificate it
+#: was signed with (8, like mrsigner). PCR1 is the kernel every nitro-cli image shares, PCR3 and
+#: PCR4 the parent instance's role and id, the others are zero: pinned alone, any code passes.
+_CODE_PCRS = (0, 2, 8)
+
+
+def _names_code_by_pcrs(pcrs: Mapping[int, str]) -> bool:
+    """Whether ``pcrs`` pins a code PCR to a value a running (non-debug) enclave can have: a
+    debug enclave reports zeros, so a zero pin names every debug enclave, not some code."""
+    return any(idx in pcrs and pcrs[idx].strip("0") for idx in _CODE_PCRS)
 
 
 def _hex_list(value: Any, key: str) -> frozenset[str]:
@@ -124,10 +135,19 @@ class ReleasePolicy:
                 ) from None
             raise
         policy = cls(attestation, measurements, providers)
-        named = [k for k in _IDENTITY if k in policy._canonical()]
+        canonical = policy._canonical()
+        named = [k for k in _IDENTITY if k in canonical and k != "expected_pcrs"]
+        if _names_code_by_pcrs(policy.attestation.expected_pcrs):
+            named.append("expected_pcrs")
         if not named:
             raise PolicyError(
-                f"{source}: the policy does not name the code that may receive the secret",
+                f"{source}: the policy does not name the code that may receive the secret"
+                + (
+                    f" (PCRs {', '.join(map(str, policy.attestation.expected_pcrs))} do not: only a "
+                    "non-zero PCR0, PCR2 or PCR8 names the code)"
+                    if policy.attestation.expected_pcrs
+                    else ""
+                ),
                 hint="add measurements: [<hex>] (the enclave measurement), mrsigner: [<hex>] or "
                 "expected_pcrs: {0: <hex>}",
             )

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import cbor2
 
-from r3e_tee.errors import EnclaveError
+from r3e_tee.errors import EnclaveError, InvocationInputError
 from r3e_tee.functions.receipts import BATCH_DOMAIN, MAX_BATCH, RECEIPT_DOMAIN, canonical
 from r3e_tee.ids import new_id
 from r3e_tee.runtime import function_worker
@@ -450,18 +450,19 @@ class FunctionHost:
             raise EnclaveError("no function is loaded in this enclave")
         raw = msg.get("input")
         if not isinstance(raw, bytes):
-            raise EnclaveError("invoke needs the input as bytes")
+            raise InvocationInputError("invoke needs the input as bytes")
+        reply_key = msg.get("reply_key")
+        if reply_key is not None:
+            # checked before the function runs: an output that cannot be sealed is lost work
+            self._check_reply_key(reply_key)
         decrypted_from = None
         if msg.get("encrypted"):
             decrypted_from = raw
-            raw = self._open_input(raw)
+            raw = self._open_input(raw, reply_key)
         try:
             event = json.loads(raw)
         except ValueError:
-            raise EnclaveError("the input is not JSON") from None
-        reply_key = msg.get("reply_key")
-        if reply_key is not None and (not isinstance(reply_key, bytes) or len(reply_key) != 32):
-            raise EnclaveError("the reply key must be a raw 32-byte X25519 public key")
+            raise InvocationInputError("the input is not JSON") from None
         inv = _Invocation(
             rid=msg.get("id"),
             invocation_id=str(msg.get("invocation_id") or new_id()),
@@ -600,13 +601,25 @@ class FunctionHost:
             for item in chunk:
                 channel.respond(item.rid, item.out)
 
-    def _open_input(self, ciphertext: bytes) -> bytes:
+    def _open_input(self, ciphertext: bytes, reply_key: bytes | None) -> bytes:
+        """The input opens only for the reply key its client sealed it for (functions/e2e.py)."""
         from r3e_tee.functions.e2e import open_input
 
         try:
-            return open_input(ciphertext, self.runtime.keys.hpke)
+            return open_input(ciphertext, self.runtime.keys.hpke, reply_key)
         except ValueError as exc:
-            raise EnclaveError(f"cannot decrypt the input: {exc}") from None
+            raise InvocationInputError(f"cannot decrypt the input: {exc}") from None
+
+    @staticmethod
+    def _check_reply_key(reply_key: object) -> None:
+        from r3e_tee.functions.e2e import reply_public_key
+
+        if not isinstance(reply_key, bytes):
+            raise InvocationInputError("the reply key must be a raw 32-byte X25519 public key")
+        try:
+            reply_public_key(reply_key)
+        except ValueError as exc:
+            raise InvocationInputError(str(exc)) from None
 
     @staticmethod
     def _seal_output(output: bytes, reply_key: bytes) -> bytes:
