@@ -4,6 +4,13 @@ Each replica runs a dispatcher that claims queued work with a lease (PostgreSQL:
 SKIP LOCKED``, so replicas never take the same row; SQLite: one writer at a time). A crash
 leaves the lease to expire and the work is claimed again; the idempotency key makes a
 resubmission return the first invocation instead of running twice.
+
+A claim's ``attempts`` value is its fencing token: the worker renews its lease while the attempt
+runs (a function may run far longer than one lease), and its result, retry or renewal only
+counts while the row is still ``running`` under that same attempt. A worker that stalled past
+its lease and was superseded cannot overwrite the newer attempt's result, nor send a finished
+invocation back to the queue. An invocation whose lease expired MAX_ATTEMPTS times (its worker
+died each time) fails instead of being claimed forever.
 """
 
 from __future__ import annotations
@@ -103,30 +110,50 @@ class InvocationQueue:
         return out
 
     def claim(self, limit: int, lease: float) -> list[dict[str, Any]]:
+        """Up to ``limit`` queued invocations (or ones whose worker's lease expired), leased to
+        the caller until now + ``lease``. Each row's ``attempts`` is the claim's fencing token."""
         now = time.time()
         with self.store.transaction() as tx:
-            if tx.dialect == "postgresql":
-                rows = tx.fetchall(
-                    "UPDATE invocations SET status = 'running', lease_until = ?, attempts = attempts + 1, "
-                    "started_at = ? WHERE id IN (SELECT id FROM invocations WHERE status = 'queued' "
-                    "OR (status = 'running' AND lease_until < ?) ORDER BY created_at LIMIT ? "
-                    "FOR UPDATE SKIP LOCKED) RETURNING *",
-                    (now + lease, now, now, limit),
-                )
-            else:
-                rows = tx.fetchall(
-                    "UPDATE invocations SET status = 'running', lease_until = ?, attempts = attempts + 1, "
-                    "started_at = ? WHERE id IN (SELECT id FROM invocations WHERE status = 'queued' "
-                    "OR (status = 'running' AND lease_until < ?) ORDER BY created_at LIMIT ?) RETURNING *",
-                    (now + lease, now, now, limit),
-                )
+            # PostgreSQL: rows another replica is claiming right now are skipped, never waited for
+            skip = " FOR UPDATE SKIP LOCKED" if tx.dialect == "postgresql" else ""
+            # leases that expired on their last allowed attempt: the worker died every time
+            tx.execute(
+                "UPDATE invocations SET status = 'failed', error = ?, finished_at = ?, lease_until = NULL "  # noqa: S608 - constant clause
+                "WHERE id IN (SELECT id FROM invocations WHERE status = 'running' AND lease_until < ? "
+                f"AND attempts >= ?{skip})",
+                (
+                    f"gave up after {MAX_ATTEMPTS} attempts: the worker running it stopped "
+                    "(crashed or lost the store) each time",
+                    now,
+                    now,
+                    MAX_ATTEMPTS,
+                ),
+            )
+            rows = tx.fetchall(
+                "UPDATE invocations SET status = 'running', lease_until = ?, attempts = attempts + 1, "  # noqa: S608 - constant clause
+                "started_at = ? WHERE id IN (SELECT id FROM invocations WHERE status = 'queued' "
+                "OR (status = 'running' AND lease_until < ? AND attempts < ?) ORDER BY created_at "
+                f"LIMIT ?{skip}) RETURNING *",
+                (now + lease, now, now, MAX_ATTEMPTS, limit),
+            )
         return rows
 
-    def complete(self, inv_id: str, result: dict[str, Any]) -> None:
+    def renew(self, inv_id: str, attempt: int, lease: float) -> bool:
+        """Extend a running attempt's lease; False when the attempt no longer holds it."""
+        changed = self.store.execute(
+            "UPDATE invocations SET lease_until = ? WHERE id = ? AND status = 'running' AND attempts = ?",
+            (time.time() + lease, inv_id, attempt),
+        )
+        return changed == 1
+
+    def complete(self, inv_id: str, attempt: int, result: dict[str, Any]) -> bool:
+        """Record attempt ``attempt``'s result; False (nothing written) when a newer attempt
+        took the invocation over or it already finished."""
         encrypted_out = result.get("output_encrypted")
-        self.store.execute(
+        changed = self.store.execute(
             "UPDATE invocations SET status = ?, output = ?, output_encrypted = ?, receipt = ?, error = ?, "
-            "enclave_id = ?, finished_at = ?, lease_until = NULL WHERE id = ?",
+            "enclave_id = ?, finished_at = ?, lease_until = NULL "
+            "WHERE id = ? AND status = 'running' AND attempts = ?",
             (
                 "succeeded" if result["status"] == "ok" else "failed",
                 encrypted_out if encrypted_out is not None else result.get("output"),
@@ -136,21 +163,27 @@ class InvocationQueue:
                 result.get("enclave_id"),
                 time.time(),
                 inv_id,
+                attempt,
             ),
         )
+        return changed == 1
 
-    def retry_or_fail(self, inv_id: str, attempts: int, error: str) -> None:
-        if attempts >= MAX_ATTEMPTS:
-            self.store.execute(
+    def retry_or_fail(self, inv_id: str, attempt: int, error: str) -> bool:
+        """Queue attempt ``attempt`` again, or fail it after MAX_ATTEMPTS; False (nothing
+        written) when the attempt no longer holds the invocation."""
+        if attempt >= MAX_ATTEMPTS:
+            changed = self.store.execute(
                 "UPDATE invocations SET status = 'failed', error = ?, finished_at = ?, lease_until = NULL "
-                "WHERE id = ?",
-                (f"gave up after {attempts} attempts: {error}", time.time(), inv_id),
+                "WHERE id = ? AND status = 'running' AND attempts = ?",
+                (f"gave up after {attempt} attempts: {error}", time.time(), inv_id, attempt),
             )
         else:
-            self.store.execute(
-                "UPDATE invocations SET status = 'queued', error = ?, lease_until = NULL WHERE id = ?",
-                (error, inv_id),
+            changed = self.store.execute(
+                "UPDATE invocations SET status = 'queued', error = ?, lease_until = NULL "
+                "WHERE id = ? AND status = 'running' AND attempts = ?",
+                (error, inv_id, attempt),
             )
+        return changed == 1
 
     def depth(self) -> dict[str, int]:
         rows = self.store.fetchall(
@@ -184,7 +217,12 @@ class Dispatcher:
     async def _loop(self) -> None:
         while True:
             free = self.concurrency - self._running
-            rows = await anyio.to_thread.run_sync(self.queue.claim, free, self.lease) if free > 0 else []
+            try:
+                rows = await anyio.to_thread.run_sync(self.queue.claim, free, self.lease) if free > 0 else []
+            except R3ETeeError as exc:
+                # the store is unreachable for now: keep the dispatcher alive and try again
+                log.warning("claiming queued invocations failed", extra={"error": exc.message})
+                rows = []
             for row in rows:
                 self._running += 1
                 asyncio.get_running_loop().create_task(self._execute(row))
@@ -195,16 +233,46 @@ class Dispatcher:
                 except TimeoutError:
                     pass
 
+    async def _keep_lease(self, inv_id: str, attempt: int) -> None:
+        """Renew the lease while the attempt runs, so only a dead worker's lease expires."""
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            try:
+                held = await anyio.to_thread.run_sync(self.queue.renew, inv_id, attempt, self.lease)
+            except R3ETeeError as exc:
+                log.warning("renewing a lease failed", extra={"invocation_id": inv_id, "error": exc.message})
+                continue
+            if not held:
+                log.warning("invocation lease lost to another attempt", extra={"invocation_id": inv_id})
+                return
+
     async def _execute(self, row: dict[str, Any]) -> None:
         inv_id = str(row["id"])
+        attempt = int(row["attempts"])
+        keeper = asyncio.get_running_loop().create_task(self._keep_lease(inv_id, attempt))
         try:
-            result = await self.run_one(row)
-            await anyio.to_thread.run_sync(self.queue.complete, inv_id, result)
-        except R3ETeeError as exc:
-            log.warning("invocation attempt failed", extra={"invocation_id": inv_id, "error": exc.message})
-            await anyio.to_thread.run_sync(
-                self.queue.retry_or_fail, inv_id, int(row["attempts"]), exc.message
+            try:
+                result = await self.run_one(row)
+            except R3ETeeError as exc:
+                error = exc.message
+            except Exception as exc:  # noqa: BLE001 - the queue must still retry or fail it
+                error = f"internal error ({type(exc).__name__})"
+            else:
+                done = await anyio.to_thread.run_sync(self.queue.complete, inv_id, attempt, result)
+                if not done:
+                    log.warning(
+                        "invocation result discarded: a newer attempt holds it",
+                        extra={"invocation_id": inv_id, "attempt": attempt},
+                    )
+                return
+            log.warning("invocation attempt failed", extra={"invocation_id": inv_id, "error": error})
+            await anyio.to_thread.run_sync(self.queue.retry_or_fail, inv_id, attempt, error)
+        except R3ETeeError as exc:  # the store failed: the lease expires and the work is claimed again
+            log.warning(
+                "recording an invocation attempt failed",
+                extra={"invocation_id": inv_id, "error": exc.message},
             )
         finally:
+            keeper.cancel()
             self._running -= 1
             self.wake.set()
