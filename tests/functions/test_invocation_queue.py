@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from r3e_tee.errors import FunctionError, StoreError
+from r3e_tee.errors import ConflictError, FunctionError, StoreError
 from r3e_tee.functions.invocations import MAX_ATTEMPTS, Dispatcher, InvocationQueue
 from r3e_tee.store import Store, open_store
 
@@ -231,3 +231,59 @@ def test_the_dispatcher_outlives_a_store_outage(store: Store) -> None:
 
     asyncio.run(main())
     assert queue.get(inv_id)["status"] == "succeeded"
+
+
+def _submit_keyed(
+    queue: InvocationQueue, body: bytes, key: str, *, function: str = "f", reply_key: bytes | None = None
+) -> tuple[str, bool]:
+    return queue.submit(
+        function=function,
+        version=1,
+        input=body,
+        encrypted=False,
+        reply_key=reply_key,
+        idempotency_key=key,
+    )
+
+
+def test_an_idempotency_key_reused_for_a_different_request_is_refused(store: Store) -> None:
+    """Resending the same request with its key returns the first invocation; sending another
+    request with a used key must not be acknowledged as if it had been queued (it would never run)."""
+    queue = InvocationQueue(store)
+    first, created = _submit_keyed(queue, b'{"amount": 10}', "pay-1")
+    assert created
+    assert _submit_keyed(queue, b'{"amount": 10}', "pay-1") == (first, False)
+    with pytest.raises(ConflictError, match="different request"):
+        _submit_keyed(queue, b'{"amount": 99}', "pay-1")
+    with pytest.raises(ConflictError, match="different request"):
+        _submit_keyed(queue, b'{"amount": 10}', "pay-1", reply_key=b"k" * 32)
+    # keys are per function: another function's key space is its own
+    other, created_other = _submit_keyed(queue, b'{"amount": 99}', "pay-1", function="g")
+    assert created_other and other != first
+    assert store.fetchval("SELECT count(*) FROM invocations") == 2
+
+
+def test_replicas_submitting_one_key_at_once_queue_it_once(store: Store, store_url: str) -> None:
+    results: list[tuple[str, bool]] = []
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(4)
+
+    def replica() -> None:
+        s = open_store(store_url)
+        try:
+            barrier.wait()
+            results.append(_submit_keyed(InvocationQueue(s), b'{"n": 1}', "once"))
+        except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+        finally:
+            s.close()
+
+    threads = [threading.Thread(target=replica) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len({inv_id for inv_id, _ in results}) == 1
+    assert sorted(created for _, created in results) == [False, False, False, True]
+    assert store.fetchval("SELECT count(*) FROM invocations") == 1

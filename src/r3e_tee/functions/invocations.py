@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import hmac
 import json
 import logging
 import time
@@ -26,13 +28,29 @@ from typing import Any
 
 import anyio
 
-from r3e_tee.errors import NotFoundError, R3ETeeError
+from r3e_tee.errors import ConflictError, NotFoundError, R3ETeeError
 from r3e_tee.store import Store
 
 log = logging.getLogger("r3e_tee.functions")
 
 MAX_ATTEMPTS = 5
 Runner = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+def request_digest(*, input: bytes, encrypted: bool, reply_key: bytes | None, enclave_id: str | None) -> str:
+    """What an idempotency key is bound to: every part of the request that changes what runs."""
+    h = hashlib.sha256(b"r3e-tee/invocation-request/v1")
+    for part in (
+        input,
+        b"e" if encrypted else b"p",
+        reply_key,
+        None if enclave_id is None else enclave_id.encode(),
+    ):
+        if part is None:
+            h.update(b"\xff" * 8)
+        else:
+            h.update(len(part).to_bytes(8, "big") + part)
+    return h.hexdigest()
 
 
 class InvocationQueue:
@@ -50,20 +68,21 @@ class InvocationQueue:
         idempotency_key: str | None,
         enclave_id: str | None = None,
     ) -> tuple[str, bool]:
-        """Queue an invocation; returns (id, created). An idempotency key seen before returns
-        the earlier invocation's id with created=False."""
-        if idempotency_key:
-            row = self.store.fetchone(
-                "SELECT id FROM invocations WHERE function = ? AND idempotency_key = ?",
-                (function, idempotency_key),
-            )
-            if row is not None:
-                return str(row["id"]), False
+        """Queue an invocation; returns (id, created). An idempotency key (unique per function)
+        seen before returns the earlier invocation's id with created=False, provided the request
+        is the same; reusing a key for a different request is a :class:`ConflictError` rather
+        than a silently dropped invocation."""
+        idempotency_key = idempotency_key or None  # an empty header is no key
+        digest = request_digest(input=input, encrypted=encrypted, reply_key=reply_key, enclave_id=enclave_id)
         inv_id = uuid.uuid4().hex
-        try:
-            self.store.execute(
+        with self.store.transaction() as tx:
+            # PostgreSQL: ON CONFLICT waits for a concurrent submission of the same key and then
+            # does nothing; the SELECT below (a new snapshot) sees the invocation it committed
+            inserted = tx.fetchone(
                 "INSERT INTO invocations (id, function, version, status, input, encrypted, reply_key, "
-                "idempotency_key, enclave_id, created_at) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
+                "idempotency_key, enclave_id, request_sha256, created_at) "
+                "VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (function, idempotency_key) DO NOTHING RETURNING id",
                 (
                     inv_id,
                     function,
@@ -73,20 +92,30 @@ class InvocationQueue:
                     reply_key,
                     idempotency_key,
                     enclave_id,
+                    digest,
                     time.time(),
                 ),
             )
-        except Exception:  # a concurrent submission with the same key won the insert
-            if not idempotency_key:
-                raise
-            row = self.store.fetchone(
-                "SELECT id FROM invocations WHERE function = ? AND idempotency_key = ?",
+            if inserted is not None:
+                return inv_id, True
+            row = tx.fetchone(
+                "SELECT id, request_sha256 FROM invocations WHERE function = ? AND idempotency_key = ?",
                 (function, idempotency_key),
             )
-            if row is None:
-                raise
-            return str(row["id"]), False
-        return inv_id, True
+        if row is None:
+            raise ConflictError(
+                f"a submission to {function} with the same Idempotency-Key was withdrawn meanwhile",
+                hint="submit again",
+            )
+        first = row["request_sha256"]
+        if first is not None and not hmac.compare_digest(str(first), digest):
+            raise ConflictError(
+                f"this Idempotency-Key was already used for invocation {row['id']} of {function} "
+                "with a different request (body, encryption, enclave or reply key)",
+                hint="use a new Idempotency-Key for a different request; resend the identical "
+                "request to get the first invocation",
+            )
+        return str(row["id"]), False
 
     def get(self, inv_id: str) -> dict[str, Any]:
         row = self.store.fetchone(
