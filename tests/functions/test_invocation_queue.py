@@ -287,3 +287,28 @@ def test_replicas_submitting_one_key_at_once_queue_it_once(store: Store, store_u
     assert len({inv_id for inv_id, _ in results}) == 1
     assert sorted(created for _, created in results) == [False, False, False, True]
     assert store.fetchval("SELECT count(*) FROM invocations") == 1
+
+
+def test_a_replica_shutting_down_hands_its_running_invocations_back(store: Store) -> None:
+    """A stopping replica's in-flight attempts go back to the queue at once and uncounted: they
+    neither wait out their lease nor move towards MAX_ATTEMPTS with every rolling restart."""
+    queue = InvocationQueue(store)
+    inv_id = _submit(queue)
+    started = asyncio.Event()
+
+    async def hang(row: dict[str, Any]) -> dict[str, Any]:
+        started.set()
+        await asyncio.sleep(3600)
+        return _result("never")
+
+    async def main() -> None:
+        dispatcher = Dispatcher(queue, hang, lease=60)
+        dispatcher.start()
+        await asyncio.wait_for(started.wait(), 10)
+        await dispatcher.stop()
+
+    asyncio.run(main())
+    row = store.fetchone("SELECT status, attempts, lease_until FROM invocations WHERE id = ?", (inv_id,))
+    assert row == {"status": "queued", "attempts": 0, "lease_until": None}
+    (again,) = queue.claim(10, 60)
+    assert again["id"] == inv_id and again["attempts"] == 1

@@ -214,6 +214,16 @@ class InvocationQueue:
             )
         return changed == 1
 
+    def release(self, inv_id: str, attempt: int) -> bool:
+        """Give a running attempt back to the queue uncounted (this replica is shutting down,
+        the attempt did not fail); False when the attempt no longer holds the invocation."""
+        changed = self.store.execute(
+            "UPDATE invocations SET status = 'queued', attempts = attempts - 1, lease_until = NULL "
+            "WHERE id = ? AND status = 'running' AND attempts = ?",
+            (inv_id, attempt),
+        )
+        return changed == 1
+
     def depth(self) -> dict[str, int]:
         rows = self.store.fetchall(
             "SELECT function, count(*) AS n FROM invocations "
@@ -235,13 +245,20 @@ class Dispatcher:
         self.wake = asyncio.Event()
         self._running = 0
         self._task: asyncio.Task[None] | None = None
+        self._attempts: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def stop(self) -> None:
+        """Stop claiming, and hand the attempts still running back to the queue at once (another
+        replica takes them now, not after their lease, and a restart is not a failed attempt)."""
         if self._task is not None:
             self._task.cancel()
+        attempts = list(self._attempts)
+        for task in attempts:
+            task.cancel()
+        await asyncio.gather(*attempts, return_exceptions=True)
 
     async def _loop(self) -> None:
         while True:
@@ -254,7 +271,9 @@ class Dispatcher:
                 rows = []
             for row in rows:
                 self._running += 1
-                asyncio.get_running_loop().create_task(self._execute(row))
+                task = asyncio.get_running_loop().create_task(self._execute(row))
+                self._attempts.add(task)
+                task.add_done_callback(self._attempts.discard)
             if not rows:
                 self.wake.clear()
                 try:
@@ -296,6 +315,16 @@ class Dispatcher:
                 return
             log.warning("invocation attempt failed", extra={"invocation_id": inv_id, "error": error})
             await anyio.to_thread.run_sync(self.queue.retry_or_fail, inv_id, attempt, error)
+        except asyncio.CancelledError:
+            # shutting down: a blocking call, as nothing may be awaited in a cancelled task
+            try:
+                self.queue.release(inv_id, attempt)
+            except R3ETeeError as exc:  # its lease expires and another replica claims it then
+                log.warning(
+                    "releasing an invocation at shutdown failed",
+                    extra={"invocation_id": inv_id, "error": exc.message},
+                )
+            raise
         except R3ETeeError as exc:  # the store failed: the lease expires and the work is claimed again
             log.warning(
                 "recording an invocation attempt failed",
