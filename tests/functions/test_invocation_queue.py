@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.shared import SRC
 
 from r3e_tee.errors import ConflictError, FunctionError, StoreError
 from r3e_tee.functions.invocations import MAX_ATTEMPTS, Dispatcher, InvocationQueue
@@ -312,3 +318,53 @@ def test_a_replica_shutting_down_hands_its_running_invocations_back(store: Store
     assert row == {"status": "queued", "attempts": 0, "lease_until": None}
     (again,) = queue.claim(10, 60)
     assert again["id"] == inv_id and again["attempts"] == 1
+
+
+WORKER = """
+import asyncio, sys
+from pathlib import Path
+from r3e_tee.functions.invocations import Dispatcher, InvocationQueue
+from r3e_tee.store import open_store
+
+async def run(row):
+    Path(sys.argv[2]).write_text(str(row["id"]))
+    await asyncio.sleep(3600)
+
+async def main():
+    Dispatcher(InvocationQueue(open_store(sys.argv[1])), run, lease=1.0).start()
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+def test_an_invocation_whose_worker_is_killed_is_run_by_another_replica(
+    store: Store, store_url: str, tmp_path: Path
+) -> None:
+    """A replica SIGKILLed mid-invocation loses nothing: its lease expires and another replica
+    runs the invocation (at least once), then nothing runs it again."""
+    queue = InvocationQueue(store)
+    inv_id = _submit(queue)
+    marker = tmp_path / "started"
+    env = {**os.environ, "PYTHONPATH": SRC}
+    child = subprocess.Popen([sys.executable, "-c", WORKER, store_url, str(marker)], env=env)
+    try:
+        _wait_for(marker.exists, 30)
+        assert marker.read_text() == inv_id
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+    assert child.returncode == -signal.SIGKILL
+    assert queue.get(inv_id)["status"] == "running"
+    survivor = _Replica(store_url, lambda row: _ok("survivor"), lease=1.0)
+    try:
+        _wait_for(lambda: queue.get(inv_id)["status"] == "succeeded", 30)
+    finally:
+        survivor.close()
+    state = queue.get(inv_id)
+    assert state["output"] == {"by": "survivor"} and state["attempts"] == 2
+    assert queue.claim(10, 60) == []
+
+
+async def _ok(tag: str) -> dict[str, Any]:
+    return _result(tag)
