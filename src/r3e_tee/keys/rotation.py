@@ -193,6 +193,7 @@ class KeyRotation:
                     zeroize(der)
                 now = self.clock()
                 with self.store.transaction() as tx:
+                    self.keystore.ensure_kek_current(tx, kek_id)
                     tx.execute(
                         "UPDATE signing_keys SET state = 'retired', retired_at = ?, retire_after = ? "
                         "WHERE provider = ? AND state = 'current'",
