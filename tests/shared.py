@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import r3e_tee
+
+SRC = str(Path(r3e_tee.__file__).resolve().parents[1])
 
 # the deployment guide's ConfigMap content, verbatim
 GUIDE_CONFIGMAP = """\
@@ -23,3 +32,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def kill_during(code: str, target: Path, point: str) -> None:
+    """Run ``code`` (argv: target, point) in a child process that replaces ``os.<point>`` with
+    a SIGKILL of itself; asserts the child really died by SIGKILL at that step."""
+    env = {**os.environ, "PYTHONPATH": SRC}
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(target), point], env=env, capture_output=True, timeout=60
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()

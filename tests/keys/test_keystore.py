@@ -157,6 +157,33 @@ def test_kek_rotation_rewraps_without_plaintext(store: Store, tmp_path: Path) ->
     assert SECRET not in _dump(store)
 
 
+def test_a_replica_still_on_the_old_kek_wraps_nothing_after_the_rewrap(store: Store, tmp_path: Path) -> None:
+    """Rolling KEK rotation: replica B still runs with the old KEK after replica A (new KEK, old
+    one as previous) re-wrapped every key. Keys B wrapped now would be lost with the old KEK."""
+    old_path, new_path = write_kek(tmp_path / "old.key"), write_kek(tmp_path / "new.key")
+    b = make_keys(store, old_path)
+    with store.transaction() as tx:
+        b.keystore.encrypt(tx, "secret:s", "secret:s", SECRET, actor="t")
+    old, new = FileKek.load(old_path), FileKek.load(new_path)
+    assert KeyStore(store, new, AuditLog(store), previous=old).check_kek(actor="operator")["rewrapped"]
+    with pytest.raises(KekError, match="retired by a KEK rotation") as err, store.transaction() as tx:
+        b.keystore.encrypt(tx, "secret:fresh", "secret:fresh", SECRET, actor="t")
+    assert "restart this replica with the new KEK" in (err.value.hint or "")
+    with pytest.raises(KekError, match="retired by a KEK rotation"):
+        b.rotation.rotate_signing_keys(actor="t")
+    wrapped_by = {
+        r["kek_id"]
+        for r in store.fetchall(
+            "SELECT kek_id FROM data_keys WHERE wrapped IS NOT NULL "
+            "UNION SELECT kek_id FROM signing_keys WHERE wrapped IS NOT NULL"
+        )
+    }
+    assert wrapped_by == {new.kek_id}
+    # the new KEK alone opens everything: the old one can go
+    alone = KeyStore(store, FileKek.load(new_path), AuditLog(store))
+    assert alone.check_kek()["rewrapped"] == 0
+
+
 def test_owner_names_are_checked(keys: Keys) -> None:
     from r3e_tee.errors import InvalidRequestError
 

@@ -45,6 +45,47 @@ def test_rotation_reencrypts_secrets_and_retires_beyond_retain(keys: Keys) -> No
         keys.rotation.rotate(actor="t", owners=["secret:absent"], signing_keys=False)
 
 
+def test_a_secret_moved_to_another_owner_during_its_old_owners_rotation_survives(
+    keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL replicas: an admin replaces a secret with a new key owner while the old owner
+    rotates, after the rotation read the secret. The admin's write must wait for the rotation
+    and then win: not deadlock with it (one of the two aborted), and never be overwritten by the
+    rotation's re-encrypted old value (bound to the wrong owner, it would never decrypt)."""
+    keys.broker.put_secret("db", SECRET, POLICY, actor="t", owner="tenant:a")
+    fresh = b"the-new-password-written-during-rotation"
+    encrypt = keys.keystore.encrypt
+    writer: list[threading.Thread] = []
+    errors: list[BaseException] = []
+
+    def admin_write() -> None:
+        try:
+            keys.broker.put_secret("db", fresh, POLICY, actor="admin", owner="tenant:b")
+        except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    def encrypt_then_let_the_admin_in(*args: object, **kwargs: object) -> tuple[int, bytes]:
+        out = encrypt(*args, **kwargs)  # type: ignore[arg-type]
+        if kwargs.get("actor") == "rotation" and not writer:
+            # the rotation has read the secret: the admin's replacement runs now
+            t = threading.Thread(target=admin_write)
+            writer.append(t)
+            t.start()
+            t.join(1.0)  # done now unless it waits for this rotation (it should)
+        return out
+
+    monkeypatch.setattr(keys.keystore, "encrypt", encrypt_then_let_the_admin_in)
+    keys.rotation.rotate_owner("tenant:a", actor="t")
+    writer[0].join(15)
+    assert not writer[0].is_alive() and not errors, errors
+    row = keys.store.fetchone("SELECT owner, key_version, ciphertext FROM secrets WHERE name = 'db'")
+    assert row is not None and row["owner"] == "tenant:b"
+    value = keys.keystore.decrypt(
+        None, "tenant:b", "secret:db", int(row["key_version"]), bytes(row["ciphertext"])
+    )
+    assert value == fresh
+
+
 def test_schedule_runs_once_across_replicas(store_url: str, tmp_path: Path, kek_file: Path) -> None:
     stores = [open_store(store_url) for _ in range(3)]
     stores[0].migrate()

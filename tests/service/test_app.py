@@ -15,6 +15,7 @@ from r3e_tee.config import TeeConfig
 from r3e_tee.logging import JsonFormatter
 from r3e_tee.service.__main__ import build_context
 from r3e_tee.service.app import create_app
+from r3e_tee.store.migrations import LATEST_VERSION
 
 ADMIN_TOKEN = "r3e_test-admin-token-0123456789"  # accepted by make_config
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -34,6 +35,19 @@ def test_readyz_fails_when_migrations_are_missing(client: TestClient) -> None:
     ready = client.get("/readyz")
     assert ready.status_code == 503
     assert "schema at 0" in ready.json()["checks"]["migrations"]
+
+
+def test_an_older_replica_stays_ready_when_a_newer_one_migrated(client: TestClient) -> None:
+    """Rolling update: the first new replica applies its migration; the replicas still on the
+    old release must keep serving, not all turn unready at once."""
+    ctx = client.app.state.ctx  # type: ignore[attr-defined]
+    ctx.store.execute(
+        "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+        (LATEST_VERSION + 1, "from a newer release", 0.0),
+    )
+    ready = client.get("/readyz")
+    assert ready.status_code == 200, ready.json()
+    assert f"schema at {LATEST_VERSION + 1}" in ready.json()["checks"]["migrations"]
 
 
 def test_openapi_lists_versioned_routes(client: TestClient) -> None:

@@ -4,12 +4,21 @@ Each replica runs a dispatcher that claims queued work with a lease (PostgreSQL:
 SKIP LOCKED``, so replicas never take the same row; SQLite: one writer at a time). A crash
 leaves the lease to expire and the work is claimed again; the idempotency key makes a
 resubmission return the first invocation instead of running twice.
+
+A claim's ``attempts`` value is its fencing token: the worker renews its lease while the attempt
+runs (a function may run far longer than one lease), and its result, retry or renewal only
+counts while the row is still ``running`` under that same attempt. A worker that stalled past
+its lease and was superseded cannot overwrite the newer attempt's result, nor send a finished
+invocation back to the queue. An invocation whose lease expired MAX_ATTEMPTS times (its worker
+died each time) fails instead of being claimed forever.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import hmac
 import json
 import logging
 import time
@@ -19,13 +28,29 @@ from typing import Any
 
 import anyio
 
-from r3e_tee.errors import NotFoundError, R3ETeeError
+from r3e_tee.errors import ConflictError, NotFoundError, R3ETeeError
 from r3e_tee.store import Store
 
 log = logging.getLogger("r3e_tee.functions")
 
 MAX_ATTEMPTS = 5
 Runner = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+def request_digest(*, input: bytes, encrypted: bool, reply_key: bytes | None, enclave_id: str | None) -> str:
+    """What an idempotency key is bound to: every part of the request that changes what runs."""
+    h = hashlib.sha256(b"r3e-tee/invocation-request/v1")
+    for part in (
+        input,
+        b"e" if encrypted else b"p",
+        reply_key,
+        None if enclave_id is None else enclave_id.encode(),
+    ):
+        if part is None:
+            h.update(b"\xff" * 8)
+        else:
+            h.update(len(part).to_bytes(8, "big") + part)
+    return h.hexdigest()
 
 
 class InvocationQueue:
@@ -43,20 +68,21 @@ class InvocationQueue:
         idempotency_key: str | None,
         enclave_id: str | None = None,
     ) -> tuple[str, bool]:
-        """Queue an invocation; returns (id, created). An idempotency key seen before returns
-        the earlier invocation's id with created=False."""
-        if idempotency_key:
-            row = self.store.fetchone(
-                "SELECT id FROM invocations WHERE function = ? AND idempotency_key = ?",
-                (function, idempotency_key),
-            )
-            if row is not None:
-                return str(row["id"]), False
+        """Queue an invocation; returns (id, created). An idempotency key (unique per function)
+        seen before returns the earlier invocation's id with created=False, provided the request
+        is the same; reusing a key for a different request is a :class:`ConflictError` rather
+        than a silently dropped invocation."""
+        idempotency_key = idempotency_key or None  # an empty header is no key
+        digest = request_digest(input=input, encrypted=encrypted, reply_key=reply_key, enclave_id=enclave_id)
         inv_id = uuid.uuid4().hex
-        try:
-            self.store.execute(
+        with self.store.transaction() as tx:
+            # PostgreSQL: ON CONFLICT waits for a concurrent submission of the same key and then
+            # does nothing; the SELECT below (a new snapshot) sees the invocation it committed
+            inserted = tx.fetchone(
                 "INSERT INTO invocations (id, function, version, status, input, encrypted, reply_key, "
-                "idempotency_key, enclave_id, created_at) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
+                "idempotency_key, enclave_id, request_sha256, created_at) "
+                "VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (function, idempotency_key) DO NOTHING RETURNING id",
                 (
                     inv_id,
                     function,
@@ -66,20 +92,30 @@ class InvocationQueue:
                     reply_key,
                     idempotency_key,
                     enclave_id,
+                    digest,
                     time.time(),
                 ),
             )
-        except Exception:  # a concurrent submission with the same key won the insert
-            if not idempotency_key:
-                raise
-            row = self.store.fetchone(
-                "SELECT id FROM invocations WHERE function = ? AND idempotency_key = ?",
+            if inserted is not None:
+                return inv_id, True
+            row = tx.fetchone(
+                "SELECT id, request_sha256 FROM invocations WHERE function = ? AND idempotency_key = ?",
                 (function, idempotency_key),
             )
-            if row is None:
-                raise
-            return str(row["id"]), False
-        return inv_id, True
+        if row is None:
+            raise ConflictError(
+                f"a submission to {function} with the same Idempotency-Key was withdrawn meanwhile",
+                hint="submit again",
+            )
+        first = row["request_sha256"]
+        if first is not None and not hmac.compare_digest(str(first), digest):
+            raise ConflictError(
+                f"this Idempotency-Key was already used for invocation {row['id']} of {function} "
+                "with a different request (body, encryption, enclave or reply key)",
+                hint="use a new Idempotency-Key for a different request; resend the identical "
+                "request to get the first invocation",
+            )
+        return str(row["id"]), False
 
     def get(self, inv_id: str) -> dict[str, Any]:
         row = self.store.fetchone(
@@ -103,30 +139,50 @@ class InvocationQueue:
         return out
 
     def claim(self, limit: int, lease: float) -> list[dict[str, Any]]:
+        """Up to ``limit`` queued invocations (or ones whose worker's lease expired), leased to
+        the caller until now + ``lease``. Each row's ``attempts`` is the claim's fencing token."""
         now = time.time()
         with self.store.transaction() as tx:
-            if tx.dialect == "postgresql":
-                rows = tx.fetchall(
-                    "UPDATE invocations SET status = 'running', lease_until = ?, attempts = attempts + 1, "
-                    "started_at = ? WHERE id IN (SELECT id FROM invocations WHERE status = 'queued' "
-                    "OR (status = 'running' AND lease_until < ?) ORDER BY created_at LIMIT ? "
-                    "FOR UPDATE SKIP LOCKED) RETURNING *",
-                    (now + lease, now, now, limit),
-                )
-            else:
-                rows = tx.fetchall(
-                    "UPDATE invocations SET status = 'running', lease_until = ?, attempts = attempts + 1, "
-                    "started_at = ? WHERE id IN (SELECT id FROM invocations WHERE status = 'queued' "
-                    "OR (status = 'running' AND lease_until < ?) ORDER BY created_at LIMIT ?) RETURNING *",
-                    (now + lease, now, now, limit),
-                )
+            # PostgreSQL: rows another replica is claiming right now are skipped, never waited for
+            skip = " FOR UPDATE SKIP LOCKED" if tx.dialect == "postgresql" else ""
+            # leases that expired on their last allowed attempt: the worker died every time
+            tx.execute(
+                "UPDATE invocations SET status = 'failed', error = ?, finished_at = ?, lease_until = NULL "  # noqa: S608 - constant clause
+                "WHERE id IN (SELECT id FROM invocations WHERE status = 'running' AND lease_until < ? "
+                f"AND attempts >= ?{skip})",
+                (
+                    f"gave up after {MAX_ATTEMPTS} attempts: the worker running it stopped "
+                    "(crashed or lost the store) each time",
+                    now,
+                    now,
+                    MAX_ATTEMPTS,
+                ),
+            )
+            rows = tx.fetchall(
+                "UPDATE invocations SET status = 'running', lease_until = ?, attempts = attempts + 1, "  # noqa: S608 - constant clause
+                "started_at = ? WHERE id IN (SELECT id FROM invocations WHERE status = 'queued' "
+                "OR (status = 'running' AND lease_until < ? AND attempts < ?) ORDER BY created_at "
+                f"LIMIT ?{skip}) RETURNING *",
+                (now + lease, now, now, MAX_ATTEMPTS, limit),
+            )
         return rows
 
-    def complete(self, inv_id: str, result: dict[str, Any]) -> None:
+    def renew(self, inv_id: str, attempt: int, lease: float) -> bool:
+        """Extend a running attempt's lease; False when the attempt no longer holds it."""
+        changed = self.store.execute(
+            "UPDATE invocations SET lease_until = ? WHERE id = ? AND status = 'running' AND attempts = ?",
+            (time.time() + lease, inv_id, attempt),
+        )
+        return changed == 1
+
+    def complete(self, inv_id: str, attempt: int, result: dict[str, Any]) -> bool:
+        """Record attempt ``attempt``'s result; False (nothing written) when a newer attempt
+        took the invocation over or it already finished."""
         encrypted_out = result.get("output_encrypted")
-        self.store.execute(
+        changed = self.store.execute(
             "UPDATE invocations SET status = ?, output = ?, output_encrypted = ?, receipt = ?, error = ?, "
-            "enclave_id = ?, finished_at = ?, lease_until = NULL WHERE id = ?",
+            "enclave_id = ?, finished_at = ?, lease_until = NULL "
+            "WHERE id = ? AND status = 'running' AND attempts = ?",
             (
                 "succeeded" if result["status"] == "ok" else "failed",
                 encrypted_out if encrypted_out is not None else result.get("output"),
@@ -136,21 +192,37 @@ class InvocationQueue:
                 result.get("enclave_id"),
                 time.time(),
                 inv_id,
+                attempt,
             ),
         )
+        return changed == 1
 
-    def retry_or_fail(self, inv_id: str, attempts: int, error: str) -> None:
-        if attempts >= MAX_ATTEMPTS:
-            self.store.execute(
+    def retry_or_fail(self, inv_id: str, attempt: int, error: str) -> bool:
+        """Queue attempt ``attempt`` again, or fail it after MAX_ATTEMPTS; False (nothing
+        written) when the attempt no longer holds the invocation."""
+        if attempt >= MAX_ATTEMPTS:
+            changed = self.store.execute(
                 "UPDATE invocations SET status = 'failed', error = ?, finished_at = ?, lease_until = NULL "
-                "WHERE id = ?",
-                (f"gave up after {attempts} attempts: {error}", time.time(), inv_id),
+                "WHERE id = ? AND status = 'running' AND attempts = ?",
+                (f"gave up after {attempt} attempts: {error}", time.time(), inv_id, attempt),
             )
         else:
-            self.store.execute(
-                "UPDATE invocations SET status = 'queued', error = ?, lease_until = NULL WHERE id = ?",
-                (error, inv_id),
+            changed = self.store.execute(
+                "UPDATE invocations SET status = 'queued', error = ?, lease_until = NULL "
+                "WHERE id = ? AND status = 'running' AND attempts = ?",
+                (error, inv_id, attempt),
             )
+        return changed == 1
+
+    def release(self, inv_id: str, attempt: int) -> bool:
+        """Give a running attempt back to the queue uncounted (this replica is shutting down,
+        the attempt did not fail); False when the attempt no longer holds the invocation."""
+        changed = self.store.execute(
+            "UPDATE invocations SET status = 'queued', attempts = attempts - 1, lease_until = NULL "
+            "WHERE id = ? AND status = 'running' AND attempts = ?",
+            (inv_id, attempt),
+        )
+        return changed == 1
 
     def depth(self) -> dict[str, int]:
         rows = self.store.fetchall(
@@ -173,21 +245,35 @@ class Dispatcher:
         self.wake = asyncio.Event()
         self._running = 0
         self._task: asyncio.Task[None] | None = None
+        self._attempts: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def stop(self) -> None:
+        """Stop claiming, and hand the attempts still running back to the queue at once (another
+        replica takes them now, not after their lease, and a restart is not a failed attempt)."""
         if self._task is not None:
             self._task.cancel()
+        attempts = list(self._attempts)
+        for task in attempts:
+            task.cancel()
+        await asyncio.gather(*attempts, return_exceptions=True)
 
     async def _loop(self) -> None:
         while True:
             free = self.concurrency - self._running
-            rows = await anyio.to_thread.run_sync(self.queue.claim, free, self.lease) if free > 0 else []
+            try:
+                rows = await anyio.to_thread.run_sync(self.queue.claim, free, self.lease) if free > 0 else []
+            except R3ETeeError as exc:
+                # the store is unreachable for now: keep the dispatcher alive and try again
+                log.warning("claiming queued invocations failed", extra={"error": exc.message})
+                rows = []
             for row in rows:
                 self._running += 1
-                asyncio.get_running_loop().create_task(self._execute(row))
+                task = asyncio.get_running_loop().create_task(self._execute(row))
+                self._attempts.add(task)
+                task.add_done_callback(self._attempts.discard)
             if not rows:
                 self.wake.clear()
                 try:
@@ -195,16 +281,56 @@ class Dispatcher:
                 except TimeoutError:
                     pass
 
+    async def _keep_lease(self, inv_id: str, attempt: int) -> None:
+        """Renew the lease while the attempt runs, so only a dead worker's lease expires."""
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            try:
+                held = await anyio.to_thread.run_sync(self.queue.renew, inv_id, attempt, self.lease)
+            except R3ETeeError as exc:
+                log.warning("renewing a lease failed", extra={"invocation_id": inv_id, "error": exc.message})
+                continue
+            if not held:
+                log.warning("invocation lease lost to another attempt", extra={"invocation_id": inv_id})
+                return
+
     async def _execute(self, row: dict[str, Any]) -> None:
         inv_id = str(row["id"])
+        attempt = int(row["attempts"])
+        keeper = asyncio.get_running_loop().create_task(self._keep_lease(inv_id, attempt))
         try:
-            result = await self.run_one(row)
-            await anyio.to_thread.run_sync(self.queue.complete, inv_id, result)
-        except R3ETeeError as exc:
-            log.warning("invocation attempt failed", extra={"invocation_id": inv_id, "error": exc.message})
-            await anyio.to_thread.run_sync(
-                self.queue.retry_or_fail, inv_id, int(row["attempts"]), exc.message
+            try:
+                result = await self.run_one(row)
+            except R3ETeeError as exc:
+                error = exc.message
+            except Exception as exc:  # noqa: BLE001 - the queue must still retry or fail it
+                error = f"internal error ({type(exc).__name__})"
+            else:
+                done = await anyio.to_thread.run_sync(self.queue.complete, inv_id, attempt, result)
+                if not done:
+                    log.warning(
+                        "invocation result discarded: a newer attempt holds it",
+                        extra={"invocation_id": inv_id, "attempt": attempt},
+                    )
+                return
+            log.warning("invocation attempt failed", extra={"invocation_id": inv_id, "error": error})
+            await anyio.to_thread.run_sync(self.queue.retry_or_fail, inv_id, attempt, error)
+        except asyncio.CancelledError:
+            # shutting down: a blocking call, as nothing may be awaited in a cancelled task
+            try:
+                self.queue.release(inv_id, attempt)
+            except R3ETeeError as exc:  # its lease expires and another replica claims it then
+                log.warning(
+                    "releasing an invocation at shutdown failed",
+                    extra={"invocation_id": inv_id, "error": exc.message},
+                )
+            raise
+        except R3ETeeError as exc:  # the store failed: the lease expires and the work is claimed again
+            log.warning(
+                "recording an invocation attempt failed",
+                extra={"invocation_id": inv_id, "error": exc.message},
             )
         finally:
+            keeper.cancel()
             self._running -= 1
             self.wake.set()

@@ -31,6 +31,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from r3e_tee.fsio import create_exclusive
 from r3e_tee.keys.errors import KekError, KeyIntegrityError
 
 log = logging.getLogger("r3e_tee.keys")
@@ -134,18 +135,18 @@ class FileKek(KekProvider):
 
     @classmethod
     def generate(cls, path: Path) -> FileKek:
-        """A new random KEK written with mode 0600 (development and simulation-only installs)."""
+        """A new random KEK written with mode 0600 (development and simulation-only installs).
+
+        The file appears complete or not at all, and durably (see :mod:`r3e_tee.fsio`): a crash
+        while writing must not leave an empty KEK file that stops the next start, and the key
+        must be on disk before anything is wrapped with it. When another process created the
+        file first, its KEK is the one used.
+        """
         key = bytearray(os.urandom(KEK_SIZE))
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(key)
-                f.flush()
-                os.fsync(f.fileno())
-            return cls(key, path=path)
-        except FileExistsError:
-            return cls.load(path)
+            created = create_exclusive(path, key)
+            return cls(key, path=path) if created else cls.load(path)
         except OSError as exc:
             raise KekError(f"cannot create KEK file {path}: {exc.strerror}") from None
         finally:

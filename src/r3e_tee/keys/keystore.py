@@ -129,6 +129,24 @@ class KeyStore:
         """Wrap key material under the current KEK; returns (kek_id, wrapped)."""
         return self.kek.kek_id, self.kek.wrap(key, aad)
 
+    def ensure_kek_current(self, tx: Tx, kek_id: str) -> None:
+        """Refuse to store a key wrapped by a KEK that a KEK rotation has retired.
+
+        During a rolling KEK rotation a replica still on the old KEK would otherwise keep
+        wrapping new keys with it after another replica re-wrapped everything: once the old KEK
+        is removed (or destroyed, if it leaked) those keys never unwrap again. PostgreSQL: the
+        shared lock waits for a re-wrap in progress (it holds the exclusive one) and then sees it.
+        """
+        if tx.dialect == "postgresql":
+            tx.execute("SELECT pg_advisory_xact_lock_shared(?)", (lock_key("kek-registry"),))
+        retired = tx.fetchval("SELECT retired_at FROM kek_registry WHERE kek_id = ?", (kek_id,))
+        if retired is not None:
+            raise KekError(
+                f"KEK {kek_id} of this replica was retired by a KEK rotation; keys are now wrapped "
+                "by a newer KEK and none may be wrapped by this one",
+                hint="restart this replica with the new KEK (and the old one as keys.previous_kek)",
+            )
+
     def unwrap(self, kek_id: str | None, blob: bytes, aad: bytes, *, what: str) -> bytearray:
         return self._kek_for(kek_id, what).unwrap(bytes(blob), aad)
 
@@ -255,6 +273,7 @@ class KeyStore:
             kek_id, wrapped = self.wrap(key, _dek_aad(owner, version))
         finally:
             zeroize(key)
+        self.ensure_kek_current(tx, kek_id)
         tx.execute("UPDATE data_keys SET state = ? WHERE owner = ? AND state = ?", (PREVIOUS, owner, CURRENT))
         tx.execute(
             "INSERT INTO data_keys (owner, version, state, kek_id, wrapped, created_at) "

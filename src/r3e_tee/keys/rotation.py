@@ -31,7 +31,7 @@ from r3e_tee.errors import ConflictError, KeyManagementError, NotFoundError, R3E
 from r3e_tee.keys.audit import AuditLog
 from r3e_tee.keys.broker import KeyBroker
 from r3e_tee.keys.kek import zeroize
-from r3e_tee.keys.keystore import IDENTITY_PREFIX, KeyStore, signing_key_aad
+from r3e_tee.keys.keystore import IDENTITY_PREFIX, KeyStore, lock_owner, signing_key_aad
 from r3e_tee.store import Store
 
 log = logging.getLogger("r3e_tee.keys")
@@ -157,6 +157,13 @@ class KeyRotation:
             known = tx.fetchval("SELECT count(*) FROM data_keys WHERE owner = ?", (owner,))
             if not known:
                 raise NotFoundError(f"no data keys of owner {owner!r}", hint="list them with GET /v1/keys")
+            if tx.dialect == "postgresql":
+                # hold this owner's secrets (after the owner lock, the order put_secret takes
+                # them in): a concurrent put_secret moving one to another owner commits before
+                # this reads it or after this commits, never in between; else the re-encryption
+                # below would overwrite its new value with the old one under this owner's key
+                lock_owner(tx, owner)
+                tx.fetchall("SELECT name FROM secrets WHERE owner = ? FOR UPDATE", (owner,))
             version = self.keystore.rotate(tx, owner, actor=actor)
             reencrypted = self.broker.reencrypt(tx, owner)
             retired = self.keystore.retire(
@@ -193,6 +200,7 @@ class KeyRotation:
                     zeroize(der)
                 now = self.clock()
                 with self.store.transaction() as tx:
+                    self.keystore.ensure_kek_current(tx, kek_id)
                     tx.execute(
                         "UPDATE signing_keys SET state = 'retired', retired_at = ?, retire_after = ? "
                         "WHERE provider = ? AND state = 'current'",

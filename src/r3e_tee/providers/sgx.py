@@ -74,6 +74,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from r3e_tee.config import parse_duration, parse_size
 from r3e_tee.errors import CapacityError, ConfigError, EnclaveError, ProviderError, ProviderUnavailableError
+from r3e_tee.fsio import create_exclusive
 from r3e_tee.providers.base import EnclaveHandle, EnclaveSpec, Provider
 from r3e_tee.providers.hardware import ProviderProbe, probe_sgx
 from r3e_tee.providers.hardware import epc_bytes as hardware_epc_bytes
@@ -295,11 +296,10 @@ def generate_dev_signing_key(path: Path) -> rsa.RSAPrivateKey:
         serialization.NoEncryption(),
     )
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
-    os.replace(tmp, path)
+    # whole, durable, and never replacing a key another process made first: enclaves signed
+    # with a key that is then lost or replaced change MRSIGNER, and lose what they sealed
+    if not create_exclusive(path, pem):
+        return load_signing_key(path)
     return key
 
 

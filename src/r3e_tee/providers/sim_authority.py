@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import secrets
 import threading
 import time
@@ -24,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from r3e_tee.errors import ProviderError
 from r3e_tee.evidence.nitro import NitroPki, build_nitro_document, build_nitro_pki
+from r3e_tee.fsio import create_exclusive
 
 _VALIDITY = timedelta(days=3650)
 
@@ -74,7 +74,8 @@ class SimulationAuthority:
             cpu_secret=secrets.token_bytes(32),
         )
         authority._init_dcap(now)
-        authority._save()
+        if not authority._save():
+            return cls._load(path)  # another process created it first: its authority is the one
         return authority
 
     @classmethod
@@ -92,7 +93,12 @@ class SimulationAuthority:
         authority._load_dcap(data.get("dcap"))
         return authority
 
-    def _save(self) -> None:
+    def _save(self) -> bool:
+        """Create the authority file, whole and durably, unless it exists (returns False then).
+
+        It holds the simulated CPU's sealing secret: a torn, vanished or replaced file would make
+        what simulated enclaves sealed unreadable.
+        """
         data = {
             "version": 1,
             "created_at": time.time(),
@@ -106,13 +112,7 @@ class SimulationAuthority:
             },
             "dcap": self._dump_dcap(),
         }
-        tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        return create_exclusive(self.path, json.dumps(data).encode())
 
     # -- Nitro ------------------------------------------------------------------------------------
 

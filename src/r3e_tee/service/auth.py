@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import secrets
 import threading
 import time
@@ -18,6 +17,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from r3e_tee.errors import AuthenticationError, ConfigError, PermissionDeniedError
+from r3e_tee.fsio import create_exclusive
 from r3e_tee.store import Store
 
 TOKEN_PREFIX = "r3e_"
@@ -79,16 +79,23 @@ def read_token_file(path: Path) -> list[str]:
 def ensure_dev_admin_token(data_dir: Path) -> tuple[Path, bool]:
     """Create ``<data-dir>/admin-token`` (0600) on first start in development mode.
 
-    Returns the path and whether it was created now. Never called in production.
+    Returns the path and whether it was created now. Never called in production. The file
+    appears whole or not at all (a crash mid-write must not leave an empty token file that
+    stops the next start), and two processes starting at once agree on one token.
     """
     path = data_dir / "admin-token"
     if path.exists():
         return path, False
-    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(new_token() + "\n")
-    return path, True
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        created = create_exclusive(path, (new_token() + "\n").encode())
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create the development admin token file {path}: {exc.strerror}",
+            key_path="server.data_dir",
+            hint="make the data directory writable by the service user (--data-dir)",
+        ) from None
+    return path, created
 
 
 class TokenAuthority:

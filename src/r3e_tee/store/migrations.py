@@ -232,6 +232,15 @@ MIGRATIONS.append(
         """,
     )
 )
+MIGRATIONS.append(
+    Migration(
+        5,
+        "invocations: digest of the request an idempotency key was first used with",
+        """
+        ALTER TABLE invocations ADD COLUMN request_sha256 TEXT
+        """,
+    )
+)
 # Version 3 is reserved for key management (keys/). Kept in version order whatever the append order.
 MIGRATIONS.sort(key=lambda m: m.version)
 LATEST_VERSION = max(m.version for m in MIGRATIONS)

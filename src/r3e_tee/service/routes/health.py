@@ -32,9 +32,13 @@ def readyz(ctx: Ctx) -> JSONResponse:
         checks["store"] = "ok"
         version = ctx.store.schema_version()
         checks["schema_version"] = version
-        if version != LATEST_VERSION:
+        if version < LATEST_VERSION:
             ready = False
             checks["migrations"] = f"schema at {version}, this release needs {LATEST_VERSION}"
+        elif version > LATEST_VERSION:
+            # a newer replica migrated during a rolling update; migrations only add, so this one
+            # keeps serving (taking every old replica out of service at once would be an outage)
+            checks["migrations"] = f"ok (schema at {version}, migrated by a newer release)"
         else:
             checks["migrations"] = "ok"
     except StoreError as exc:
