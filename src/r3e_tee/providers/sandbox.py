@@ -5,8 +5,13 @@ Applied inside a freshly forked child before it runs untrusted or enclave code:
 - not dumpable (``PR_SET_DUMPABLE`` 0): other processes of the same user cannot ptrace it or
   read ``/proc/<pid>/mem``;
 - rlimits: data segment (the enclave size), CPU seconds, no core files;
-- a seccomp filter (x86_64) that refuses ptrace, process_vm_*, mounts, namespaces, kernel
-  modules, BPF, perf, keyrings, and IPv4/IPv6/packet sockets.
+- every capability dropped once the private mounts are made (a root-run service would otherwise
+  give enclave and function code CAP_SYS_PTRACE over the enclave runtime's memory);
+- a seccomp filter (x86_64) that refuses ptrace, process_vm_*, mounts (the old and the new mount
+  API: a clone of ``/`` made with ``open_tree`` shows what the hidden-path tmpfs covers),
+  namespaces (``unshare``, ``setns``, and ``clone`` with a namespace flag; ``clone3``, whose
+  flags a filter cannot read, answers ENOSYS so libc falls back to ``clone``), kernel modules,
+  BPF, perf, keyrings, and IPv4/IPv6/packet sockets.
 Bubblewrap (no network, read-only root) wraps the whole zygote where it is installed.
 """
 
@@ -27,12 +32,17 @@ from dataclasses import dataclass
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 PR_SET_SECCOMP = 22
+PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
 SECCOMP_MODE_FILTER = 2
 
 _BPF_LD_W_ABS = 0x20
 _BPF_JEQ_K = 0x15
 _BPF_JGE_K = 0x35
+_BPF_JSET_K = 0x45
 _BPF_RET_K = 0x06
 _RET_KILL_PROCESS = 0x80000000
 _RET_ERRNO = 0x00050000
@@ -71,7 +81,22 @@ DENIED_SYSCALLS_X86_64: dict[str, int] = {
     "userfaultfd": 323,
     "name_to_handle_at": 303,
     "open_by_handle_at": 304,
+    # the new mount API: open_tree(OPEN_TREE_CLONE) of a parent directory is a mount without the
+    # tmpfs that hides the service's data directory under it
+    "open_tree": 428,
+    "move_mount": 429,
+    "fsopen": 430,
+    "fsconfig": 431,
+    "fsmount": 432,
+    "fspick": 433,
+    "mount_setattr": 442,
 }
+_SYS_CLONE_X86_64 = 56
+_SYS_CLONE3_X86_64 = 435
+# CLONE_NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET (and CLONE_NEWTIME)
+CLONE_NAMESPACE_FLAGS = (
+    0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 | 0x20000000 | 0x40000000 | 0x80
+)
 _SYS_SOCKET_X86_64 = 41
 DENIED_SOCKET_FAMILIES = {"AF_INET": 2, "AF_INET6": 10, "AF_PACKET": 17}
 
@@ -185,6 +210,30 @@ def die_with_parent() -> None:
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def drop_capabilities() -> None:
+    """Give up every capability, for good: the bounding and ambient sets, then the effective,
+    permitted and inheritable ones. Root (or a user namespace's owner) keeps its uid but no
+    longer passes ptrace checks on non-dumpable processes or overrides file permissions."""
+    libc = _libc()
+    for cap in range(64):
+        if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            err = ctypes.get_errno()
+            if err == errno.EINVAL:
+                break  # past the kernel's last capability
+            if err != errno.EPERM:  # EPERM: no CAP_SETPCAP, and then nothing to drop here either
+                raise OSError(err, f"dropping capability {cap}: {os.strerror(err)}")
+    libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)  # EINVAL before Linux 4.3: none
+
+    class CapHeader(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    header = CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)()  # two {effective, permitted, inheritable}, all zero
+    if libc.capset(ctypes.byref(header), data) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"capset: {os.strerror(err)}")
+
+
 def seccomp_supported() -> tuple[bool, str]:
     if platform.system() != "Linux":
         return False, "seccomp needs Linux"
@@ -213,6 +262,15 @@ def build_seccomp_program(denied: Sequence[int], *, deny_network: bool) -> bytes
     ]
     for nr in denied:
         prog += [jump(_BPF_JEQ_K, nr, 0, 1), stmt(_BPF_RET_K, eperm)]
+    prog += [jump(_BPF_JEQ_K, _SYS_CLONE3_X86_64, 0, 1), stmt(_BPF_RET_K, _RET_ERRNO | errno.ENOSYS)]
+    # clone with a namespace flag: a new user namespace is a full set of capabilities again
+    prog += [
+        jump(_BPF_JEQ_K, _SYS_CLONE_X86_64, 0, 4),
+        stmt(_BPF_LD_W_ABS, 16),  # args[0] (flags), low 32 bits
+        jump(_BPF_JSET_K, CLONE_NAMESPACE_FLAGS, 0, 1),
+        stmt(_BPF_RET_K, eperm),
+        stmt(_BPF_LD_W_ABS, 0),  # seccomp_data.nr again, for the checks below
+    ]
     if deny_network:
         families = sorted(DENIED_SOCKET_FAMILIES.values())
         n = len(families)
@@ -269,6 +327,10 @@ def apply_in_child(limits: SandboxLimits, *, new_session: bool = True) -> list[s
             missing += private_tmp(hidden=limits.hidden_paths)
         except OSError as exc:
             missing.append(f"private /tmp: {exc.strerror}")
+    try:
+        drop_capabilities()
+    except OSError as exc:
+        missing.append(f"capabilities: {exc.strerror}")
     if limits.seccomp:
         try:
             install_seccomp(deny_network=limits.deny_network)
