@@ -43,6 +43,63 @@ def handler(event, ctx):
     if op == "caps":
         status = dict(line.split(":", 1) for line in open("/proc/self/status"))
         return {k: status[k].strip() for k in ("CapEff", "CapPrm", "CapBnd")}
+    if op == "fds":  # what this process holds besides stdio
+        links = {}
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                links[fd] = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                pass  # the listing's own descriptor, closed already
+        return {"links": sorted(v for k, v in links.items() if int(k) > 2)}
+    if op == "fork":  # a grandchild would outlive the deadline's kill; many are a fork bomb
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            return {"forked": False, "error": _err(exc)}
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+        return {"forked": True}
+    if op == "exec":
+        try:
+            os.execv("/bin/true", ["true"])
+        except OSError as exc:
+            return {"error": _err(exc)}
+    if op == "kill":  # signal 0: the permission check without a signal
+        seen = {}
+        for name, pid in (("self", os.getpid()), ("parent", os.getppid()), ("group", 0)):
+            try:
+                os.kill(pid, 0)
+                seen[name] = "allowed"
+            except OSError as exc:
+                seen[name] = _err(exc)
+        return seen
+    if op == "shared_memory":  # MAP_SHARED | MAP_ANONYMOUS is not counted by RLIMIT_DATA
+        import mmap
+        try:
+            m = mmap.mmap(-1, event["mib"] * 1024 * 1024)
+        except OSError as exc:
+            return {"mapped": False, "error": _err(exc)}
+        for i in range(0, len(m), 4096):
+            m[i] = 1
+        return {"mapped": True}
+    if op == "nsm_ioctl":  # NSM_IOCTL_REQUEST: ENOTTY on /dev/null if it gets to the driver
+        import fcntl
+        with open("/dev/null", "rb") as f:
+            try:
+                fcntl.ioctl(f.fileno(), 0xC0200A00, bytes(32))
+            except OSError as exc:
+                return {"error": _err(exc)}
+        return {"error": None}
+    if op == "seal":
+        return {"sealed": len(ctx.seal(b"cached key"))}
+    if op == "sealing_keys":  # what the runtime's secrets extension holds in this process
+        import gc
+        gc.unfreeze()
+        held = [o for o in gc.get_objects() if type(o).__name__ == "SecretsExtension"]
+        return {"ciphers": sum(len(o._ciphers) for o in held), "found": len(held)}
+    if op == "die":
+        os._exit(3)
     return {"pid": os.getpid()}
 """
 
@@ -54,15 +111,21 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveService]:
     try:
         with svc.client() as c:
             deploy(c, "probe", "python", PROBE, timeout="5s", memory="64M", concurrency=2)
+            deploy(c, "probe-one", "python", PROBE, timeout="1s", memory="64M", concurrency=1)
         yield svc
     finally:
         stop_service(svc)
 
 
-def probe(svc: LiveService, op: str, **args: Any) -> dict[str, Any]:
+def invoke(svc: LiveService, op: str, function: str = "probe", **args: Any) -> dict[str, Any]:
     with svc.client() as c:
-        r = c.post("/v1/functions/probe/invoke", content=json.dumps({"op": op, **args}))
+        r = c.post(f"/v1/functions/{function}/invoke", content=json.dumps({"op": op, **args}))
     result: dict[str, Any] = r.json()
+    return result
+
+
+def probe(svc: LiveService, op: str, function: str = "probe", **args: Any) -> dict[str, Any]:
+    result = invoke(svc, op, function, **args)
     assert result.get("status") == "ok", result
     output: dict[str, Any] = result["output"]
     return output
@@ -83,3 +146,37 @@ def test_a_function_holds_no_capabilities(hostile: LiveService) -> None:
     caps = probe(hostile, "caps")
     assert int(caps["CapEff"], 16) == 0 and int(caps["CapPrm"], 16) == 0, caps
     assert int(caps["CapBnd"], 16) == 0, caps
+
+
+def test_a_function_inherits_no_descriptor_but_its_own_socket(hostile: LiveService) -> None:
+    # the runtime's channel to its host, the other sandbox's socket, the event loop's epoll and
+    # io_uring: none of them is the function's
+    links = probe(hostile, "fds")["links"]
+    assert len([link for link in links if link.startswith("socket:")]) == 1, links
+    assert not [link for link in links if "eventpoll" in link or "io_uring" in link or "pipe:" in link], links
+
+
+def test_a_function_cannot_fork_exec_or_signal_other_processes(hostile: LiveService) -> None:
+    assert probe(hostile, "fork") == {"forked": False, "error": "PermissionError:1"}
+    assert probe(hostile, "exec") == {"error": "PermissionError:1"}
+    assert probe(hostile, "kill") == {
+        "self": "allowed",
+        "parent": "PermissionError:1",
+        "group": "PermissionError:1",
+    }
+    assert probe(hostile, "nsm_ioctl") == {"error": "PermissionError:1"}
+
+
+def test_shared_memory_counts_against_the_memory_limit(hostile: LiveService) -> None:
+    over = invoke(hostile, "shared_memory", mib=256)
+    assert over["status"] == "ok" and over["output"]["mapped"] is False, over
+    assert probe(hostile, "shared_memory", mib=8) == {"mapped": True}  # within the limit
+
+
+def test_a_replacement_sandbox_holds_no_sealing_key(hostile: LiveService) -> None:
+    assert probe(hostile, "seal", "probe-one")["sealed"] > 0  # the runtime caches the key now
+    died = invoke(hostile, "die", "probe-one")  # the runtime forks a new sandbox after this
+    assert died["status"] == "error" and "replaced" in died["error"], died
+    held = probe(hostile, "sealing_keys", "probe-one")
+    assert held["found"] == 1 and held["ciphers"] == 0, held
+    assert probe(hostile, "seal", "probe-one")["sealed"] > 0  # ctx.seal still works

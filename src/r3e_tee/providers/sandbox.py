@@ -289,7 +289,78 @@ def install_seccomp(*, deny_network: bool = True) -> None:
     ok, why = seccomp_supported()
     if not ok:
         raise OSError(errno.ENOSYS, why)
-    program = build_seccomp_program(list(DENIED_SYSCALLS_X86_64.values()), deny_network=deny_network)
+    _load_seccomp(build_seccomp_program(list(DENIED_SYSCALLS_X86_64.values()), deny_network=deny_network))
+
+
+# x86_64 syscalls a function sandbox has no use for: new processes and programs (a fork-bombing
+# handler, or a grandchild that outlives the deadline's kill), io_uring, and pidfds
+FUNCTION_DENIED_SYSCALLS_X86_64: dict[str, int] = {
+    "fork": 57,
+    "vfork": 58,
+    "execve": 59,
+    "execveat": 322,
+    "pidfd_open": 434,
+    "pidfd_send_signal": 424,
+    "pidfd_getfd": 438,
+    "io_uring_setup": 425,
+    "io_uring_enter": 426,
+    "io_uring_register": 427,
+}
+# signals go only to the sandbox itself (first argument: a pid or thread group id)
+_SIGNAL_SYSCALLS_X86_64 = (62, 200, 234, 129, 297)  # kill, tkill, tgkill, rt_(tg)sigqueueinfo
+_SYS_IOCTL_X86_64 = 16
+#: the Nitro Secure Module's one ioctl (runtime/nsm.py): attestation documents over any key
+NSM_IOCTL_REQUEST = 0xC0200A00
+_CLONE_THREAD = 0x00010000
+
+
+def build_function_seccomp_program(own_pid: int) -> bytes:
+    """The filter a function sandbox adds on top of its enclave's: no processes but threads, no
+    programs, signals to itself only, no NSM attestation (the runtime's own evidence)."""
+
+    def stmt(code: int, k: int) -> bytes:
+        return struct.pack("HBBI", code, 0, 0, k)
+
+    def jump(code: int, k: int, jt: int, jf: int) -> bytes:
+        return struct.pack("HBBI", code, jt, jf, k)
+
+    eperm = _RET_ERRNO | errno.EPERM
+    prog = [
+        stmt(_BPF_LD_W_ABS, 4),
+        jump(_BPF_JEQ_K, _AUDIT_ARCH_X86_64, 1, 0),
+        stmt(_BPF_RET_K, _RET_KILL_PROCESS),
+        stmt(_BPF_LD_W_ABS, 0),
+    ]
+    for nr in FUNCTION_DENIED_SYSCALLS_X86_64.values():
+        prog += [jump(_BPF_JEQ_K, nr, 0, 1), stmt(_BPF_RET_K, eperm)]
+    prog += [  # clone: threads only
+        jump(_BPF_JEQ_K, _SYS_CLONE_X86_64, 0, 4),
+        stmt(_BPF_LD_W_ABS, 16),
+        jump(_BPF_JSET_K, _CLONE_THREAD, 0, 1),
+        stmt(_BPF_RET_K, _RET_ALLOW),
+        stmt(_BPF_RET_K, eperm),
+    ]
+    prog += [  # ioctl(fd, NSM_IOCTL_REQUEST, ...)
+        jump(_BPF_JEQ_K, _SYS_IOCTL_X86_64, 0, 4),
+        stmt(_BPF_LD_W_ABS, 24),  # args[1], low 32 bits
+        jump(_BPF_JEQ_K, NSM_IOCTL_REQUEST, 0, 1),
+        stmt(_BPF_RET_K, eperm),
+        stmt(_BPF_RET_K, _RET_ALLOW),
+    ]
+    n = len(_SIGNAL_SYSCALLS_X86_64)
+    for i, nr in enumerate(_SIGNAL_SYSCALLS_X86_64):
+        prog.append(jump(_BPF_JEQ_K, nr, n - i, 0))
+    prog.append(stmt(_BPF_RET_K, _RET_ALLOW))
+    prog += [
+        stmt(_BPF_LD_W_ABS, 16),  # args[0]: the target
+        jump(_BPF_JEQ_K, own_pid & 0xFFFFFFFF, 0, 1),
+        stmt(_BPF_RET_K, _RET_ALLOW),
+        stmt(_BPF_RET_K, eperm),
+    ]
+    return b"".join(prog)
+
+
+def _load_seccomp(program: bytes) -> None:
     buf = ctypes.create_string_buffer(program, len(program))
 
     class SockFprog(ctypes.Structure):
@@ -297,10 +368,36 @@ def install_seccomp(*, deny_network: bool = True) -> None:
 
     fprog = SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p))
     _prctl(PR_SET_NO_NEW_PRIVS, 1)
-    libc = _libc()
-    if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
+    if _libc().prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"installing the seccomp filter failed: {os.strerror(err)}")
+
+
+def confine_function(keep_fd: int, memory_bytes: int) -> list[str]:
+    """Confine a function sandbox just forked from its enclave runtime, before any function
+    code runs. Returns what could not be applied.
+
+    - every descriptor but ``keep_fd`` (its socket) and stdio is closed: the runtime's channel
+      to its host and the runtime's ends of sibling sandboxes' sockets are not the function's;
+    - RLIMIT_AS: what is mapped now plus ``memory_bytes``. RLIMIT_DATA alone misses shared
+      anonymous mappings (``mmap.mmap(-1, n)``), which would let a function take any amount;
+    - the function seccomp filter (build_function_seccomp_program).
+    """
+    os.closerange(3, keep_fd)
+    os.closerange(keep_fd + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    with open("/proc/self/statm", "rb") as f:
+        mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    limit = mapped + memory_bytes
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    missing: list[str] = []
+    ok, why = seccomp_supported()
+    if not ok:
+        return [f"seccomp: {why}"]
+    try:
+        _load_seccomp(build_function_seccomp_program(os.getpid()))
+    except OSError as exc:
+        missing.append(f"seccomp: {exc.strerror}")
+    return missing
 
 
 def apply_in_child(limits: SandboxLimits, *, new_session: bool = True) -> list[str]:
