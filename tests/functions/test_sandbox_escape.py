@@ -4,6 +4,7 @@ something a handler could try to reach the enclave runtime, the service, or othe
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,6 +13,7 @@ from tests.enclaves.conftest import LiveService, start_service, stop_service
 
 from .conftest import deploy
 
+HOST_SECRET = "R3E_TEST_HOST_SECRET"  # stands for a worker's R3E_TEE_TOKEN, a store URL
 PROBE = b"""
 import ctypes, os
 
@@ -98,6 +100,19 @@ def handler(event, ctx):
         gc.unfreeze()
         held = [o for o in gc.get_objects() if type(o).__name__ == "SecretsExtension"]
         return {"ciphers": sum(len(o._ciphers) for o in held), "found": len(held)}
+    if op == "environ":
+        return {"names": sorted(os.environ)}
+    if op == "host_environ":  # the enclave runtime's parent (the zygote) and the service
+        with open(f"/proc/{os.getppid()}/status") as f:
+            zygote = int(next(line for line in f if line.startswith("PPid:")).split()[1])
+        seen = {}
+        for name, pid in (("zygote", zygote), ("service", event["service"])):
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    seen[name] = f.read().decode(errors="replace")
+            except OSError as exc:
+                seen[name] = _err(exc)
+        return seen
     if op == "die":
         os._exit(3)
     return {"pid": os.getpid()}
@@ -107,7 +122,11 @@ def handler(event, ctx):
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveService]:
     base = tmp_path_factory.mktemp("hostile")
-    svc = start_service(base / "data", base / "state")
+    os.environ[HOST_SECRET] = "the-service-token-in-its-environment"
+    try:
+        svc = start_service(base / "data", base / "state")
+    finally:
+        del os.environ[HOST_SECRET]
     try:
         with svc.client() as c:
             deploy(c, "probe", "python", PROBE, timeout="5s", memory="64M", concurrency=2)
@@ -180,3 +199,13 @@ def test_a_replacement_sandbox_holds_no_sealing_key(hostile: LiveService) -> Non
     held = probe(hostile, "sealing_keys", "probe-one")
     assert held["found"] == 1 and held["ciphers"] == 0, held
     assert probe(hostile, "seal", "probe-one")["sealed"] > 0  # ctx.seal still works
+
+
+def test_a_function_sees_none_of_the_service_environment(hostile: LiveService) -> None:
+    assert hostile.env[HOST_SECRET]  # the service was started with it
+    names = probe(hostile, "environ")["names"]
+    assert HOST_SECRET not in names and "XDG_STATE_HOME" not in names, names
+    seen = probe(hostile, "host_environ", service=hostile.proc.pid)
+    for name, text in seen.items():
+        assert HOST_SECRET not in text, f"a function read the {name}'s environment"
+    assert seen["service"] == "PermissionError:13", seen

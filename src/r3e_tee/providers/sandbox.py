@@ -205,6 +205,12 @@ def _prctl(option: int, arg2: int | ctypes.c_void_p = 0) -> None:
         raise OSError(err, f"prctl({option}) failed: {os.strerror(err)}")
 
 
+def set_dumpable(dumpable: bool) -> None:
+    """Not dumpable: other processes of the same user (enclaves, functions) cannot read this
+    one's /proc/<pid>/mem, environ or fd, nor ptrace it."""
+    _prctl(PR_SET_DUMPABLE, 1 if dumpable else 0)
+
+
 def die_with_parent() -> None:
     """In a child before exec: SIGKILL when the parent dies (enclaves never outlive their host)."""
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
