@@ -413,3 +413,16 @@ def test_values_schema_is_generated() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_no_pod_carries_a_kubernetes_api_token_by_default(render: Any, render_scenario: Any) -> None:
+    # the worker pods run untrusted function code; nothing in any pod calls the Kubernetes API
+    simulation = render(
+        sets=("tee.providers.simulation.enabled=true", "tee.attestation.allowSimulation=true")
+    ).docs
+    docs = render_scenario("guide").docs + simulation
+    pods = [d["spec"]["template"]["spec"] for d in docs if d and d["kind"] == "Deployment"]
+    assert len(pods) >= 5
+    assert all(pod["automountServiceAccountToken"] is False for pod in pods)
+    accounts = [d for d in docs if d and d["kind"] == "ServiceAccount"]
+    assert accounts and all(a["automountServiceAccountToken"] is False for a in accounts)
