@@ -3,6 +3,7 @@ something a handler could try to reach the enclave runtime, the service, or othe
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 from collections.abc import Iterator
@@ -10,6 +11,9 @@ from typing import Any
 
 import pytest
 from tests.enclaves.conftest import LiveService, start_service, stop_service
+
+from r3e_tee.errors import ReceiptError
+from r3e_tee.functions.receipts import RECEIPT_DOMAIN, canonical, verify_receipt
 
 from .conftest import deploy
 
@@ -113,9 +117,36 @@ def handler(event, ctx):
             except OSError as exc:
                 seen[name] = _err(exc)
         return seen
+    if op == "seal_blob":
+        import base64
+        return {"blob": base64.b64encode(ctx.seal(b"for probe only")).decode()}
+    if op == "unseal_blob":
+        import base64
+        return {"plain": ctx.unseal(base64.b64decode(event["blob"])).decode()}
+    if op == "sign":
+        import base64
+        return {"sig": base64.b64encode(ctx.sign(base64.b64decode(event["data"]))).decode()}
     if op == "die":
         os._exit(3)
     return {"pid": os.getpid()}
+"""
+
+JS_PROBE = b"""
+function handler(event, ctx) {
+  if (event.op === "alloc") { const a = []; for (;;) { a.push(new Array(1 << 16).fill(1)); } }
+  if (event.op === "loop") { for (;;) {} }
+  if (event.op === "reach") {  // anything of the host interpreter behind the bridge functions?
+    const seen = {};
+    for (const name of ["require", "process", "os", "sys", "__import__", "globalThis.__builtins__"]) {
+      try { seen[name] = typeof eval(name); } catch (e) { seen[name] = "undefined"; }
+    }
+    seen.sign = typeof __r3e_sign;
+    seen.constructed = typeof Function("return this")().__r3e_sign;
+    seen.own = Object.getOwnPropertyNames(__r3e_sign).sort().join(",");
+    return seen;
+  }
+  return {ok: true};
+}
 """
 
 
@@ -131,6 +162,7 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveService]:
         with svc.client() as c:
             deploy(c, "probe", "python", PROBE, timeout="5s", memory="64M", concurrency=2)
             deploy(c, "probe-one", "python", PROBE, timeout="1s", memory="64M", concurrency=1)
+            deploy(c, "probe-js", "javascript", JS_PROBE, timeout="2s", memory="32M", concurrency=1)
         yield svc
     finally:
         stop_service(svc)
@@ -209,3 +241,37 @@ def test_a_function_sees_none_of_the_service_environment(hostile: LiveService) -
     for name, text in seen.items():
         assert HOST_SECRET not in text, f"a function read the {name}'s environment"
     assert seen["service"] == "PermissionError:13", seen
+
+
+def test_ctx_sign_cannot_forge_a_receipt(hostile: LiveService) -> None:
+    with hostile.client() as c:
+        real = invoke(hostile, "ping")
+        jwks = c.get("/.well-known/jwks.json").json()
+    verify_receipt(real["receipt"], jwks)
+    forged_body = {**real["receipt"]["body"], "output_sha256": "00" * 32}
+    # whatever the function asks the enclave's key to sign, it is under the function domain
+    for data in (canonical(forged_body), RECEIPT_DOMAIN + canonical(forged_body)):
+        sig = probe(hostile, "sign", data=base64.b64encode(data).decode())["sig"]
+        forged = {**real["receipt"], "body": forged_body, "signature": sig}
+        with pytest.raises(ReceiptError, match="does not verify"):
+            verify_receipt(forged, jwks)
+
+
+def test_a_function_cannot_unseal_another_functions_data(hostile: LiveService) -> None:
+    blob = probe(hostile, "seal_blob")["blob"]
+    assert probe(hostile, "unseal_blob", blob=blob) == {"plain": "for probe only"}
+    other = invoke(hostile, "unseal_blob", "probe-one", blob=blob)
+    assert other["status"] == "error" and "does not open" in other["error"], other
+
+
+def test_javascript_stays_within_its_limits_and_reaches_no_python(hostile: LiveService) -> None:
+    alloc = invoke(hostile, "alloc", "probe-js")
+    assert alloc["status"] == "error" and "memory" in alloc["error"].lower(), alloc
+    assert invoke(hostile, "ping", "probe-js")["status"] == "ok"  # recovered
+    loop = invoke(hostile, "loop", "probe-js")
+    assert loop["status"] == "timeout", loop
+    assert invoke(hostile, "ping", "probe-js")["status"] == "ok"
+    seen = probe(hostile, "reach", "probe-js")
+    assert seen["sign"] == "function" and seen["constructed"] == "function"
+    assert {seen[k] for k in ("require", "process", "os", "sys", "__import__")} == {"undefined"}
+    assert set(seen["own"].split(",")) <= {"length", "name"}, seen  # no handle on the Python callable
