@@ -14,6 +14,7 @@ from tests.enclaves.conftest import LiveService, start_service, stop_service
 
 from r3e_tee.errors import ReceiptError
 from r3e_tee.functions.receipts import RECEIPT_DOMAIN, canonical, verify_receipt
+from r3e_tee.runtime.function_worker import _scrub
 
 from .conftest import deploy
 
@@ -275,3 +276,13 @@ def test_javascript_stays_within_its_limits_and_reaches_no_python(hostile: LiveS
     assert seen["sign"] == "function" and seen["constructed"] == "function"
     assert {seen[k] for k in ("require", "process", "os", "sys", "__import__")} == {"undefined"}
     assert set(seen["own"].split(",")) <= {"length", "name"}, seen  # no handle on the Python callable
+
+
+def test_errors_hide_secrets_in_every_form_an_exception_shows_them() -> None:
+    secrets = {"k": b"tok'en\n\xff-42"}
+    value = secrets["k"]
+    text = value.decode(errors="ignore")
+    for message in (text, repr(text), repr(value), value.hex(), base64.b64encode(value).decode()):
+        scrubbed = _scrub(f"ValueError: bad {message} here", secrets)
+        assert scrubbed.startswith("ValueError: bad ") and "***" in scrubbed, (message, scrubbed)
+        assert "en\\n" not in scrubbed and "42" not in scrubbed.replace("***", ""), scrubbed
