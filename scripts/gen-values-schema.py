@@ -30,6 +30,7 @@ K8S_TYPES = {
     "Toleration": "io.k8s.api.core.v1.Toleration",
     "EnvVar": "io.k8s.api.core.v1.EnvVar",
     "NetworkPolicyPeer": "io.k8s.api.networking.v1.NetworkPolicyPeer",
+    "NetworkPolicyEgressRule": "io.k8s.api.networking.v1.NetworkPolicyEgressRule",
 }
 
 # Kubernetes resource.Quantity, as the API server parses it
@@ -305,6 +306,10 @@ def values_schema() -> dict:
                 {
                     "enabled": BOOL,
                     "extraIngressFrom": {"type": "array", "items": {"$ref": "#/$defs/NetworkPolicyPeer"}},
+                    "workerExtraEgress": {
+                        "type": "array",
+                        "items": {"$ref": "#/$defs/NetworkPolicyEgressRule"},
+                    },
                 }
             ),
         }

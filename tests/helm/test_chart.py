@@ -413,3 +413,40 @@ def test_values_schema_is_generated() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_no_pod_carries_a_kubernetes_api_token_by_default(render: Any, render_scenario: Any) -> None:
+    # the worker pods run untrusted function code; nothing in any pod calls the Kubernetes API
+    simulation = render(
+        sets=("tee.providers.simulation.enabled=true", "tee.attestation.allowSimulation=true")
+    ).docs
+    docs = render_scenario("guide").docs + simulation
+    pods = [d["spec"]["template"]["spec"] for d in docs if d and d["kind"] == "Deployment"]
+    assert len(pods) >= 5
+    assert all(pod["automountServiceAccountToken"] is False for pod in pods)
+    accounts = [d for d in docs if d and d["kind"] == "ServiceAccount"]
+    assert accounts and all(a["automountServiceAccountToken"] is False for a in accounts)
+
+
+def test_worker_egress_is_dns_and_the_service_only(render: Any) -> None:
+    extra = "tee.networkPolicy.workerExtraEgress[0].to[0].ipBlock.cidr=10.0.0.7/32"
+    docs = render(sets=("tee.networkPolicy.enabled=true", extra)).docs
+    policy = by_kind_name(docs)[("NetworkPolicy", "r3e-tee-workers")]
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    dns, service, pccs = policy["spec"]["egress"]
+    assert "to" not in dns and {p["port"] for p in dns["ports"]} == {53}
+    assert service["to"] == [
+        {
+            "podSelector": {
+                "matchLabels": {
+                    "app": "r3e-tee",
+                    "app.kubernetes.io/instance": "r3e-tee",
+                    "app.kubernetes.io/component": "service",
+                }
+            }
+        }
+    ]
+    assert service["ports"] == [{"port": "http", "protocol": "TCP"}]
+    assert pccs == {"to": [{"ipBlock": {"cidr": "10.0.0.7/32"}}]}
+    # the APIs' egress stays open (attestation services, the store)
+    assert by_kind_name(docs)[("NetworkPolicy", "r3e-tee-api")]["spec"]["policyTypes"] == ["Ingress"]

@@ -5,8 +5,13 @@ Applied inside a freshly forked child before it runs untrusted or enclave code:
 - not dumpable (``PR_SET_DUMPABLE`` 0): other processes of the same user cannot ptrace it or
   read ``/proc/<pid>/mem``;
 - rlimits: data segment (the enclave size), CPU seconds, no core files;
-- a seccomp filter (x86_64) that refuses ptrace, process_vm_*, mounts, namespaces, kernel
-  modules, BPF, perf, keyrings, and IPv4/IPv6/packet sockets.
+- every capability dropped once the private mounts are made (a root-run service would otherwise
+  give enclave and function code CAP_SYS_PTRACE over the enclave runtime's memory);
+- a seccomp filter (x86_64) that refuses ptrace, process_vm_*, mounts (the old and the new mount
+  API: a clone of ``/`` made with ``open_tree`` shows what the hidden-path tmpfs covers),
+  namespaces (``unshare``, ``setns``, and ``clone`` with a namespace flag; ``clone3``, whose
+  flags a filter cannot read, answers ENOSYS so libc falls back to ``clone``), kernel modules,
+  BPF, perf, keyrings, and IPv4/IPv6/packet sockets.
 Bubblewrap (no network, read-only root) wraps the whole zygote where it is installed.
 """
 
@@ -27,12 +32,17 @@ from dataclasses import dataclass
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 PR_SET_SECCOMP = 22
+PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
 SECCOMP_MODE_FILTER = 2
 
 _BPF_LD_W_ABS = 0x20
 _BPF_JEQ_K = 0x15
 _BPF_JGE_K = 0x35
+_BPF_JSET_K = 0x45
 _BPF_RET_K = 0x06
 _RET_KILL_PROCESS = 0x80000000
 _RET_ERRNO = 0x00050000
@@ -71,7 +81,22 @@ DENIED_SYSCALLS_X86_64: dict[str, int] = {
     "userfaultfd": 323,
     "name_to_handle_at": 303,
     "open_by_handle_at": 304,
+    # the new mount API: open_tree(OPEN_TREE_CLONE) of a parent directory is a mount without the
+    # tmpfs that hides the service's data directory under it
+    "open_tree": 428,
+    "move_mount": 429,
+    "fsopen": 430,
+    "fsconfig": 431,
+    "fsmount": 432,
+    "fspick": 433,
+    "mount_setattr": 442,
 }
+_SYS_CLONE_X86_64 = 56
+_SYS_CLONE3_X86_64 = 435
+# CLONE_NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET (and CLONE_NEWTIME)
+CLONE_NAMESPACE_FLAGS = (
+    0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 | 0x20000000 | 0x40000000 | 0x80
+)
 _SYS_SOCKET_X86_64 = 41
 DENIED_SOCKET_FAMILIES = {"AF_INET": 2, "AF_INET6": 10, "AF_PACKET": 17}
 
@@ -180,9 +205,39 @@ def _prctl(option: int, arg2: int | ctypes.c_void_p = 0) -> None:
         raise OSError(err, f"prctl({option}) failed: {os.strerror(err)}")
 
 
+def set_dumpable(dumpable: bool) -> None:
+    """Not dumpable: other processes of the same user (enclaves, functions) cannot read this
+    one's /proc/<pid>/mem, environ or fd, nor ptrace it."""
+    _prctl(PR_SET_DUMPABLE, 1 if dumpable else 0)
+
+
 def die_with_parent() -> None:
     """In a child before exec: SIGKILL when the parent dies (enclaves never outlive their host)."""
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def drop_capabilities() -> None:
+    """Give up every capability, for good: the bounding and ambient sets, then the effective,
+    permitted and inheritable ones. Root (or a user namespace's owner) keeps its uid but no
+    longer passes ptrace checks on non-dumpable processes or overrides file permissions."""
+    libc = _libc()
+    for cap in range(64):
+        if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            err = ctypes.get_errno()
+            if err == errno.EINVAL:
+                break  # past the kernel's last capability
+            if err != errno.EPERM:  # EPERM: no CAP_SETPCAP, and then nothing to drop here either
+                raise OSError(err, f"dropping capability {cap}: {os.strerror(err)}")
+    libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)  # EINVAL before Linux 4.3: none
+
+    class CapHeader(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    header = CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)()  # two {effective, permitted, inheritable}, all zero
+    if libc.capset(ctypes.byref(header), data) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"capset: {os.strerror(err)}")
 
 
 def seccomp_supported() -> tuple[bool, str]:
@@ -213,6 +268,15 @@ def build_seccomp_program(denied: Sequence[int], *, deny_network: bool) -> bytes
     ]
     for nr in denied:
         prog += [jump(_BPF_JEQ_K, nr, 0, 1), stmt(_BPF_RET_K, eperm)]
+    prog += [jump(_BPF_JEQ_K, _SYS_CLONE3_X86_64, 0, 1), stmt(_BPF_RET_K, _RET_ERRNO | errno.ENOSYS)]
+    # clone with a namespace flag: a new user namespace is a full set of capabilities again
+    prog += [
+        jump(_BPF_JEQ_K, _SYS_CLONE_X86_64, 0, 4),
+        stmt(_BPF_LD_W_ABS, 16),  # args[0] (flags), low 32 bits
+        jump(_BPF_JSET_K, CLONE_NAMESPACE_FLAGS, 0, 1),
+        stmt(_BPF_RET_K, eperm),
+        stmt(_BPF_LD_W_ABS, 0),  # seccomp_data.nr again, for the checks below
+    ]
     if deny_network:
         families = sorted(DENIED_SOCKET_FAMILIES.values())
         n = len(families)
@@ -231,7 +295,78 @@ def install_seccomp(*, deny_network: bool = True) -> None:
     ok, why = seccomp_supported()
     if not ok:
         raise OSError(errno.ENOSYS, why)
-    program = build_seccomp_program(list(DENIED_SYSCALLS_X86_64.values()), deny_network=deny_network)
+    _load_seccomp(build_seccomp_program(list(DENIED_SYSCALLS_X86_64.values()), deny_network=deny_network))
+
+
+# x86_64 syscalls a function sandbox has no use for: new processes and programs (a fork-bombing
+# handler, or a grandchild that outlives the deadline's kill), io_uring, and pidfds
+FUNCTION_DENIED_SYSCALLS_X86_64: dict[str, int] = {
+    "fork": 57,
+    "vfork": 58,
+    "execve": 59,
+    "execveat": 322,
+    "pidfd_open": 434,
+    "pidfd_send_signal": 424,
+    "pidfd_getfd": 438,
+    "io_uring_setup": 425,
+    "io_uring_enter": 426,
+    "io_uring_register": 427,
+}
+# signals go only to the sandbox itself (first argument: a pid or thread group id)
+_SIGNAL_SYSCALLS_X86_64 = (62, 200, 234, 129, 297)  # kill, tkill, tgkill, rt_(tg)sigqueueinfo
+_SYS_IOCTL_X86_64 = 16
+#: the Nitro Secure Module's one ioctl (runtime/nsm.py): attestation documents over any key
+NSM_IOCTL_REQUEST = 0xC0200A00
+_CLONE_THREAD = 0x00010000
+
+
+def build_function_seccomp_program(own_pid: int) -> bytes:
+    """The filter a function sandbox adds on top of its enclave's: no processes but threads, no
+    programs, signals to itself only, no NSM attestation (the runtime's own evidence)."""
+
+    def stmt(code: int, k: int) -> bytes:
+        return struct.pack("HBBI", code, 0, 0, k)
+
+    def jump(code: int, k: int, jt: int, jf: int) -> bytes:
+        return struct.pack("HBBI", code, jt, jf, k)
+
+    eperm = _RET_ERRNO | errno.EPERM
+    prog = [
+        stmt(_BPF_LD_W_ABS, 4),
+        jump(_BPF_JEQ_K, _AUDIT_ARCH_X86_64, 1, 0),
+        stmt(_BPF_RET_K, _RET_KILL_PROCESS),
+        stmt(_BPF_LD_W_ABS, 0),
+    ]
+    for nr in FUNCTION_DENIED_SYSCALLS_X86_64.values():
+        prog += [jump(_BPF_JEQ_K, nr, 0, 1), stmt(_BPF_RET_K, eperm)]
+    prog += [  # clone: threads only
+        jump(_BPF_JEQ_K, _SYS_CLONE_X86_64, 0, 4),
+        stmt(_BPF_LD_W_ABS, 16),
+        jump(_BPF_JSET_K, _CLONE_THREAD, 0, 1),
+        stmt(_BPF_RET_K, _RET_ALLOW),
+        stmt(_BPF_RET_K, eperm),
+    ]
+    prog += [  # ioctl(fd, NSM_IOCTL_REQUEST, ...)
+        jump(_BPF_JEQ_K, _SYS_IOCTL_X86_64, 0, 4),
+        stmt(_BPF_LD_W_ABS, 24),  # args[1], low 32 bits
+        jump(_BPF_JEQ_K, NSM_IOCTL_REQUEST, 0, 1),
+        stmt(_BPF_RET_K, eperm),
+        stmt(_BPF_RET_K, _RET_ALLOW),
+    ]
+    n = len(_SIGNAL_SYSCALLS_X86_64)
+    for i, nr in enumerate(_SIGNAL_SYSCALLS_X86_64):
+        prog.append(jump(_BPF_JEQ_K, nr, n - i, 0))
+    prog.append(stmt(_BPF_RET_K, _RET_ALLOW))
+    prog += [
+        stmt(_BPF_LD_W_ABS, 16),  # args[0]: the target
+        jump(_BPF_JEQ_K, own_pid & 0xFFFFFFFF, 0, 1),
+        stmt(_BPF_RET_K, _RET_ALLOW),
+        stmt(_BPF_RET_K, eperm),
+    ]
+    return b"".join(prog)
+
+
+def _load_seccomp(program: bytes) -> None:
     buf = ctypes.create_string_buffer(program, len(program))
 
     class SockFprog(ctypes.Structure):
@@ -239,10 +374,36 @@ def install_seccomp(*, deny_network: bool = True) -> None:
 
     fprog = SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p))
     _prctl(PR_SET_NO_NEW_PRIVS, 1)
-    libc = _libc()
-    if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
+    if _libc().prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"installing the seccomp filter failed: {os.strerror(err)}")
+
+
+def confine_function(keep_fd: int, memory_bytes: int) -> list[str]:
+    """Confine a function sandbox just forked from its enclave runtime, before any function
+    code runs. Returns what could not be applied.
+
+    - every descriptor but ``keep_fd`` (its socket) and stdio is closed: the runtime's channel
+      to its host and the runtime's ends of sibling sandboxes' sockets are not the function's;
+    - RLIMIT_AS: what is mapped now plus ``memory_bytes``. RLIMIT_DATA alone misses shared
+      anonymous mappings (``mmap.mmap(-1, n)``), which would let a function take any amount;
+    - the function seccomp filter (build_function_seccomp_program).
+    """
+    os.closerange(3, keep_fd)
+    os.closerange(keep_fd + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    with open("/proc/self/statm", "rb") as f:
+        mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    limit = mapped + memory_bytes
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    missing: list[str] = []
+    ok, why = seccomp_supported()
+    if not ok:
+        return [f"seccomp: {why}"]
+    try:
+        _load_seccomp(build_function_seccomp_program(os.getpid()))
+    except OSError as exc:
+        missing.append(f"seccomp: {exc.strerror}")
+    return missing
 
 
 def apply_in_child(limits: SandboxLimits, *, new_session: bool = True) -> list[str]:
@@ -269,6 +430,10 @@ def apply_in_child(limits: SandboxLimits, *, new_session: bool = True) -> list[s
             missing += private_tmp(hidden=limits.hidden_paths)
         except OSError as exc:
             missing.append(f"private /tmp: {exc.strerror}")
+    try:
+        drop_capabilities()
+    except OSError as exc:
+        missing.append(f"capabilities: {exc.strerror}")
     if limits.seccomp:
         try:
             install_seccomp(deny_network=limits.deny_network)

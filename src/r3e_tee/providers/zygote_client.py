@@ -18,10 +18,20 @@ from typing import Any
 import cbor2
 
 from r3e_tee.errors import ProviderError
+from r3e_tee.providers import sandbox
 from r3e_tee.providers.sandbox import bubblewrap_argv
 
 log = logging.getLogger("r3e_tee.providers.simulation")
 _LEN = struct.Struct(">I")
+
+#: the only host environment variables enclaves (and the functions they run) see: the service's
+#: or worker's own (its token to the service, a store URL with a password) are not theirs
+ZYGOTE_ENV_KEEP = ("PATH", "PYTHONPATH", "PYTHONHOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
+
+
+def zygote_environment(env: dict[str, str] | None = None) -> dict[str, str]:
+    source = os.environ if env is None else env
+    return {k: source[k] for k in ZYGOTE_ENV_KEEP if k in source}
 
 
 class ZygoteClient:
@@ -53,8 +63,13 @@ class ZygoteClient:
         if prefix is None:
             # without bubblewrap's --die-with-parent the zygote arms PDEATHSIG itself
             argv += ["--parent", str(os.getpid())]
+        # enclave and function code runs as this process's user: not dumpable, its memory, its
+        # environment and its descriptors under /proc/<pid> are closed to them (as sshd does)
+        sandbox.set_dumpable(False)
         try:
-            self._proc = subprocess.Popen(argv, pass_fds=[child.fileno()], stdin=subprocess.DEVNULL)
+            self._proc = subprocess.Popen(
+                argv, pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, env=zygote_environment()
+            )
         except OSError as exc:
             host.close()
             raise ProviderError(f"cannot start the simulation fork server: {exc}") from None

@@ -225,8 +225,19 @@ class _JsFunction:
 
 
 def _scrub(text: str, secrets: dict[str, bytes]) -> str:
+    """``text`` without the secrets' values in the forms an exception message shows them: as
+    text, base64, hex, and escaped as ``repr`` of the str or the bytes escapes them (a value
+    with a quote, newline or non-ASCII byte appears only so in ``ValueError(f"{v!r}")``)."""
     for value in secrets.values():
-        for form in {value.decode(errors="ignore"), base64.b64encode(value).decode()}:
+        decoded = value.decode(errors="ignore")
+        forms = {
+            decoded,
+            base64.b64encode(value).decode(),
+            value.hex(),
+            repr(decoded)[1:-1],
+            repr(value)[2:-1],
+        }
+        for form in sorted(forms, key=len, reverse=True):
             if len(form) >= 4:
                 text = text.replace(form, "***")
     return text

@@ -27,6 +27,7 @@ import cbor2
 from r3e_tee.errors import EnclaveError, InvocationInputError
 from r3e_tee.functions.receipts import BATCH_DOMAIN, MAX_BATCH, RECEIPT_DOMAIN, canonical
 from r3e_tee.ids import new_id
+from r3e_tee.providers.sandbox import confine_function
 from r3e_tee.runtime import function_worker
 from r3e_tee.runtime.channel import FrameSplitter
 
@@ -316,7 +317,11 @@ class FunctionHost:
             try:
                 parent.close()
                 self.runtime.keys.zeroize()
+                sealing = self.runtime.state.get("_secrets_extension")
+                if sealing is not None:  # the sealing keys it cached: ctx.seal asks the runtime
+                    sealing.zeroize()  # (``secrets`` above is a copy)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                confine_function(child.fileno(), int(spec.get("memory", 64 * 1024 * 1024)))
                 function_worker.serve(child, spec, secrets)
             except BaseException:  # noqa: BLE001 - never return into the runtime's loop
                 code = 70

@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.getppid() != int(args[3]):
             return 0  # the parent died before PDEATHSIG was armed
     control = socket.socket(fileno=int(args[1]))
+    sandbox.set_dumpable(False)  # enclaves run as our user: our memory and environ are not theirs
     # the warm heap every enclave inherits: out of the collector's way (no full-pass pauses in
     # the enclaves, and no copy-on-write of its pages just for the collector's bookkeeping)
     gc.collect()
