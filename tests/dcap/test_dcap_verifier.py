@@ -9,6 +9,9 @@ from datetime import timedelta
 
 import dcap_qvl
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 from dcap_vectors import NOW
 
 from r3e_tee.attestation.dcap import DcapVerifier, VerificationCache, converge_status, verify_dcap
@@ -165,6 +168,100 @@ def test_wrong_root(sgx_platform: Platform) -> None:
     quote = build_sgx_quote(p)
     ok(p, quote, c)
     rejects("bad-chain", p, quote, c, root=other.root_cert_pem)
+
+
+def _reissue(
+    cert: x509.Certificate,
+    signer: ec.EllipticCurvePrivateKey,
+    *,
+    ca: bool,
+    digital_signature: bool,
+    cert_sign: bool,
+    crl_sign: bool,
+) -> x509.Certificate:
+    """``cert`` with the same name, key, validity and other extensions, but the given
+    basicConstraints and keyUsage, signed by ``signer``."""
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(cert.subject)
+        .issuer_name(cert.issuer)
+        .public_key(cert.public_key())
+        .serial_number(cert.serial_number)
+        .not_valid_before(cert.not_valid_before_utc)
+        .not_valid_after(cert.not_valid_after_utc)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=digital_signature,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=cert_sign,
+                crl_sign=crl_sign,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+    )
+    for ext in cert.extensions:
+        if not isinstance(ext.value, x509.BasicConstraints | x509.KeyUsage):
+            b = b.add_extension(ext.value, critical=ext.critical)
+    return b.sign(signer, hashes.SHA256())
+
+
+def test_each_certificate_may_do_what_it_is_used_for(sgx_platform: Platform) -> None:
+    """RFC 5280 4.2.1.3/4.2.1.9: TCB Info, QE Identity and QE reports are signed by end-entity
+    keys with digitalSignature; CA keys only sign certificates (keyCertSign) and CRLs (cRLSign)."""
+    p, c = sgx_platform
+    quote = build_sgx_quote(p)
+    ok(p, quote, c)
+
+    def signed_by(cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> QuoteCollateral:
+        chain = p.pem(cert, p.root_cert)
+        return replace(
+            c,
+            tcb_info_issuer_chain=chain,
+            tcb_info_signature=sign_p256_raw(key, c.tcb_info.encode()),
+            qe_identity_issuer_chain=chain,
+            qe_identity_signature=sign_p256_raw(key, c.qe_identity.encode()),
+        )
+
+    # the PCK CA key (a CA: keyCertSign, cRLSign) signing TCB Info and QE Identity
+    err = rejects("bad-chain", p, quote, signed_by(p.pck_ca_cert, p.pck_ca_key))
+    assert "CA certificate" in str(err)
+    # a TCB signing certificate that is a CA, or lacks digitalSignature
+    for ca, ds in ((True, True), (False, False)):
+        tcb = _reissue(
+            p.tcb_signing_cert, p.root_key, ca=ca, digital_signature=ds, cert_sign=ca, crl_sign=False
+        )
+        rejects("bad-chain", p, quote, signed_by(tcb, p.tcb_signing_key))
+    tcb_ok = _reissue(
+        p.tcb_signing_cert, p.root_key, ca=False, digital_signature=True, cert_sign=False, crl_sign=False
+    )
+    ok(p, quote, signed_by(tcb_ok, p.tcb_signing_key))
+    # a PCK certificate without digitalSignature signing the QE report
+    pck = _reissue(
+        p.pck_cert, p.pck_ca_key, ca=False, digital_signature=False, cert_sign=False, crl_sign=False
+    )
+    p2 = replace(p, pck_cert=pck)
+    err = rejects("bad-chain", p2, build_sgx_quote(p2), c)
+    assert "digital signatures" in str(err)
+    # a PCK CA without keyCertSign issuing the PCK certificate; and without cRLSign issuing the CRL
+    for cert_sign, crl_sign, words in ((False, True, "may not sign certificates"), (True, False, "CRLs")):
+        ca = _reissue(
+            p.pck_ca_cert,
+            p.root_key,
+            ca=True,
+            digital_signature=False,
+            cert_sign=cert_sign,
+            crl_sign=crl_sign,
+        )
+        p3 = replace(p, pck_ca_cert=ca)
+        coll = replace(c, pck_crl_issuer_chain=p.pem(ca, p.root_cert))
+        err = rejects("bad-chain", p3, build_sgx_quote(p3), coll)
+        assert words in str(err)
 
 
 def test_revoked_pck_and_pck_ca() -> None:
