@@ -26,7 +26,7 @@ from r3e_tee.evidence.dcap_builder import (
     default_tcb_info,
     sign_p256_raw,
 )
-from r3e_tee.evidence.dcap_collateral import QuoteCollateral, TcbLevel
+from r3e_tee.evidence.dcap_collateral import QuoteCollateral, TcbLevel, split_signed_response
 from r3e_tee.evidence.sgx_quote import assemble_quote, parse_quote
 
 Platform = tuple[DcapPlatform, QuoteCollateral]
@@ -302,6 +302,40 @@ def test_tampered_collateral_signatures(sgx_platform: Platform) -> None:
     sig = bytearray(c.root_ca_crl)
     sig[-5] ^= 1
     rejects("bad-signature", p, quote, replace(c, root_ca_crl=bytes(sig)))
+
+
+def test_signed_collateral_with_duplicate_member_names(sgx_platform: Platform) -> None:
+    """RFC 8259 section 4: duplicate names make a JSON object mean what each parser decides;
+    signed TCB Info / QE Identity (and the bundle around them) with any are refused as unusable."""
+    p, c = sgx_platform
+    quote = build_sgx_quote(p)
+    assert ok(p, quote, c).claims["fmspc"] == "00906ED50000"
+
+    def resigned(tcb_info: str | None = None, qe_identity: str | None = None) -> QuoteCollateral:
+        tcb, qe = tcb_info or c.tcb_info, qe_identity or c.qe_identity
+        return replace(
+            c,
+            tcb_info=tcb,
+            tcb_info_signature=sign_p256_raw(p.tcb_signing_key, tcb.encode()),
+            qe_identity=qe,
+            qe_identity_signature=sign_p256_raw(p.tcb_signing_key, qe.encode()),
+        )
+
+    # a first "fmspc" of another platform that a first-wins parser would match
+    dup_tcb = c.tcb_info.replace('"fmspc":"00906ED50000"', '"fmspc":"00A067110000","fmspc":"00906ED50000"')
+    dup_qe = c.qe_identity.replace('"isvprodid":1', '"isvprodid":7,"isvprodid":1')
+    for coll in (resigned(tcb_info=dup_tcb), resigned(qe_identity=dup_qe)):
+        with pytest.raises(CollateralError, match="duplicate member name"):
+            ok(p, quote, coll)
+    bundle = json.dumps(c.to_json())
+    with pytest.raises(CollateralError, match="duplicate member name 'tcb_info'"):
+        ok(p, quote, bundle.replace('"tcb_info":', '"tcb_info":"{}","tcb_info":', 1))
+    assert ok(p, quote, bundle).tcb_status == "UpToDate"
+    # a raw PCS response naming its signed member twice
+    response = c.tcb_info_response()
+    assert split_signed_response(response, "tcbInfo")[0] == c.tcb_info
+    with pytest.raises(EvidenceFormatError, match="duplicate member name 'tcbInfo'"):
+        split_signed_response('{"tcbInfo":{},' + response[1:], "tcbInfo")
 
 
 # --- QE, quote signature -----------------------------------------------------------------------

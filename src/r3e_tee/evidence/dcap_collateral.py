@@ -187,9 +187,29 @@ class _J:
         return tuple(items)
 
 
+class _DuplicateKeyError(ValueError):
+    """Internal: a JSON object repeats a member name."""
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKeyError(f"duplicate member name {key!r}")
+            seen.add(key)
+    return out
+
+
 def _load_json(text: str | bytes, root: str) -> Any:
+    """Decode JSON, refusing duplicate member names: RFC 8259 section 4 leaves their meaning to
+    each parser (Python keeps the last, serde-based dcap-qvl refuses), so signed collateral with
+    them could say one thing to us and another to the verifier it was checked against."""
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_unique_members)
+    except _DuplicateKeyError as exc:
+        raise EvidenceFormatError(f"invalid JSON: {exc}", field=root, offset=0) from None
     except json.JSONDecodeError as exc:
         raise EvidenceFormatError(f"invalid JSON: {exc.msg}", field=root, offset=exc.pos) from None
     except (UnicodeDecodeError, RecursionError) as exc:
