@@ -338,6 +338,21 @@ def test_signed_collateral_with_duplicate_member_names(sgx_platform: Platform) -
         split_signed_response('{"tcbInfo":{},' + response[1:], "tcbInfo")
 
 
+def test_tcb_info_of_an_undefined_tcb_type(sgx_platform: Platform, tdx_platform: Platform) -> None:
+    """Intel PCS TCB Info: tcbType picks the level comparison logic and only type 0 is defined;
+    a signed TCB Info of another type cannot be matched by type-0 rules, so it is unusable."""
+    for p, c, quote in (
+        (*sgx_platform, build_sgx_quote(sgx_platform[0])),
+        (*tdx_platform, build_tdx_quote(tdx_platform[0])),
+    ):
+        assert ok(p, quote, c).tcb_status == "UpToDate"
+        text = c.tcb_info.replace('"tcbType":0', '"tcbType":1')
+        assert text != c.tcb_info
+        coll = replace(c, tcb_info=text, tcb_info_signature=sign_p256_raw(p.tcb_signing_key, text.encode()))
+        with pytest.raises(CollateralError, match="unsupported tcbType 1"):
+            ok(p, quote, coll)
+
+
 # --- QE, quote signature -----------------------------------------------------------------------
 
 

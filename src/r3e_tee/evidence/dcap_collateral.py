@@ -33,6 +33,8 @@ TCB_STATUSES = (
     "OutOfDateConfigurationNeeded",
     "Revoked",
 )
+# the only TCB level composition Intel defines (componentwise SVN comparison)
+SUPPORTED_TCB_TYPE = 0
 _STATUS_ALIASES = {
     "SwHardeningNeeded": "SWHardeningNeeded",
     "ConfigurationAndSwHardeningNeeded": "ConfigurationAndSWHardeningNeeded",
@@ -319,12 +321,22 @@ def _tcb_info_checked(doc: Any) -> TcbInfo:
         next_update=j.time_(o, "nextUpdate", ""),
         fmspc=j.hex_(o, "fmspc", "", 6),
         pce_id=j.hex_(o, "pceId", "", 2),
-        tcb_type=j.int_(o, "tcbType", ""),
+        tcb_type=_tcb_type(j, o),
         tcb_evaluation_data_number=j.int_(o, "tcbEvaluationDataNumber", ""),
         tcb_levels=tuple(levels),
         tdx_module=module,
         tdx_module_identities=tuple(identities),
     )
+
+
+def _tcb_type(j: _J, o: Mapping[str, Any]) -> int:
+    """Intel PCS: tcbType selects the TCB level comparison logic. Only type 0 (compare every
+    SVN) is defined and implemented; matching levels of another type with it would give a
+    verdict by the wrong rules, so such a TCB Info is unusable."""
+    tcb_type = j.int_(o, "tcbType", "")
+    if tcb_type != SUPPORTED_TCB_TYPE:
+        raise j.fail("tcbType", f"unsupported tcbType {tcb_type} (only {SUPPORTED_TCB_TYPE} is defined)")
+    return tcb_type
 
 
 def parse_enclave_identity(text: str | bytes) -> EnclaveIdentity:
@@ -504,7 +516,7 @@ def _tcb_info_fast(o: Any) -> TcbInfo:
         next_update=_f_time(o["nextUpdate"]),
         fmspc=_f_hex(o["fmspc"], 6),
         pce_id=_f_hex(o["pceId"], 2),
-        tcb_type=_f_int(o["tcbType"], 2**32 - 1),
+        tcb_type=_f_int(o["tcbType"], SUPPORTED_TCB_TYPE),
         tcb_evaluation_data_number=_f_int(o["tcbEvaluationDataNumber"], 2**32 - 1),
         tcb_levels=tuple(levels),
         tdx_module=module,
