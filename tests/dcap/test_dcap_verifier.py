@@ -353,6 +353,27 @@ def test_tcb_info_of_an_undefined_tcb_type(sgx_platform: Platform, tdx_platform:
             ok(p, quote, coll)
 
 
+def test_tdx_tcb_info_must_describe_the_tdx_module(tdx_platform: Platform) -> None:
+    """Intel PCS TDX TCB Info v3 always carries tdxModule (MRSIGNER_SEAM, attributes); without
+    it a TD on a version-0 module would pass with any SEAM signer (dcap-qvl refuses it too)."""
+    t, tc = tdx_platform
+    spec = replace(t.spec, tee_tcb_svn=bytes([5, 0, 2] + [0] * 13))  # module major version 0
+    p0 = replace(t, spec=spec)
+    c0 = build_collateral(p0)
+    quote = build_tdx_quote(p0)
+    assert ok(p0, quote, c0).tcb_status == "UpToDate"
+    doc = json.loads(c0.tcb_info)
+    for value in (None, "drop"):
+        if value == "drop":
+            doc.pop("tdxModule")
+        else:
+            doc["tdxModule"] = value
+        text = json.dumps(doc, separators=(",", ":"))
+        coll = replace(c0, tcb_info=text, tcb_info_signature=sign_p256_raw(t.tcb_signing_key, text.encode()))
+        with pytest.raises(CollateralError, match="tdxModule"):
+            ok(p0, quote, coll)
+
+
 # --- QE, quote signature -----------------------------------------------------------------------
 
 

@@ -295,13 +295,16 @@ def _tcb_info_checked(doc: Any) -> TcbInfo:
     module: TdxModule | None = None
     identities: list[TdxModuleIdentity] = []
     if tcb_id == "TDX":
-        if "tdxModule" in o:
-            m = j.obj(o["tdxModule"], "tdxModule")
-            module = TdxModule(
-                mrsigner=j.hex_(m, "mrsigner", "tdxModule", 48),
-                attributes=j.hex_(m, "attributes", "tdxModule", 8),
-                attributes_mask=j.hex_(m, "attributesMask", "tdxModule", 8),
-            )
+        # Intel PCS TCB Info v3: tdxModule is present in every TDX TCB Info; without it the
+        # TDX module (MRSIGNER_SEAM, SEAM attributes) of a version-0 module would go unchecked
+        if "tdxModule" not in o:
+            raise j.fail("tdxModule", "missing (a TDX TCB Info must describe the TDX module)")
+        m = j.obj(o["tdxModule"], "tdxModule")
+        module = TdxModule(
+            mrsigner=j.hex_(m, "mrsigner", "tdxModule", 48),
+            attributes=j.hex_(m, "attributes", "tdxModule", 8),
+            attributes_mask=j.hex_(m, "attributesMask", "tdxModule", 8),
+        )
         for i, item in enumerate(j.arr(o.get("tdxModuleIdentities", []), "tdxModuleIdentities")):
             p = f"tdxModuleIdentities[{i}]"
             m = j.obj(item, p)
@@ -491,11 +494,10 @@ def _tcb_info_fast(o: Any) -> TcbInfo:
     module = None
     identities: list[TdxModuleIdentity] = []
     if tcb_id == "TDX":
-        m = o.get("tdxModule")
-        if m is not None:
-            module = TdxModule(
-                _f_hex(m["mrsigner"], 48), _f_hex(m["attributes"], 8), _f_hex(m["attributesMask"], 8)
-            )
+        m = o["tdxModule"]
+        module = TdxModule(
+            _f_hex(m["mrsigner"], 48), _f_hex(m["attributes"], 8), _f_hex(m["attributesMask"], 8)
+        )
         ids = o.get("tdxModuleIdentities", [])
         if type(ids) is not list:
             raise ValueError
