@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import cbor2
 import pytest
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from r3e_tee.errors import EvidenceFormatError
 from r3e_tee.evidence.cbor import UNDEFINED, CborSimple, CborTag, decode
-from r3e_tee.evidence.cose import ALG_ES256, ALG_ES384, parse_cose_sign1, sig_structure, sign1
+from r3e_tee.evidence.cose import (
+    ALG_ES256,
+    ALG_ES384,
+    ecdsa_der_to_raw,
+    parse_cose_sign1,
+    sig_structure,
+    sign1,
+)
 
 cbor_values = st.recursive(
     st.none()
@@ -129,3 +137,28 @@ def test_cose_indefinite_array_and_other_alg() -> None:
     assert cose.alg == ALG_ES256 and cose.payload == b"p"
     with pytest.raises(EvidenceFormatError, match="trailing"):
         parse_cose_sign1(definite + b"\x00")
+
+
+def _sign_with_protected(protected: dict[object, object], unprotected: dict[object, object]) -> bytes:
+    """A COSE_Sign1 ES384 whose protected header is ``protected`` (``sign1`` only writes alg)."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    raw_protected = cbor2.dumps(protected)
+    der = key.sign(sig_structure(raw_protected, b"p"), ec.ECDSA(hashes.SHA384()))
+    return cbor2.dumps([raw_protected, unprotected, b"p", ecdsa_der_to_raw(der, 48)])
+
+
+def test_cose_crit_header_must_be_understood() -> None:
+    # RFC 9052 section 3.1: crit names labels the recipient MUST understand, else it rejects
+    assert parse_cose_sign1(_sign_with_protected({1: ALG_ES384}, {})).alg == ALG_ES384
+    assert parse_cose_sign1(_sign_with_protected({1: ALG_ES384, 2: [1]}, {})).alg == ALG_ES384
+    for protected, unprotected, words in (
+        ({1: ALG_ES384, 2: [99], 99: True}, {}, "does not understand"),
+        ({1: ALG_ES384, 2: ["x-must-check"], "x-must-check": 1}, {}, "does not understand"),
+        ({1: ALG_ES384, 2: []}, {}, "non-empty array"),
+        ({1: ALG_ES384, 2: 99}, {}, "non-empty array"),
+        ({1: ALG_ES384, 2: [b"x"]}, {}, "not a header label"),
+        ({1: ALG_ES384}, {2: [99], 99: True}, "protected header"),
+    ):
+        with pytest.raises(EvidenceFormatError, match=words) as info:
+            parse_cose_sign1(_sign_with_protected(protected, unprotected))
+        assert info.value.field.endswith(".crit")

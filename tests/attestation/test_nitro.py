@@ -11,6 +11,7 @@ from typing import Any
 
 import cbor2
 import pytest
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -25,7 +26,7 @@ from r3e_tee.attestation.policy import Policy
 from r3e_tee.attestation.result import EvidenceKind
 from r3e_tee.attestation.verify import Verifier, verify_evidence
 from r3e_tee.errors import EvidenceFormatError, Reason, VerificationError
-from r3e_tee.evidence.cose import ALG_ES256, sign1
+from r3e_tee.evidence.cose import ALG_ES256, ecdsa_der_to_raw, sig_structure, sign1
 from r3e_tee.evidence.nitro import NitroPki, build_nitro_pki, parse_nitro_document
 
 PCRS = {0: b"\x10" * 48, 1: b"\x11" * 48, 2: b"\x12" * 48, 3: b"\x00" * 48, 4: b"\x14" * 48, 8: b"\x18" * 48}
@@ -426,3 +427,20 @@ def test_results_do_not_share_cached_containers(nitro_pki: NitroPki, t0: datetim
     first.details["pcrs"]["0"] = "tampered"
     second = verifier.verify(doc, at=t0)
     assert second.claims["pcrs"]["0"] == "10" * 48 and second.details["pcrs"]["0"] == "10" * 48
+
+
+def test_unknown_critical_header_is_rejected(nitro_pki: NitroPki, t0: datetime) -> None:
+    """RFC 9052 section 3.1: a document whose ``crit`` names a header the verifier does not
+    process is rejected, even though its signature verifies; the same document without it passes."""
+    payload = cbor2.dumps(_payload(nitro_pki, t0))
+
+    def signed(protected: dict[object, object]) -> bytes:
+        raw = cbor2.dumps(protected)
+        der = nitro_pki.leaf_key.sign(sig_structure(raw, payload), ec.ECDSA(hashes.SHA384()))
+        return cbor2.dumps([raw, {}, payload, ecdsa_der_to_raw(der, 48)])
+
+    verifier = NitroVerifier(nitro_pki.root)
+    assert verifier.verify(signed({1: -35}), at=t0).claims["nonce"] == NONCE.hex()
+    with pytest.raises(EvidenceFormatError, match="does not understand") as info:
+        verifier.verify(signed({1: -35, 2: [99], 99: True}), at=t0)
+    assert info.value.field == "nitro.cose_sign1.protected.crit"

@@ -132,6 +132,19 @@ def test_tcb_and_advisories() -> None:
         "policy.allowed_advisories",
     )
     assert canonical_tcb_status("GROUP_OUT_OF_DATE") == "OutOfDate"
+
+
+def test_tcb_statuses_reject_evidence_without_a_tcb_status() -> None:
+    """Nitro and SEV-SNP verification establishes no TCB status: a policy that admits only some
+    statuses cannot be satisfied by them (module rule: a reference value the kind cannot carry
+    rejects), while the default (no tcb_statuses) still accepts them."""
+    only_current = Policy.from_dict({"tcb_statuses": ["UpToDate"]})
+    only_current.check(tdx(), at=AT)
+    for kind in (EvidenceKind.NITRO, EvidenceKind.SEV_SNP):
+        result = VerificationResult(kind, AT, {})
+        Policy().check(result, at=AT)
+        err = rejects(only_current, result, Reason.KIND_NOT_ALLOWED, "policy.tcb_statuses")
+        assert "carries no tcb_statuses" in str(err.observed)
     assert canonical_tcb_status("uptodate") == "UpToDate"
 
 

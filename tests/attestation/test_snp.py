@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from hypothesis import HealthCheck, given, settings
@@ -16,8 +17,14 @@ from hypothesis import strategies as st
 from r3e_tee.attestation.snp import SnpCollateral, SnpVerifier, verify_snp
 from r3e_tee.attestation.verify import verify_evidence
 from r3e_tee.errors import CollateralError, EvidenceFormatError, Reason, VerificationError
-from r3e_tee.evidence.encoding import build_scale_versioned
+from r3e_tee.evidence.encoding import build_scale_versioned, issue_certificate
 from r3e_tee.evidence.snp import (
+    OID_BL_SPL,
+    OID_FMC_SPL,
+    OID_HWID,
+    OID_SNP_SPL,
+    OID_TEE_SPL,
+    OID_UCODE_SPL,
     REPORT_SIZE,
     SIGNED_SIZE,
     SnpPki,
@@ -274,3 +281,49 @@ def test_fuzzed_reports_never_crash(snp_pki: SnpPki, t0: datetime, data: st.Data
 
 
 _FUZZ: dict[str, Any] = {}
+
+
+def _vcek_without(pki: SnpPki, t0: datetime, tcb: TcbVersion, drop: Any) -> bytes:
+    """A VCEK like ``pki.vcek`` (same key, issuer, chip) whose TCB extensions omit ``drop``."""
+    spl = {OID_BL_SPL: tcb.bl, OID_TEE_SPL: tcb.tee, OID_SNP_SPL: tcb.snp, OID_UCODE_SPL: tcb.ucode}
+    if tcb.fmc is not None:
+        spl[OID_FMC_SPL] = tcb.fmc
+    exts: list[tuple[x509.ExtensionType, bool]] = [
+        (x509.UnrecognizedExtension(oid, bytes([0x02, 0x01, value])), False)
+        for oid, value in spl.items()
+        if oid != drop
+    ]
+    exts.append((x509.UnrecognizedExtension(OID_HWID, b"\xc1" * 64), False))
+    cert = issue_certificate(
+        pki.vcek.subject,
+        pki.vcek_key.public_key(),
+        issuer=pki.ask,
+        issuer_key=pki.ask_key,
+        not_before=t0 - timedelta(days=1),
+        not_after=t0 + timedelta(days=1),
+        ca=False,
+        extensions=exts,
+        rsa_pss=True,
+    )
+    return der(cert)
+
+
+def test_vcek_must_state_the_reported_tcb(t0: datetime) -> None:
+    """AMD VCEK spec (KDS interface, VCEK extensions): blSPL, teeSPL, snpSPL and ucodeSPL (and
+    fmcSPL on Turin) state the TCB the key was derived for; a certificate that does not state
+    one of them cannot vouch for REPORTED_TCB, so it is a mismatch, not a pass."""
+    for tcb, cpuid in (
+        (TcbVersion.build(bl=3, tee=0, snp=8, ucode=115), (0x19, 0x01, 0x01)),
+        (TcbVersion.build(bl=3, tee=0, snp=8, ucode=115, fmc=1), (0x1A, 0x02, 0x00)),
+    ):
+        pki = build_snp_pki(not_before=t0 - timedelta(days=1), not_after=t0 + timedelta(days=1), tcb=tcb)
+        rep = report(pki, reported_tcb=tcb, cpuid=cpuid)
+        c = coll(pki)
+        assert verify_snp(rep, c, at=t0, trust_root=pki.ark).claims["reported_tcb"]["snp"] == 8
+        drops = [OID_BL_SPL, OID_TEE_SPL, OID_SNP_SPL, OID_UCODE_SPL] + ([OID_FMC_SPL] if tcb.fmc else [])
+        for drop in drops:
+            c["vcek"] = _vcek_without(pki, t0, tcb, drop)
+            with pytest.raises(VerificationError) as info:
+                verify_snp(rep, c, at=t0, trust_root=pki.ark)
+            assert (info.value.reason, info.value.check) == (Reason.COLLATERAL_MISMATCH, "snp.vcek-tcb")
+            assert drop.dotted_string in str(info.value)

@@ -9,6 +9,9 @@ from datetime import timedelta
 
 import dcap_qvl
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 from dcap_vectors import NOW
 
 from r3e_tee.attestation.dcap import DcapVerifier, VerificationCache, converge_status, verify_dcap
@@ -23,7 +26,7 @@ from r3e_tee.evidence.dcap_builder import (
     default_tcb_info,
     sign_p256_raw,
 )
-from r3e_tee.evidence.dcap_collateral import QuoteCollateral, TcbLevel
+from r3e_tee.evidence.dcap_collateral import QuoteCollateral, TcbLevel, split_signed_response
 from r3e_tee.evidence.sgx_quote import assemble_quote, parse_quote
 
 Platform = tuple[DcapPlatform, QuoteCollateral]
@@ -167,6 +170,100 @@ def test_wrong_root(sgx_platform: Platform) -> None:
     rejects("bad-chain", p, quote, c, root=other.root_cert_pem)
 
 
+def _reissue(
+    cert: x509.Certificate,
+    signer: ec.EllipticCurvePrivateKey,
+    *,
+    ca: bool,
+    digital_signature: bool,
+    cert_sign: bool,
+    crl_sign: bool,
+) -> x509.Certificate:
+    """``cert`` with the same name, key, validity and other extensions, but the given
+    basicConstraints and keyUsage, signed by ``signer``."""
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(cert.subject)
+        .issuer_name(cert.issuer)
+        .public_key(cert.public_key())
+        .serial_number(cert.serial_number)
+        .not_valid_before(cert.not_valid_before_utc)
+        .not_valid_after(cert.not_valid_after_utc)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=digital_signature,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=cert_sign,
+                crl_sign=crl_sign,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+    )
+    for ext in cert.extensions:
+        if not isinstance(ext.value, x509.BasicConstraints | x509.KeyUsage):
+            b = b.add_extension(ext.value, critical=ext.critical)
+    return b.sign(signer, hashes.SHA256())
+
+
+def test_each_certificate_may_do_what_it_is_used_for(sgx_platform: Platform) -> None:
+    """RFC 5280 4.2.1.3/4.2.1.9: TCB Info, QE Identity and QE reports are signed by end-entity
+    keys with digitalSignature; CA keys only sign certificates (keyCertSign) and CRLs (cRLSign)."""
+    p, c = sgx_platform
+    quote = build_sgx_quote(p)
+    ok(p, quote, c)
+
+    def signed_by(cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> QuoteCollateral:
+        chain = p.pem(cert, p.root_cert)
+        return replace(
+            c,
+            tcb_info_issuer_chain=chain,
+            tcb_info_signature=sign_p256_raw(key, c.tcb_info.encode()),
+            qe_identity_issuer_chain=chain,
+            qe_identity_signature=sign_p256_raw(key, c.qe_identity.encode()),
+        )
+
+    # the PCK CA key (a CA: keyCertSign, cRLSign) signing TCB Info and QE Identity
+    err = rejects("bad-chain", p, quote, signed_by(p.pck_ca_cert, p.pck_ca_key))
+    assert "CA certificate" in str(err)
+    # a TCB signing certificate that is a CA, or lacks digitalSignature
+    for ca, ds in ((True, True), (False, False)):
+        tcb = _reissue(
+            p.tcb_signing_cert, p.root_key, ca=ca, digital_signature=ds, cert_sign=ca, crl_sign=False
+        )
+        rejects("bad-chain", p, quote, signed_by(tcb, p.tcb_signing_key))
+    tcb_ok = _reissue(
+        p.tcb_signing_cert, p.root_key, ca=False, digital_signature=True, cert_sign=False, crl_sign=False
+    )
+    ok(p, quote, signed_by(tcb_ok, p.tcb_signing_key))
+    # a PCK certificate without digitalSignature signing the QE report
+    pck = _reissue(
+        p.pck_cert, p.pck_ca_key, ca=False, digital_signature=False, cert_sign=False, crl_sign=False
+    )
+    p2 = replace(p, pck_cert=pck)
+    err = rejects("bad-chain", p2, build_sgx_quote(p2), c)
+    assert "digital signatures" in str(err)
+    # a PCK CA without keyCertSign issuing the PCK certificate; and without cRLSign issuing the CRL
+    for cert_sign, crl_sign, words in ((False, True, "may not sign certificates"), (True, False, "CRLs")):
+        ca = _reissue(
+            p.pck_ca_cert,
+            p.root_key,
+            ca=True,
+            digital_signature=False,
+            cert_sign=cert_sign,
+            crl_sign=crl_sign,
+        )
+        p3 = replace(p, pck_ca_cert=ca)
+        coll = replace(c, pck_crl_issuer_chain=p.pem(ca, p.root_cert))
+        err = rejects("bad-chain", p3, build_sgx_quote(p3), coll)
+        assert words in str(err)
+
+
 def test_revoked_pck_and_pck_ca() -> None:
     p, c = build_test_platform(now=NOW, revoke_pck=True)
     rejects("revoked", p, build_sgx_quote(p), c)
@@ -205,6 +302,76 @@ def test_tampered_collateral_signatures(sgx_platform: Platform) -> None:
     sig = bytearray(c.root_ca_crl)
     sig[-5] ^= 1
     rejects("bad-signature", p, quote, replace(c, root_ca_crl=bytes(sig)))
+
+
+def test_signed_collateral_with_duplicate_member_names(sgx_platform: Platform) -> None:
+    """RFC 8259 section 4: duplicate names make a JSON object mean what each parser decides;
+    signed TCB Info / QE Identity (and the bundle around them) with any are refused as unusable."""
+    p, c = sgx_platform
+    quote = build_sgx_quote(p)
+    assert ok(p, quote, c).claims["fmspc"] == "00906ED50000"
+
+    def resigned(tcb_info: str | None = None, qe_identity: str | None = None) -> QuoteCollateral:
+        tcb, qe = tcb_info or c.tcb_info, qe_identity or c.qe_identity
+        return replace(
+            c,
+            tcb_info=tcb,
+            tcb_info_signature=sign_p256_raw(p.tcb_signing_key, tcb.encode()),
+            qe_identity=qe,
+            qe_identity_signature=sign_p256_raw(p.tcb_signing_key, qe.encode()),
+        )
+
+    # a first "fmspc" of another platform that a first-wins parser would match
+    dup_tcb = c.tcb_info.replace('"fmspc":"00906ED50000"', '"fmspc":"00A067110000","fmspc":"00906ED50000"')
+    dup_qe = c.qe_identity.replace('"isvprodid":1', '"isvprodid":7,"isvprodid":1')
+    for coll in (resigned(tcb_info=dup_tcb), resigned(qe_identity=dup_qe)):
+        with pytest.raises(CollateralError, match="duplicate member name"):
+            ok(p, quote, coll)
+    bundle = json.dumps(c.to_json())
+    with pytest.raises(CollateralError, match="duplicate member name 'tcb_info'"):
+        ok(p, quote, bundle.replace('"tcb_info":', '"tcb_info":"{}","tcb_info":', 1))
+    assert ok(p, quote, bundle).tcb_status == "UpToDate"
+    # a raw PCS response naming its signed member twice
+    response = c.tcb_info_response()
+    assert split_signed_response(response, "tcbInfo")[0] == c.tcb_info
+    with pytest.raises(EvidenceFormatError, match="duplicate member name 'tcbInfo'"):
+        split_signed_response('{"tcbInfo":{},' + response[1:], "tcbInfo")
+
+
+def test_tcb_info_of_an_undefined_tcb_type(sgx_platform: Platform, tdx_platform: Platform) -> None:
+    """Intel PCS TCB Info: tcbType picks the level comparison logic and only type 0 is defined;
+    a signed TCB Info of another type cannot be matched by type-0 rules, so it is unusable."""
+    for p, c, quote in (
+        (*sgx_platform, build_sgx_quote(sgx_platform[0])),
+        (*tdx_platform, build_tdx_quote(tdx_platform[0])),
+    ):
+        assert ok(p, quote, c).tcb_status == "UpToDate"
+        text = c.tcb_info.replace('"tcbType":0', '"tcbType":1')
+        assert text != c.tcb_info
+        coll = replace(c, tcb_info=text, tcb_info_signature=sign_p256_raw(p.tcb_signing_key, text.encode()))
+        with pytest.raises(CollateralError, match="unsupported tcbType 1"):
+            ok(p, quote, coll)
+
+
+def test_tdx_tcb_info_must_describe_the_tdx_module(tdx_platform: Platform) -> None:
+    """Intel PCS TDX TCB Info v3 always carries tdxModule (MRSIGNER_SEAM, attributes); without
+    it a TD on a version-0 module would pass with any SEAM signer (dcap-qvl refuses it too)."""
+    t, tc = tdx_platform
+    spec = replace(t.spec, tee_tcb_svn=bytes([5, 0, 2] + [0] * 13))  # module major version 0
+    p0 = replace(t, spec=spec)
+    c0 = build_collateral(p0)
+    quote = build_tdx_quote(p0)
+    assert ok(p0, quote, c0).tcb_status == "UpToDate"
+    doc = json.loads(c0.tcb_info)
+    for value in (None, "drop"):
+        if value == "drop":
+            doc.pop("tdxModule")
+        else:
+            doc["tdxModule"] = value
+        text = json.dumps(doc, separators=(",", ":"))
+        coll = replace(c0, tcb_info=text, tcb_info_signature=sign_p256_raw(t.tcb_signing_key, text.encode()))
+        with pytest.raises(CollateralError, match="tdxModule"):
+            ok(p0, quote, coll)
 
 
 # --- QE, quote signature -----------------------------------------------------------------------

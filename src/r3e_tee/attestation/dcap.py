@@ -198,6 +198,8 @@ class _Cert:
     not_after: datetime
     serial: int
     is_ca: bool
+    # keyUsage (digitalSignature, keyCertSign, cRLSign); None when the extension is absent
+    key_usage: tuple[bool, bool, bool] | None
     sgx_extension: bytes | None
 
     def label(self) -> str:
@@ -333,6 +335,11 @@ def _load_cert(der: bytes, what: str) -> _Cert:
         except x509.ExtensionNotFound:
             is_ca = False
         try:
+            ku = exts.get_extension_for_class(x509.KeyUsage).value
+            key_usage: tuple[bool, bool, bool] | None = (ku.digital_signature, ku.key_cert_sign, ku.crl_sign)
+        except x509.ExtensionNotFound:
+            key_usage = None
+        try:
             ext = exts.get_extension_for_oid(_SGX_EXT_OID).value
             sgx = ext.value if isinstance(ext, x509.UnrecognizedExtension) else None
         except x509.ExtensionNotFound:
@@ -351,6 +358,7 @@ def _load_cert(der: bytes, what: str) -> _Cert:
             not_after=cert.not_valid_after_utc,
             serial=cert.serial_number,
             is_ca=is_ca,
+            key_usage=key_usage,
             sgx_extension=sgx,
         )
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
@@ -410,6 +418,7 @@ class DcapVerifier:
             not_after=self.trust_root.not_after,
             serial=self.trust_root.certificate.serial_number,
             is_ca=True,
+            key_usage=None,
             sgx_extension=None,
         )
         self._anchor_window = _Window(
@@ -535,7 +544,7 @@ class DcapVerifier:
         pck = self._chain(pck_pem, "PCK", 1, in_quote=True)
         tcb_chain = self._chain(coll.tcb_info_issuer_chain.encode(), "TCB Info signing", 0)
         qe_chain = self._chain(coll.qe_identity_issuer_chain.encode(), "QE Identity signing", 0)
-        crl_chain = self._chain(coll.pck_crl_issuer_chain.encode(), "PCK CRL issuer", 0)
+        crl_chain = self._chain(coll.pck_crl_issuer_chain.encode(), "PCK CRL issuer", 0, crl_signer=True)
         pck_ca = pck.certs[1]
 
         # 3. CRLs: Root CA CRL by the root, PCK CRL by the PCK's own issuer
@@ -619,13 +628,17 @@ class DcapVerifier:
             },
         )
 
-    def _chain(self, pem: bytes, what: str, intermediates: int, *, in_quote: bool = False) -> _Chain:
+    def _chain(
+        self, pem: bytes, what: str, intermediates: int, *, in_quote: bool = False, crl_signer: bool = False
+    ) -> _Chain:
         return self.cache.get_or_compute(
-            ("chain", pem, self.trust_root.spki, intermediates),
-            lambda: self._build_chain(pem, what, intermediates, in_quote),
+            ("chain", pem, self.trust_root.spki, intermediates, crl_signer),
+            lambda: self._build_chain(pem, what, intermediates, in_quote, crl_signer),
         )
 
-    def _build_chain(self, pem: bytes, what: str, intermediates: int, in_quote: bool) -> _Chain:
+    def _build_chain(
+        self, pem: bytes, what: str, intermediates: int, in_quote: bool, crl_signer: bool
+    ) -> _Chain:
         fld = "signature_data.certification_data" if in_quote else f"collateral.{what}"
         try:
             certs = [self._cert(d, fld) for d in pem_chain_to_der(pem, field=fld)]
@@ -654,6 +667,12 @@ class DcapVerifier:
                     f"{what} chain: issuer {issuer.label()} is not a CA certificate",
                     check=f"{what} chain",
                 )
+            if i + 1 < len(certs) and issuer.key_usage is not None and not issuer.key_usage[1]:
+                raise VerificationError(
+                    Reason.BAD_CHAIN,
+                    f"{what} chain: issuer {issuer.label()} may not sign certificates (keyUsage)",
+                    check=f"{what} chain",
+                )
             if not self._issued_by(cert, issuer):
                 raise VerificationError(
                     Reason.BAD_CHAIN,
@@ -665,6 +684,7 @@ class DcapVerifier:
                     f"{what} certificate", cert.cert.not_valid_before_utc, cert.cert.not_valid_after_utc, True
                 )
             )
+        _check_signer_role(certs[0], what, crl_signer)
         leaf_key = certs[0].key
         if not isinstance(leaf_key, ec.EllipticCurvePublicKey) or not isinstance(
             leaf_key.curve, ec.SECP256R1
@@ -744,6 +764,32 @@ class DcapVerifier:
                 raise CollateralError(f"signed {check} does not parse: {exc.message}") from None
 
         return self.cache.get_or_compute((check, text, signature, chain.leaf.der), compute)
+
+
+def _check_signer_role(leaf: _Cert, what: str, crl_signer: bool) -> None:
+    """The end of each chain must be allowed to do what it is used for (RFC 5280 4.2.1.3 and
+    4.2.1.9): a CRL issuer is a CA with cRLSign; a signer of data (PCK: QE reports, TCB signing:
+    TCB Info and QE Identity) is an end entity with digitalSignature, never a CA key."""
+    if crl_signer:
+        if not leaf.is_ca or (leaf.key_usage is not None and not leaf.key_usage[2]):
+            raise VerificationError(
+                Reason.BAD_CHAIN,
+                f"{what} certificate {leaf.label()} may not sign CRLs (needs a CA with cRLSign)",
+                check=f"{what} chain",
+            )
+        return
+    if leaf.is_ca:
+        raise VerificationError(
+            Reason.BAD_CHAIN,
+            f"{what} certificate {leaf.label()} is a CA certificate, not an end-entity signer",
+            check=f"{what} chain",
+        )
+    if leaf.key_usage is not None and not leaf.key_usage[0]:
+        raise VerificationError(
+            Reason.BAD_CHAIN,
+            f"{what} certificate {leaf.label()} may not make digital signatures (keyUsage)",
+            check=f"{what} chain",
+        )
 
 
 class _NotIssuedError(Exception):

@@ -12,7 +12,7 @@ Keys are the claim names of the verification result::
     allow_debug: false          # UNSAFE when true: debug enclaves/TDs/guests expose their memory
     allow_simulation: false     # UNSAFE when true: accepts the simulation provider's evidence
     kinds: [sgx-dcap, nitro]
-    tcb_statuses: [UpToDate, SWHardeningNeeded]     # IAS spellings (OK, GROUP_OUT_OF_DATE...) too
+    tcb_statuses: [UpToDate, SWHardeningNeeded]     # SGX, TDX, IAS (IAS spellings such as OK too)
     allowed_advisories: [INTEL-SA-00615]             # every advisory present must be listed
     denied_advisories: [INTEL-SA-00334]
     mrenclave: [<hex>]  mrsigner: [<hex>]  isv_prod_id: 0  min_isv_svn: 1      # SGX (DCAP, IAS)
@@ -68,6 +68,8 @@ SNP = frozenset({EvidenceKind.SEV_SNP})
 REPORT_DATA_KINDS = SGX | TDX | SNP
 NONCE_KINDS = frozenset({EvidenceKind.NITRO, EvidenceKind.SGX_IAS})
 TIMESTAMP_KINDS = frozenset({EvidenceKind.NITRO, EvidenceKind.SGX_IAS})
+# kinds whose verifier establishes a TCB status (Intel TCB Info / IAS); Nitro and SEV-SNP do not
+TCB_STATUS_KINDS = SGX | TDX
 CLOCK_SKEW_SECONDS = 60.0
 
 TCB_STATUSES = (
@@ -264,6 +266,7 @@ _CONVERTERS: dict[str, Callable[[Any, str], Any]] = {
 }
 # which kinds can carry each reference value
 _APPLIES: dict[str, frozenset[EvidenceKind]] = {
+    "tcb_statuses": TCB_STATUS_KINDS,
     "mrenclave": SGX,
     "mrsigner": SGX,
     "isv_prod_id": SGX,

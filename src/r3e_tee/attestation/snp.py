@@ -317,8 +317,21 @@ class SnpVerifier:
                  ("ucode", OID_UCODE_SPL, tcb.ucode), ("fmc", OID_FMC_SPL, tcb.fmc)]  # fmt: skip
         for name, oid, observed in pairs:
             expected = ext_int(oid)
+            if expected is None and observed is None:
+                continue  # FMC: only Turin-layout reports and certificates carry it
             if expected is None or observed is None:
-                continue
+                # a TCB the certificate does not state (or states for another layout) is not
+                # a match: the VCEK/VLEK extensions are the only evidence of its TCB
+                raise VerificationError(
+                    Reason.COLLATERAL_MISMATCH,
+                    f"the {rep.signing_key} certificate "
+                    + ("lacks" if expected is None else "has")
+                    + f" the {name} SPL extension ({oid.dotted_string}) the report's TCB layout "
+                    + ("needs" if expected is None else "does not have"),
+                    check="snp.vcek-tcb",
+                    observed=str(observed),
+                    expected=str(expected),
+                )
             if expected != observed:
                 raise VerificationError(
                     Reason.COLLATERAL_MISMATCH,

@@ -34,6 +34,10 @@ __all__ = [
 ]
 
 COSE_SIGN1_TAG = 18
+HEADER_ALG = 1
+HEADER_CRIT = 2
+# header labels whose semantics this parser implements (what a ``crit`` list may name)
+UNDERSTOOD_HEADERS = frozenset({HEADER_ALG})
 ALG_ES256 = -7
 ALG_ES384 = -35
 ALG_ES512 = -36
@@ -152,6 +156,7 @@ def parse_cose_sign1(data: bytes, *, field: str = "cose_sign1") -> CoseSign1:
             field=f"{field}.unprotected",
             offset=u_at,
         )
+    _check_crit(header, unprotected, field, p_at, u_at)
     return CoseSign1(
         protected=protected,
         protected_header=header,
@@ -161,6 +166,38 @@ def parse_cose_sign1(data: bytes, *, field: str = "cose_sign1") -> CoseSign1:
         tagged=tagged,
         payload_offset=payload_offset,
     )
+
+
+def _check_crit(
+    header: Mapping[Any, Any], unprotected: Mapping[Any, Any], field: str, p_at: int, u_at: int
+) -> None:
+    """RFC 9052 section 3.1: ``crit`` lives in the protected header, is a non-empty array of
+    labels, and a message listing a label this parser does not process MUST be rejected (it
+    only understands ``alg``), else a signer's must-understand semantics are silently dropped."""
+    if HEADER_CRIT in unprotected:
+        raise EvidenceFormatError(
+            "crit (label 2) must be in the protected header", field=f"{field}.unprotected.crit", offset=u_at
+        )
+    if HEADER_CRIT not in header:
+        return
+    crit = header[HEADER_CRIT]
+    if not isinstance(crit, list) or not crit:
+        raise EvidenceFormatError(
+            "crit (label 2) must be a non-empty array of labels", field=f"{field}.protected.crit", offset=p_at
+        )
+    for label in crit:
+        if isinstance(label, bool) or not isinstance(label, int | str):
+            raise EvidenceFormatError(
+                f"crit lists {label!r}, which is not a header label",
+                field=f"{field}.protected.crit",
+                offset=p_at,
+            )
+        if label not in UNDERSTOOD_HEADERS:
+            raise EvidenceFormatError(
+                f"crit lists header label {label!r}, which this verifier does not understand",
+                field=f"{field}.protected.crit",
+                offset=p_at,
+            )
 
 
 def _hlen(data: bytes, at: int) -> int:

@@ -33,6 +33,8 @@ TCB_STATUSES = (
     "OutOfDateConfigurationNeeded",
     "Revoked",
 )
+# the only TCB level composition Intel defines (componentwise SVN comparison)
+SUPPORTED_TCB_TYPE = 0
 _STATUS_ALIASES = {
     "SwHardeningNeeded": "SWHardeningNeeded",
     "ConfigurationAndSwHardeningNeeded": "ConfigurationAndSWHardeningNeeded",
@@ -187,9 +189,29 @@ class _J:
         return tuple(items)
 
 
+class _DuplicateKeyError(ValueError):
+    """Internal: a JSON object repeats a member name."""
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKeyError(f"duplicate member name {key!r}")
+            seen.add(key)
+    return out
+
+
 def _load_json(text: str | bytes, root: str) -> Any:
+    """Decode JSON, refusing duplicate member names: RFC 8259 section 4 leaves their meaning to
+    each parser (Python keeps the last, serde-based dcap-qvl refuses), so signed collateral with
+    them could say one thing to us and another to the verifier it was checked against."""
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_unique_members)
+    except _DuplicateKeyError as exc:
+        raise EvidenceFormatError(f"invalid JSON: {exc}", field=root, offset=0) from None
     except json.JSONDecodeError as exc:
         raise EvidenceFormatError(f"invalid JSON: {exc.msg}", field=root, offset=exc.pos) from None
     except (UnicodeDecodeError, RecursionError) as exc:
@@ -273,13 +295,16 @@ def _tcb_info_checked(doc: Any) -> TcbInfo:
     module: TdxModule | None = None
     identities: list[TdxModuleIdentity] = []
     if tcb_id == "TDX":
-        if "tdxModule" in o:
-            m = j.obj(o["tdxModule"], "tdxModule")
-            module = TdxModule(
-                mrsigner=j.hex_(m, "mrsigner", "tdxModule", 48),
-                attributes=j.hex_(m, "attributes", "tdxModule", 8),
-                attributes_mask=j.hex_(m, "attributesMask", "tdxModule", 8),
-            )
+        # Intel PCS TCB Info v3: tdxModule is present in every TDX TCB Info; without it the
+        # TDX module (MRSIGNER_SEAM, SEAM attributes) of a version-0 module would go unchecked
+        if "tdxModule" not in o:
+            raise j.fail("tdxModule", "missing (a TDX TCB Info must describe the TDX module)")
+        m = j.obj(o["tdxModule"], "tdxModule")
+        module = TdxModule(
+            mrsigner=j.hex_(m, "mrsigner", "tdxModule", 48),
+            attributes=j.hex_(m, "attributes", "tdxModule", 8),
+            attributes_mask=j.hex_(m, "attributesMask", "tdxModule", 8),
+        )
         for i, item in enumerate(j.arr(o.get("tdxModuleIdentities", []), "tdxModuleIdentities")):
             p = f"tdxModuleIdentities[{i}]"
             m = j.obj(item, p)
@@ -299,12 +324,22 @@ def _tcb_info_checked(doc: Any) -> TcbInfo:
         next_update=j.time_(o, "nextUpdate", ""),
         fmspc=j.hex_(o, "fmspc", "", 6),
         pce_id=j.hex_(o, "pceId", "", 2),
-        tcb_type=j.int_(o, "tcbType", ""),
+        tcb_type=_tcb_type(j, o),
         tcb_evaluation_data_number=j.int_(o, "tcbEvaluationDataNumber", ""),
         tcb_levels=tuple(levels),
         tdx_module=module,
         tdx_module_identities=tuple(identities),
     )
+
+
+def _tcb_type(j: _J, o: Mapping[str, Any]) -> int:
+    """Intel PCS: tcbType selects the TCB level comparison logic. Only type 0 (compare every
+    SVN) is defined and implemented; matching levels of another type with it would give a
+    verdict by the wrong rules, so such a TCB Info is unusable."""
+    tcb_type = j.int_(o, "tcbType", "")
+    if tcb_type != SUPPORTED_TCB_TYPE:
+        raise j.fail("tcbType", f"unsupported tcbType {tcb_type} (only {SUPPORTED_TCB_TYPE} is defined)")
+    return tcb_type
 
 
 def parse_enclave_identity(text: str | bytes) -> EnclaveIdentity:
@@ -459,11 +494,10 @@ def _tcb_info_fast(o: Any) -> TcbInfo:
     module = None
     identities: list[TdxModuleIdentity] = []
     if tcb_id == "TDX":
-        m = o.get("tdxModule")
-        if m is not None:
-            module = TdxModule(
-                _f_hex(m["mrsigner"], 48), _f_hex(m["attributes"], 8), _f_hex(m["attributesMask"], 8)
-            )
+        m = o["tdxModule"]
+        module = TdxModule(
+            _f_hex(m["mrsigner"], 48), _f_hex(m["attributes"], 8), _f_hex(m["attributesMask"], 8)
+        )
         ids = o.get("tdxModuleIdentities", [])
         if type(ids) is not list:
             raise ValueError
@@ -484,7 +518,7 @@ def _tcb_info_fast(o: Any) -> TcbInfo:
         next_update=_f_time(o["nextUpdate"]),
         fmspc=_f_hex(o["fmspc"], 6),
         pce_id=_f_hex(o["pceId"], 2),
-        tcb_type=_f_int(o["tcbType"], 2**32 - 1),
+        tcb_type=_f_int(o["tcbType"], SUPPORTED_TCB_TYPE),
         tcb_evaluation_data_number=_f_int(o["tcbEvaluationDataNumber"], 2**32 - 1),
         tcb_levels=tuple(levels),
         tdx_module=module,
