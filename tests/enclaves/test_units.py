@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import socket
 import time
 from pathlib import Path
@@ -248,3 +249,35 @@ def test_hidden_directories_are_unreadable_inside_the_sandbox(tmp_path: Path) ->
 
     assert _in_child(child) == 0
     assert (secret_dir / "kek.key").read_bytes() == b"k" * 32  # the host still sees it
+
+
+def test_function_confinement_reports_what_a_library_os_lacks_instead_of_dying() -> None:
+    """Under Gramine /proc/self/statm (and so the RLIMIT_AS cap) may be missing: the sandbox
+    must still start, confined as far as the platform allows, and say what it could not do."""
+    import builtins
+
+    from r3e_tee.providers.sandbox import confine_function
+
+    real_open = builtins.open
+
+    def child() -> int:
+        def no_statm(path: object, *args: object, **kwargs: object) -> object:
+            if path == "/proc/self/statm":
+                raise FileNotFoundError(2, "No such file or directory", path)
+            return real_open(path, *args, **kwargs)  # type: ignore[call-overload]
+
+        builtins.open = no_statm  # type: ignore[assignment]
+        a, b = socket.socketpair()
+        missing = confine_function(b.fileno(), 64 * 2**20)
+        if not any(m.startswith("RLIMIT_AS") for m in missing):
+            return 20
+        if resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY:
+            return 21
+        try:
+            os.fstat(a.fileno())  # closed: only its own socket and stdio survive
+            return 22
+        except OSError:
+            pass
+        return 0
+
+    assert _in_child(child) == 0

@@ -391,14 +391,17 @@ def confine_function(keep_fd: int, memory_bytes: int) -> list[str]:
     """
     os.closerange(3, keep_fd)
     os.closerange(keep_fd + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
-    with open("/proc/self/statm", "rb") as f:
-        mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-    limit = mapped + memory_bytes
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     missing: list[str] = []
+    try:  # a library OS (Gramine) may not offer /proc/self/statm or RLIMIT_AS: report, go on
+        with open("/proc/self/statm", "rb") as f:
+            mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        limit = mapped + memory_bytes
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    except (OSError, ValueError, IndexError) as exc:
+        missing.append(f"RLIMIT_AS: {exc}")
     ok, why = seccomp_supported()
     if not ok:
-        return [f"seccomp: {why}"]
+        return [*missing, f"seccomp: {why}"]
     try:
         _load_seccomp(build_function_seccomp_program(os.getpid()))
     except OSError as exc:
