@@ -67,6 +67,28 @@ def measurement_of(result: VerificationResult) -> str | None:
     return None
 
 
+#: what an enclave of each hardware provider can present. One verifier holds the pinned Intel
+#: and AWS roots for both, so without this the evidence alone would decide which kind of enclave
+#: a provider's enclave is: genuine Nitro evidence would pass as an SGX enclave's.
+PROVIDER_EVIDENCE: Mapping[str, frozenset[EvidenceKind]] = {
+    "sgx": frozenset({EvidenceKind.SGX_DCAP, EvidenceKind.SGX_IAS}),
+    "nitro": frozenset({EvidenceKind.NITRO}),
+}
+
+
+def check_provider_kind(provider: str, kind: EvidenceKind) -> None:
+    """Refuse evidence of a kind the named provider's enclaves cannot produce."""
+    allowed = PROVIDER_EVIDENCE.get(provider)
+    if allowed is not None and kind not in allowed:
+        raise VerificationError(
+            Reason.KIND_NOT_ALLOWED,
+            f"an enclave of provider {provider!r} cannot present {kind.value} evidence",
+            check="provider.evidence-kind",
+            observed=kind.value,
+            expected=", ".join(sorted(k.value for k in allowed)),
+        )
+
+
 class AttestationService:
     def __init__(
         self,
@@ -129,6 +151,7 @@ class AttestationService:
                 collateral = verifier.collateral_provider(EvidenceKind.SGX_DCAP, evidence)
             # collateral from the caller is safe to use: it is verified against the same roots
             result = verifier.verify(evidence, collateral=collateral, policy=policy or self.policy)
+            check_provider_kind(provider, result.kind)
             self._check_binding(result, expected_rd, nonce_bytes, x25519_pub, p256_pub)
         except (VerificationError, EvidenceFormatError) as exc:
             self._record(
