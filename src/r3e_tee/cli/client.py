@@ -6,14 +6,29 @@ import json
 import os
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import httpx
 
-from r3e_tee.errors import R3ETeeError
+from r3e_tee.errors import InvalidRequestError, R3ETeeError
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 _LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
+
+
+def segment(value: str, what: str, *, listed_by: str) -> str:
+    """``value`` as one URL path segment.
+
+    A name typed by the user must never change which resource a request reaches: unquoted,
+    ``destroy-enclave ../secrets/db`` would delete the secret ``db``.
+    """
+    if value in ("", ".", "..") or any(ch in value for ch in "/\\?#") or not value.isprintable():
+        raise InvalidRequestError(
+            f"{what} {value!r} is not a valid name: it cannot be empty, '.' or '..', or contain "
+            "'/', '\\', '?', '#' or control characters",
+            hint=f"use a {what} as `{listed_by}` shows it",
+        )
+    return quote(value, safe="")
 
 
 class ApiError(R3ETeeError):

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from r3e_tee.cli.client import ApiError, ServiceClient
+from r3e_tee.cli.client import ApiError, ServiceClient, segment
 from r3e_tee.cli.output import cli_state, console, print_json, print_table, service_call, service_client
 from r3e_tee.config import parse_size
 from r3e_tee.errors import InvalidRequestError, R3ETeeError
@@ -106,7 +106,8 @@ def destroy_enclave(
 ) -> None:
     """Destroy an enclave: its runtime zeroizes its keys and its tokens are revoked."""
     s = cli_state(ctx)
-    enclave = service_call(ctx, "DELETE", f"/v1/enclaves/{enclave_id}")
+    path = f"/v1/enclaves/{segment(enclave_id, 'enclave id', listed_by='r3e-tee-cli list-enclaves')}"
+    enclave = service_call(ctx, "DELETE", path)
     if s.json:
         print_json(enclave)
     else:

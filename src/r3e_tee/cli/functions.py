@@ -11,7 +11,7 @@ import httpx
 import typer
 from rich.markup import escape
 
-from r3e_tee.cli.client import ServiceClient
+from r3e_tee.cli.client import ServiceClient, segment
 from r3e_tee.cli.output import cli_state, console, print_json, print_table, service_call, service_client
 from r3e_tee.errors import InvalidRequestError, R3ETeeError, ReceiptError
 
@@ -145,6 +145,7 @@ def invoke(
     from r3e_tee.functions.receipts import verify_receipt
 
     s = cli_state(ctx)
+    fn_path = f"/v1/functions/{segment(name, 'function name', listed_by='r3e-tee-cli list-functions')}"
     raw = _data(data)
     c = service_client(ctx)
     headers: dict[str, str] = {}
@@ -153,11 +154,11 @@ def invoke(
     try:
         trusted = _jwks(c, jwks)
         if encrypt:
-            target = c.get(f"/v1/functions/{name}/enclave")
+            target = c.get(f"{fn_path}/enclave")
             claims = verify_token(str(target["token"]), trusted)
             key = base64.b64decode(target["x25519"])
             bound = base64.urlsafe_b64decode(claims["cnf"]["x25519"] + "==")
-            fn = c.get(f"/v1/functions/{name}")
+            fn = c.get(fn_path)
             if bound != key or claims["sub"] != target["enclave_id"]:
                 raise R3ETeeError(
                     "the enclave key offered is not the attested one; refusing to encrypt to it"
@@ -175,13 +176,13 @@ def invoke(
         if async_:
             if idempotency_key:
                 headers["Idempotency-Key"] = idempotency_key
-            queued = c.post(f"/v1/functions/{name}/invocations", content=body, headers=headers)
+            queued = c.post(f"{fn_path}/invocations", content=body, headers=headers)
             if s.json:
                 print_json(queued)
             else:
                 console.print(f"queued invocation {queued['invocation_id']}")
             return
-        result = c.post(f"/v1/functions/{name}/invoke", content=body, headers=headers)
+        result = c.post(f"{fn_path}/invoke", content=body, headers=headers)
     finally:
         c.close()
     output: bytes | None = None
@@ -286,7 +287,7 @@ def _check_evidence(
     report = (
         json.loads(_read(attestation_file, "attestation report"))
         if attestation_file
-        else c.get(f"/v1/attestations/{claims['jti']}")
+        else c.get(f"/v1/attestations/{segment(str(claims['jti']), 'attestation id', listed_by='invoke')}")
     )
     from r3e_tee.attestation.pinned_roots_nitro_ias import TrustAnchor
 

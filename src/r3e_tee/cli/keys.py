@@ -16,12 +16,17 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
+from r3e_tee.cli.client import segment
 from r3e_tee.cli.output import cli_state, console, print_json, print_table, service_call, service_client
 from r3e_tee.errors import InvalidRequestError
 
 
 def _when(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts)) + "Z" if ts else ""
+
+
+def _secret(name: str) -> str:
+    return segment(name, "secret name", listed_by="r3e-tee-cli list-secrets")
 
 
 def _read_value(value_file: Path | None, value_env: str | None) -> bytes:
@@ -68,6 +73,7 @@ def put_secret(
     from r3e_tee.keys.policy import ReleasePolicy
 
     s = cli_state(ctx)
+    path = f"/v1/secrets/{_secret(name)}"
     doc = ReleasePolicy.from_file(policy)  # checked here so mistakes name the file and the key
     value = _read_value(value_file, value_env)
     body: dict[str, Any] = {"value_b64": base64.b64encode(value).decode(), "policy": doc.to_dict()}
@@ -75,7 +81,7 @@ def put_secret(
         body["owner"] = owner
     if description is not None:
         body["description"] = description
-    out = service_call(ctx, "PUT", f"/v1/secrets/{name}", json=body)
+    out = service_call(ctx, "PUT", path, json=body)
     if s.json:
         print_json(out)
         return
@@ -117,7 +123,7 @@ def list_secrets(ctx: typer.Context) -> None:
 def delete_secret(ctx: typer.Context, name: Annotated[str, typer.Argument(help="secret name")]) -> None:
     """Delete a secret; the attestation tokens it was released to are revoked."""
     s = cli_state(ctx)
-    out = service_call(ctx, "DELETE", f"/v1/secrets/{name}")
+    out = service_call(ctx, "DELETE", f"/v1/secrets/{_secret(name)}")
     if s.json:
         print_json(out)
         return

@@ -1,0 +1,94 @@
+"""r3e-tee-cli on bad input: one line naming the problem and the fix, a non-zero exit, no
+traceback, no secret echoed."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from r3e_tee.cli.main import main
+
+
+@dataclass
+class FakeService:
+    """A stand-in for the service: records every request and answers with ``reply``."""
+
+    url: str = ""
+    requests: list[tuple[str, str]] = field(default_factory=list)
+    status: int = 200
+    content_type: str = "application/json"
+    body: bytes = b"{}"
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeService]:
+    svc = FakeService()
+
+    class Handler(BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            svc.requests.append((self.command, self.path))
+            length = int(self.headers.get("Content-Length") or 0)
+            self.rfile.read(length)
+            self.send_response(svc.status)
+            self.send_header("Content-Type", svc.content_type)
+            self.send_header("Content-Length", str(len(svc.body)))
+            self.end_headers()
+            self.wfile.write(svc.body)
+
+        do_GET = do_POST = do_PUT = do_DELETE = _answer
+
+        def log_message(self, format: str, *args: object) -> None:
+            return
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    svc.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield svc
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(args)
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    return code, out, err
+
+
+@pytest.mark.parametrize(
+    ("args", "what"),
+    [
+        (["destroy-enclave", "../secrets/db"], "enclave id"),
+        (["delete-secret", "../functions/pricing"], "secret name"),
+        (["delete-secret", ".."], "secret name"),
+        (["invoke", "../secrets/db"], "function name"),
+    ],
+)
+def test_a_name_cannot_reach_another_resource(
+    fake: FakeService, capsys: pytest.CaptureFixture[str], args: list[str], what: str
+) -> None:
+    """Before: `destroy-enclave ../secrets/db` sent DELETE /v1/enclaves/../secrets/db, which
+    deleted the secret db."""
+    code, _, err = run(["--server", fake.url, "--token", "t", *args], capsys)
+    assert code == 2
+    assert f"{what} " in err and "not a valid name" in err and "fix:" in err
+    assert fake.requests == []
+
+
+def test_a_name_with_spaces_is_sent_quoted(fake: FakeService, capsys: pytest.CaptureFixture[str]) -> None:
+    fake.body = b'{"id": "x", "state": "terminated"}'
+    code, _, _ = run(["--server", fake.url, "--token", "t", "destroy-enclave", "a b"], capsys)
+    assert code == 0 and fake.requests == [("DELETE", "/v1/enclaves/a%20b")]
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
