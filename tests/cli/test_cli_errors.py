@@ -92,3 +92,25 @@ def test_a_name_with_spaces_is_sent_quoted(fake: FakeService, capsys: pytest.Cap
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+@pytest.mark.parametrize("token", ["r3e_SECRET-token\nX", "r3e_SECRET-tokén", "r3e_SECRET token"])
+def test_a_malformed_token_is_refused_without_echoing_it(
+    fake: FakeService, capsys: pytest.CaptureFixture[str], token: str
+) -> None:
+    """Before: a token with a newline failed inside httpx, whose message printed the whole
+    Authorization header (the token); a non-ASCII one crashed with a traceback."""
+    code, out, err = run(["--server", fake.url, "--token", token, "list-enclaves"], capsys)
+    assert code == 2
+    assert "SECRET" not in out + err
+    assert "token" in err and "fix:" in err and "R3E_TEE_TOKEN" in err
+    assert fake.requests == []
+
+
+def test_a_refused_token_says_how_to_fix_it(fake: FakeService, capsys: pytest.CaptureFixture[str]) -> None:
+    fake.status = 401
+    fake.body = b'{"error": "unauthenticated", "message": "invalid or revoked token"}'
+    code, out, err = run(["--server", fake.url, "--token", "r3e_SECRET", "list-enclaves"], capsys)
+    assert code == 1
+    assert "invalid or revoked token" in err and "fix:" in err and "--token" in err
+    assert "SECRET" not in out + err

@@ -77,10 +77,25 @@ def discover_local_token(server: str, env: dict[str, str] | None = None) -> str 
     return None
 
 
+def _checked_token(token: str) -> str:
+    """The token as an HTTP header can carry it; the error never shows the token itself.
+
+    A token pasted with a newline or a typographic quote otherwise fails inside httpx, whose
+    message repeats the whole ``Authorization`` header.
+    """
+    token = token.strip()
+    if not token or not all("!" <= ch <= "~" for ch in token):
+        raise InvalidRequestError(
+            "the token is empty or contains spaces, control or non-ASCII characters (not shown)",
+            hint="copy the token again into --token or R3E_TEE_TOKEN, without quotes or line breaks",
+        )
+    return token
+
+
 class ServiceClient:
     def __init__(self, server: str, token: str | None, *, timeout: float = 30.0) -> None:
         self.server = server.rstrip("/")
-        self.token = token if token else discover_local_token(self.server)
+        self.token = _checked_token(token) if token else discover_local_token(self.server)
         headers = {"User-Agent": "r3e-tee-cli"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
@@ -103,7 +118,10 @@ class ServiceClient:
                 f"{url} did not answer in time", hint="check the service's health with /healthz"
             ) from None
         except httpx.HTTPError as exc:
-            raise ConnectionFailed(f"request to {url} failed: {_reason(exc)}") from None
+            reason = _reason(exc)
+            if self.token:
+                reason = reason.replace(self.token, "<token>")
+            raise ConnectionFailed(f"request to {url} failed: {reason}") from None
         if resp.status_code >= 400:
             try:
                 body = resp.json()
@@ -116,6 +134,13 @@ class ServiceClient:
                     "hint",
                     "no token: pass --token or set R3E_TEE_TOKEN (a local --dev service's token is "
                     "found automatically)",
+                )
+            elif resp.status_code == 401:
+                body.setdefault(
+                    "hint",
+                    "the service refused the token from --token / R3E_TEE_TOKEN: check it is this "
+                    "service's, not mistyped, expired or revoked (a --dev service writes its admin "
+                    "token to <data-dir>/admin-token)",
                 )
             raise ApiError(resp.status_code, body, url)
         if resp.status_code == 204 or not resp.content:
