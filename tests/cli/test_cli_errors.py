@@ -3,6 +3,7 @@ traceback, no secret echoed."""
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -114,3 +115,38 @@ def test_a_refused_token_says_how_to_fix_it(fake: FakeService, capsys: pytest.Ca
     assert code == 1
     assert "invalid or revoked token" in err and "fix:" in err and "--token" in err
     assert "SECRET" not in out + err
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [("text/html", b"<html>login</html>"), ("application/json", b"{not json"), ("", b"plain")],
+)
+def test_a_server_that_answers_garbage_is_named(
+    fake: FakeService, capsys: pytest.CaptureFixture[str], content_type: str, body: bytes
+) -> None:
+    """Before: a proxy page or broken JSON crashed every command with a traceback."""
+    fake.content_type, fake.body = content_type, body
+    for command in (["list-enclaves"], ["list-functions"], ["list-secrets"]):
+        code, _, err = run(["--server", fake.url, "--token", "t", *command], capsys)
+        assert code == 3
+        assert fake.url in err and "not the service's JSON" in err and "fix:" in err
+    code, out, _ = run(["--server", fake.url, "--token", "t", "-o", "json", "version"], capsys)
+    assert code == 0 and "not the service's JSON" in json.loads(out)["server"]["error"]
+
+
+@pytest.mark.parametrize(
+    ("server", "problem"),
+    [
+        ("notaurl", "http:// or https://"),
+        ("ftp://x", "http:// or https://"),
+        ("http://127.0.0.1:99999", "Port out of range"),
+        ("http://", "no host"),
+    ],
+)
+def test_a_bad_server_url_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], server: str, problem: str
+) -> None:
+    """Before: exit 3 ("could not reach") with httpx's wording, or a traceback for a bad port."""
+    code, _, err = run(["--server", server, "--token", "t", "list-enclaves"], capsys)
+    assert code == 2
+    assert "not a service URL" in err and problem in err and "--server http://" in err

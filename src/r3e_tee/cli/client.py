@@ -50,6 +50,12 @@ class ConnectionFailed(R3ETeeError):
     code = "connection"
 
 
+class NotTheService(ConnectionFailed):
+    """Something answered, but not the service: as unusable as no answer."""
+
+    code = "not_the_service"
+
+
 def discover_local_token(server: str, env: dict[str, str] | None = None) -> str | None:
     """The admin token a local ``--dev`` service wrote, if the server is on this machine."""
     env = dict(os.environ) if env is None else env
@@ -92,9 +98,32 @@ def _checked_token(token: str) -> str:
     return token
 
 
+def _checked_server(server: str) -> str:
+    """``--server`` as a base URL, refused up front with the fix instead of an httpx error."""
+    problem = None
+    try:
+        parts = urlsplit(server.strip())
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError as exc:
+        problem = str(exc)
+    else:
+        if parts.scheme not in ("http", "https"):
+            problem = "it must start with http:// or https://"
+        elif not parts.hostname:
+            problem = "it names no host"
+        elif parts.query or parts.fragment:
+            problem = "it cannot carry a query or a fragment"
+    if problem:
+        raise InvalidRequestError(
+            f"--server {server!r} is not a service URL: {problem}",
+            hint="pass the service's base URL, e.g. --server http://127.0.0.1:8080 (or R3E_TEE_URL)",
+        )
+    return server.strip().rstrip("/")
+
+
 class ServiceClient:
     def __init__(self, server: str, token: str | None, *, timeout: float = 30.0) -> None:
-        self.server = server.rstrip("/")
+        self.server = _checked_server(server)
         self.token = _checked_token(token) if token else discover_local_token(self.server)
         headers = {"User-Agent": "r3e-tee-cli"}
         if self.token:
@@ -121,7 +150,10 @@ class ServiceClient:
             reason = _reason(exc)
             if self.token:
                 reason = reason.replace(self.token, "<token>")
-            raise ConnectionFailed(f"request to {url} failed: {reason}") from None
+            raise ConnectionFailed(
+                f"request to {url} failed: {reason}",
+                hint="check that --server / R3E_TEE_URL is the R3E TEE Service's API (http://host:port)",
+            ) from None
         if resp.status_code >= 400:
             try:
                 body = resp.json()
@@ -146,7 +178,17 @@ class ServiceClient:
         if resp.status_code == 204 or not resp.content:
             return None
         ctype = resp.headers.get("content-type", "")
-        return resp.json() if "json" in ctype else resp.text
+        try:
+            if "json" in ctype:
+                return resp.json()
+        except ValueError:
+            pass
+        raise NotTheService(
+            f"{url} answered HTTP {resp.status_code} with {ctype or 'no content type'} that is not "
+            "the service's JSON",
+            hint="check that --server / R3E_TEE_URL is the R3E TEE Service's API (http://host:port), "
+            "not a proxy, a web page or another program",
+        )
 
     def get(self, path: str, **kwargs: Any) -> Any:
         return self.request("GET", path, **kwargs)
