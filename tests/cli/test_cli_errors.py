@@ -150,3 +150,53 @@ def test_a_bad_server_url_is_a_usage_error(
     code, _, err = run(["--server", server, "--token", "t", "list-enclaves"], capsys)
     assert code == 2
     assert "not a service URL" in err and problem in err and "--server http://" in err
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (["--data", "notjson"], "--data is not JSON: Expecting value"),
+        (["--data", "@{empty}"], "is empty; the event must be JSON"),
+        (["--data", "@{garbage}"], "is not JSON"),
+        (["--data", "@{missing}"], "cannot read input"),
+        (["--jwks", "{a_list}"], "is not a JWKS"),
+        (["--jwks", "{garbage}"], "is not a JWKS"),
+        (["--save", "{missing}/out.json"], "does not exist"),
+        (["--save", "{dir}"], "is a directory"),
+        (["--idempotency-key", "k"], "--idempotency-key only applies to queued invocations"),
+    ],
+)
+def test_invoke_refuses_bad_input_before_running_the_function(
+    fake: FakeService,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    options: list[str],
+    expected: str,
+) -> None:
+    """Before: a JWKS that was a JSON list crashed with a traceback, an unwritable --save
+    crashed after the function had run, and --idempotency-key without --async was ignored."""
+    names = {
+        "empty": _write(tmp_path / "empty.json", ""),
+        "garbage": _write(tmp_path / "garbage.json", "{{"),
+        "a_list": _write(tmp_path / "list.json", "[1, 2]"),
+        "missing": tmp_path / "missing",
+        "dir": tmp_path,
+    }
+    args = [o.format(**names) for o in options]
+    code, _, err = run(["--server", fake.url, "--token", "t", "invoke", "echo", *args], capsys)
+    assert code == 2
+    assert expected in err and "fix:" in err
+    assert not any("/invoke" in path for _, path in fake.requests)
+
+
+def test_a_jwks_url_that_serves_no_jwks_is_named(
+    fake: FakeService, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: a URL answering other JSON surfaced as 'token signed by unknown key'."""
+    fake.body = b'{"status": "ok"}'
+    jwks = f"{fake.url}/healthz"
+    code, _, err = run(["--server", fake.url, "--token", "t", "invoke", "echo", "--jwks", jwks], capsys)
+    assert code == 2 and f"{jwks} is not a JWKS" in err and "fix:" in err
+    fake.status = 404
+    code, _, err = run(["--server", fake.url, "--token", "t", "invoke", "echo", "--jwks", jwks], capsys)
+    assert code == 3 and "HTTP 404" in err and "fix:" in err

@@ -11,7 +11,7 @@ import httpx
 import typer
 from rich.markup import escape
 
-from r3e_tee.cli.client import ServiceClient, segment
+from r3e_tee.cli.client import ConnectionFailed, ServiceClient, segment
 from r3e_tee.cli.output import cli_state, console, print_json, print_table, service_call, service_client
 from r3e_tee.errors import InvalidRequestError, R3ETeeError, ReceiptError
 
@@ -20,7 +20,10 @@ def _read(path: Path, what: str) -> bytes:
     try:
         return path.read_bytes()
     except OSError as exc:
-        raise InvalidRequestError(f"cannot read {what} {path}: {exc.strerror}") from None
+        raise InvalidRequestError(
+            f"cannot read {what} {path}: {exc.strerror}",
+            hint=f"check the {what} file's path (relative paths start at {Path.cwd()}) and permissions",
+        ) from None
 
 
 def deploy_function(
@@ -99,27 +102,57 @@ def list_functions(ctx: typer.Context) -> None:
 
 
 def _data(value: str) -> bytes:
+    source = f"--data {value}" if value.startswith("@") else "--data"
     raw = _read(Path(value[1:]), "input") if value.startswith("@") else value.encode()
+    if not raw.strip():
+        raise InvalidRequestError(
+            f"{source} is empty; the event must be JSON", hint="pass --data '{}' for an empty event"
+        )
     try:
         json.loads(raw)
-    except ValueError:
-        raise InvalidRequestError("--data must be JSON (or @file with JSON)") from None
+    except ValueError as exc:
+        raise InvalidRequestError(
+            f"{source} is not JSON: {exc}",
+            hint="quote the JSON for the shell, e.g. --data '{\"amount\": 3}', or use --data @event.json",
+        ) from None
     return raw
+
+
+def _as_jwks(doc: object, source: str) -> dict[str, Any]:
+    if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
+        raise InvalidRequestError(
+            f"{source} is not a JWKS: a JSON object with a 'keys' list is expected",
+            hint="pass the service's /.well-known/jwks.json (URL or a saved copy), or omit --jwks",
+        )
+    return doc
 
 
 def _jwks(c: ServiceClient, source: str | None) -> dict[str, Any]:
     if source is None:
-        jwks: dict[str, Any] = c.get("/.well-known/jwks.json")
-        return jwks
+        return _as_jwks(c.get("/.well-known/jwks.json"), f"{c.server}/.well-known/jwks.json")
     if source.startswith(("http://", "https://")):
         try:
-            return dict(httpx.get(source, timeout=10).json())
-        except (httpx.HTTPError, ValueError) as exc:
-            raise R3ETeeError(f"cannot fetch the JWKS from {source}: {exc}") from None
+            resp = httpx.get(source, timeout=10)
+        except httpx.HTTPError as exc:
+            raise ConnectionFailed(
+                f"cannot fetch the JWKS from {source}: {exc or type(exc).__name__}",
+                hint="check the --jwks URL, or omit --jwks to use the server's",
+            ) from None
+        if resp.status_code != 200:
+            raise ConnectionFailed(
+                f"cannot fetch the JWKS from {source}: HTTP {resp.status_code}",
+                hint="check the --jwks URL, or omit --jwks to use the server's",
+            )
+        try:
+            doc = resp.json()
+        except ValueError:
+            doc = None
+        return _as_jwks(doc, source)
     try:
-        return dict(json.loads(_read(Path(source), "JWKS")))
+        doc = json.loads(_read(Path(source), "JWKS"))
     except ValueError:
-        raise InvalidRequestError(f"{source} is not a JWKS (JSON)") from None
+        doc = None
+    return _as_jwks(doc, source)
 
 
 def invoke(
@@ -146,6 +179,21 @@ def invoke(
 
     s = cli_state(ctx)
     fn_path = f"/v1/functions/{segment(name, 'function name', listed_by='r3e-tee-cli list-functions')}"
+    if idempotency_key is not None and not async_:
+        raise InvalidRequestError(
+            "--idempotency-key only applies to queued invocations",
+            hint="add --async, or drop --idempotency-key",
+        )
+    # checked before the function runs: its result would otherwise be lost
+    if receipt_out is not None and receipt_out.is_dir():
+        raise InvalidRequestError(
+            f"--save {receipt_out} is a directory", hint="--save to a file, e.g. --save receipt.json"
+        )
+    if receipt_out is not None and not receipt_out.parent.is_dir():
+        raise InvalidRequestError(
+            f"--save {receipt_out}: the directory {receipt_out.parent} does not exist",
+            hint="create it first, or --save to a path in an existing directory",
+        )
     raw = _data(data)
     c = service_client(ctx)
     headers: dict[str, str] = {}
@@ -195,7 +243,14 @@ def invoke(
         result["receipt"], trusted, input_bytes=raw, output_bytes=output if result["status"] == "ok" else None
     )
     if receipt_out is not None:
-        receipt_out.write_text(json.dumps(result, indent=2))
+        try:
+            receipt_out.write_text(json.dumps(result, indent=2))
+        except OSError as exc:
+            raise InvalidRequestError(
+                f"the function ran (invocation {result.get('invocation_id')}) but --save {receipt_out} "
+                f"failed: {exc.strerror}",
+                hint="--save to a writable file; run `invoke` again to get a new receipt",
+            ) from None
     if s.json:
         print_json({**result, "receipt_checks": check.checks})
     else:
