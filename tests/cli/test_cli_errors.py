@@ -200,3 +200,48 @@ def test_a_jwks_url_that_serves_no_jwks_is_named(
     fake.status = 404
     code, _, err = run(["--server", fake.url, "--token", "t", "invoke", "echo", "--jwks", jwks], capsys)
     assert code == 3 and "HTTP 404" in err and "fix:" in err
+
+
+@pytest.mark.parametrize("flag", [["--allow-simulation"], ["--root", "r.pem"], ["--attestation", "a.json"]])
+def test_verify_receipt_refuses_evidence_options_without_evidence(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, flag: list[str]
+) -> None:
+    """Before: --allow-simulation (UNSAFE), --root and --attestation were silently ignored
+    without --evidence, so the user believed the raw evidence had been checked."""
+    receipt = _write(tmp_path / "r.json", '{"receipt": {"body": {}, "signature": ""}}')
+    code, _, err = run(["verify-receipt", str(receipt), *flag], capsys)
+    assert code == 2
+    assert f"{flag[0]} only applies with --evidence" in err and "fix: add --evidence" in err
+
+
+def test_verify_receipt_names_a_file_that_is_not_json(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code, _, err = run(["verify-receipt", str(_write(tmp_path / "r.json", "{{"))], capsys)
+    assert code == 2 and "is not JSON" in err and "fix:" in err and "invoke --save" in err
+
+
+@pytest.mark.parametrize(
+    ("report", "problem"),
+    [
+        ("{{", "not a JSON attestation report"),
+        ("[1]", "not a JSON attestation report"),
+        ('{"kind": "sgx-dcap"}', "not a JSON attestation report"),
+        ('{"evidence": "!!not base64"}', "'evidence' is not base64"),
+    ],
+)
+def test_a_bad_attestation_report_is_named(tmp_path: Path, report: str, problem: str) -> None:
+    """Before: `verify-receipt --evidence --attestation FILE` crashed with a traceback (KeyError,
+    JSONDecodeError, binascii.Error) on such a file."""
+    from r3e_tee.cli.functions import _report_evidence
+    from r3e_tee.errors import InvalidRequestError
+
+    try:
+        doc: object = json.loads(report)
+    except ValueError:
+        doc = None
+    with pytest.raises(InvalidRequestError) as caught:
+        _report_evidence(doc, "att.json")
+    assert problem in caught.value.message and caught.value.message.startswith("att.json: ")
+    assert caught.value.hint and "--attestation" in caught.value.hint
+    assert _report_evidence({"evidence": "AAEC"}, "att.json") == b"\x00\x01\x02"

@@ -13,7 +13,7 @@ from rich.markup import escape
 
 from r3e_tee.cli.client import ConnectionFailed, ServiceClient, segment
 from r3e_tee.cli.output import cli_state, console, print_json, print_table, service_call, service_client
-from r3e_tee.errors import InvalidRequestError, R3ETeeError, ReceiptError
+from r3e_tee.errors import InvalidRequestError, R3ETeeError, ReceiptError, VerificationError
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -294,10 +294,23 @@ def verify_receipt_cmd(
     from r3e_tee.functions.receipts import verify_receipt
 
     s = cli_state(ctx)
+    for flag, given in (
+        ("--attestation", attestation_file is not None),
+        ("--root", root is not None),
+        ("--allow-simulation", allow_simulation),
+    ):
+        if given and not evidence:
+            raise InvalidRequestError(
+                f"{flag} only applies with --evidence (re-verifying the raw evidence)",
+                hint=f"add --evidence, or drop {flag}",
+            )
     try:
         doc = json.loads(_read(file, "receipt"))
     except ValueError:
-        raise InvalidRequestError(f"{file} is not JSON") from None
+        raise InvalidRequestError(
+            f"{file} is not JSON",
+            hint="pass the file written by `r3e-tee-cli invoke --save`, or a receipt from an invocation",
+        ) from None
     receipt = doc.get("receipt", doc) if isinstance(doc, dict) else doc
     if not isinstance(receipt, dict) or not {"body", "signature"} <= receipt.keys():
         raise InvalidRequestError(
@@ -339,14 +352,19 @@ def _check_evidence(
     from r3e_tee.attestation.verify import verify_evidence
 
     claims = check.token_claims
-    report = (
-        json.loads(_read(attestation_file, "attestation report"))
-        if attestation_file
-        else c.get(f"/v1/attestations/{segment(str(claims['jti']), 'attestation id', listed_by='invoke')}")
-    )
+    if attestation_file:
+        source = str(attestation_file)
+        try:
+            report = json.loads(_read(attestation_file, "attestation report"))
+        except ValueError:
+            report = None
+    else:
+        source = f"/v1/attestations/{segment(str(claims['jti']), 'attestation id', listed_by='invoke')}"
+        report = c.get(source)
     from r3e_tee.attestation.pinned_roots_nitro_ias import TrustAnchor
 
-    raw = base64.b64decode(report["evidence"])
+    raw = _report_evidence(report, source)
+    assert isinstance(report, dict)  # checked by _report_evidence
     bundle = (report.get("collateral") or {}).get("bundle")
     anchor = None
     if root is not None:
@@ -356,12 +374,20 @@ def _check_evidence(
         pem = c.get("/v1/attestation/simulation-roots").get(str(report.get("kind")))
         if pem:
             anchor = TrustAnchor.load(pem.encode(), simulated=True)
-    result = verify_evidence(
-        raw,
-        collateral=bundle,
-        trust_root=anchor,
-        policy=Policy(allow_simulation=allow_simulation, allow_debug=bool(claims.get("debug"))),
-    )
+    try:
+        result = verify_evidence(
+            raw,
+            collateral=bundle,
+            trust_root=anchor,
+            policy=Policy(allow_simulation=allow_simulation, allow_debug=bool(claims.get("debug"))),
+        )
+    except VerificationError as exc:
+        if claims.get("simulated") and not allow_simulation and exc.hint is None:
+            exc.hint = (
+                "the token says this enclave is simulated, so no hardware root signs its evidence; "
+                "--allow-simulation (UNSAFE) checks it against the installation's simulated roots"
+            )
+        raise
 
     def raw_key(name: str) -> bytes:
         return base64.urlsafe_b64decode(claims["cnf"][name] + "==")
@@ -376,6 +402,22 @@ def _check_evidence(
         raise ReceiptError("the raw evidence does not bind the token's nonce and keys")
     simulated = " (SIMULATED: no hardware protects it)" if result.simulated else ""
     return f"raw {result.kind.value} evidence verifies and binds the token's keys{simulated}"
+
+
+def _report_evidence(report: object, source: str) -> bytes:
+    """The raw evidence of a stored attestation report, or an error naming what is missing."""
+    evidence = report.get("evidence") if isinstance(report, dict) else None
+    if isinstance(evidence, str):
+        try:
+            return base64.b64decode(evidence, validate=True)
+        except ValueError:
+            problem = "its 'evidence' is not base64"
+    else:
+        problem = "it is not a JSON attestation report with an 'evidence' field"
+    raise InvalidRequestError(
+        f"{source}: {problem}",
+        hint="pass the JSON of GET /v1/attestations/<id> to --attestation, or omit it to fetch it",
+    )
 
 
 def register(app: typer.Typer) -> None:
