@@ -1,0 +1,75 @@
+"""r3e-tee-service on bad flags: one line naming the problem and the fix, exit 2, nothing set up."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from r3e_tee.service.__main__ import main
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    for name in ("R3E_TEE_CONFIG", "R3E_TEE_PORT", "R3E_TEE_HOST", "R3E_TEE_DATA_DIR", "R3E_TEE_DEV"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.mark.parametrize("port", ["99999", "0", "-1", "http"])
+def test_a_port_out_of_range_is_a_usage_error(port: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: --port 99999 was passed to uvicorn, and -1 failed after the whole setup with
+    '[Errno -8] Servname not supported for ai_socktype'."""
+    with pytest.raises(SystemExit) as exited:
+        main(["--dev", "--port", port])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{port!r} is not a port number: use 1-65535" in err
+
+
+def test_a_bad_port_variable_is_named_too(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("R3E_TEE_PORT", "eighty")
+    with pytest.raises(SystemExit) as exited:
+        main(["--dev"])
+    assert exited.value.code == 2
+    assert "'eighty' is not a port number" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["file", "under-a-file"])
+def test_an_unusable_data_dir_is_named(tmp_path: Path, kind: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: a traceback (FileExistsError / NotADirectoryError from mkdir)."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    data_dir = a_file if kind == "file" else a_file / "sub"
+    code = main(["--dev", "--port", str(_free_port()), "--data-dir", str(data_dir)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "server.data_dir" in err and str(data_dir) in err and "fix: pass --data-dir" in err
+    assert "Traceback" not in err
+
+
+def test_a_port_in_use_fails_before_anything_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: the store was migrated, --dev rewrote the CLI's token discovery file for the port
+    (so the CLI sent the wrong token to the service already running there), then uvicorn logged
+    'address already in use'."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = main(["--dev", "--port", str(port), "--data-dir", str(tmp_path / "d")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "fix: another process listens there" in err
+    assert not (tmp_path / "d").exists()
+    assert not (tmp_path / "state" / "r3e-tee" / f"dev-{port}.json").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
