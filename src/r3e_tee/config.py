@@ -8,6 +8,7 @@ blocks) plus the product's own sections, each with safe defaults. Every bad inpu
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import os
 import re
@@ -62,6 +63,19 @@ def parse_duration(value: object) -> float:
     if seconds <= 0:
         raise ValueError("a duration must be positive")
     return seconds
+
+
+def port_number(value: str) -> int:
+    """argparse type of the launchers' --port: 1-65535, refused before anything is set up."""
+    try:
+        port = int(value)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a port number: use 1-65535 (from the flag or its environment variable)"
+        )
+    return port
 
 
 def parse_size(value: object) -> int:

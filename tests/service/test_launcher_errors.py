@@ -15,6 +15,9 @@ def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     for name in ("R3E_TEE_CONFIG", "R3E_TEE_PORT", "R3E_TEE_HOST", "R3E_TEE_DATA_DIR", "R3E_TEE_DEV"):
         monkeypatch.delenv(name, raising=False)
+    # the launchers take over the root logger (pointed at this test's captured stderr)
+    monkeypatch.setattr("r3e_tee.service.__main__.configure_logging", lambda level: None)
+    monkeypatch.setattr("r3e_tee.worker.cli.configure_logging", lambda level: None)
 
 
 @pytest.mark.parametrize("port", ["99999", "0", "-1", "http"])
@@ -73,3 +76,37 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def test_worker_port_variable_no_longer_breaks_help(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: R3E_TEE_WORKER_PORT=abc crashed r3e-tee-worker, even --help, with a ValueError
+    traceback."""
+    from r3e_tee.worker.cli import run
+
+    monkeypatch.setenv("R3E_TEE_WORKER_PORT", "abc")
+    with pytest.raises(SystemExit) as exited:
+        run(["--help"])
+    assert exited.value.code == 0 and "R3E_TEE_WORKER_PORT" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exited:
+        run(["--server", "http://127.0.0.1:1", "--token", "t"])
+    assert exited.value.code == 2
+    assert "'abc' is not a port number: use 1-65535" in capsys.readouterr().err
+
+
+def test_worker_refuses_a_bad_server_url_and_data_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: --server notaurl started the worker, which failed at startup with a multi-line
+    traceback in its log; a --data-dir naming a file crashed with a traceback."""
+    from r3e_tee.worker.cli import run
+
+    code = run(["--server", "notaurl", "--token", "t", "--data-dir", str(tmp_path / "w")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--server 'notaurl' is not a service URL" in err and "fix:" in err
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    code = run(["--server", "http://127.0.0.1:1", "--token", "t", "--data-dir", str(a_file)])
+    err = capsys.readouterr().err
+    assert code == 2 and "is a file, not a directory" in err and "fix: pass --data-dir" in err

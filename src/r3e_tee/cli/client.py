@@ -98,7 +98,7 @@ def _checked_token(token: str) -> str:
     return token
 
 
-def _checked_server(server: str) -> str:
+def checked_server(server: str) -> str:
     """``--server`` as a base URL, refused up front with the fix instead of an httpx error."""
     problem = None
     try:
@@ -123,7 +123,7 @@ def _checked_server(server: str) -> str:
 
 class ServiceClient:
     def __init__(self, server: str, token: str | None, *, timeout: float = 30.0) -> None:
-        self.server = _checked_server(server)
+        self.server = checked_server(server)
         self.token = _checked_token(token) if token else discover_local_token(self.server)
         headers = {"User-Agent": "r3e-tee-cli"}
         if self.token:

@@ -19,7 +19,7 @@ from pathlib import Path
 import uvicorn
 
 from r3e_tee import __version__
-from r3e_tee.config import TeeConfig, load_config
+from r3e_tee.config import TeeConfig, load_config, port_number
 from r3e_tee.errors import ConfigError, R3ETeeError
 from r3e_tee.logging import configure_logging
 from r3e_tee.service.app import ServiceContext, create_app
@@ -50,19 +50,6 @@ Production:
 
 def _env_bool(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def port_number(value: str) -> int:
-    """argparse type of a listen port: 1-65535, refused before anything is set up."""
-    try:
-        port = int(value)
-    except ValueError:
-        port = 0
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(
-            f"{value!r} is not a port number: use 1-65535 (from the flag or its environment variable)"
-        )
-    return port
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
 from r3e_tee import __version__
-from r3e_tee.config import TeeConfig, load_config
+from r3e_tee.config import TeeConfig, load_config, port_number
 from r3e_tee.errors import AuthenticationError, R3ETeeError
 from r3e_tee.logging import configure_logging
 from r3e_tee.providers.base import EnclaveSpec
@@ -47,7 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server", default=env("R3E_TEE_URL"), help="the service URL [R3E_TEE_URL]")
     p.add_argument("--token", default=env("R3E_TEE_TOKEN"), help="token with enclave scope [R3E_TEE_TOKEN]")
     p.add_argument("--host", default=env("R3E_TEE_WORKER_HOST", "0.0.0.0"), help="API listen address")  # noqa: S104
-    p.add_argument("--port", type=int, default=int(env("R3E_TEE_WORKER_PORT", "8081")), help="API port")
+    p.add_argument(
+        "--port",
+        type=port_number,
+        default=env("R3E_TEE_WORKER_PORT", "8081"),
+        help="API port, 1-65535 [R3E_TEE_WORKER_PORT] (default 8081)",
+    )
     p.add_argument(
         "--advertise-url",
         default=env("R3E_TEE_WORKER_URL"),
@@ -68,8 +73,10 @@ class WorkerProcess:
 
         self.args = args
         self.config = config
+        from r3e_tee.service.__main__ import prepare_data_dir
+
         data_dir = Path(args.data_dir)
-        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        prepare_data_dir(data_dir)
         providers = build_providers(config, data_dir)
         if args.provider:
             providers = {k: v for k, v in providers.items() if k in args.provider}
@@ -265,6 +272,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     try:
         if not args.server:
             raise R3ETeeError("no service URL", hint="pass --server or set R3E_TEE_URL")
+        from r3e_tee.cli.client import checked_server
+
+        args.server = checked_server(args.server)
         if not args.token:
             raise R3ETeeError("no token", hint="set R3E_TEE_TOKEN to a token with enclave scope")
         config = load_config(args.config or None).config
