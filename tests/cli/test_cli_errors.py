@@ -245,3 +245,20 @@ def test_a_bad_attestation_report_is_named(tmp_path: Path, report: str, problem:
     assert problem in caught.value.message and caught.value.message.startswith("att.json: ")
     assert caught.value.hint and "--attestation" in caught.value.hint
     assert _report_evidence({"evidence": "AAEC"}, "att.json") == b"\x00\x01\x02"
+
+
+def test_a_refused_local_dev_token_names_its_file(
+    fake: FakeService, capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: a stale discovered dev token was reported as 'the token from --token' the user
+    never passed."""
+    token_file = _write(tmp_path / "admin-token", "r3e_SECRET_stale\n")
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("R3E_TEE_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("R3E_TEE_TOKEN", raising=False)
+    fake.status = 401
+    fake.body = b'{"error": "unauthenticated", "message": "invalid or revoked token"}'
+    code, out, err = run(["--server", fake.url, "list-enclaves"], capsys)
+    assert code == 1
+    assert f"local dev token read from {token_file}" in err and "pass --token" in err
+    assert "SECRET" not in out + err

@@ -58,6 +58,12 @@ class NotTheService(ConnectionFailed):
 
 def discover_local_token(server: str, env: dict[str, str] | None = None) -> str | None:
     """The admin token a local ``--dev`` service wrote, if the server is on this machine."""
+    found = discover_local_token_file(server, env)
+    return found[0] if found else None
+
+
+def discover_local_token_file(server: str, env: dict[str, str] | None = None) -> tuple[str, Path] | None:
+    """The local ``--dev`` admin token and the file it was read from (named when it is refused)."""
     env = dict(os.environ) if env is None else env
     parts = urlsplit(server)
     if parts.hostname not in _LOCAL_HOSTS:
@@ -79,7 +85,7 @@ def discover_local_token(server: str, env: dict[str, str] | None = None) -> str 
         except (OSError, IndexError):
             continue
         if token:
-            return token
+            return token, path
     return None
 
 
@@ -124,7 +130,12 @@ def checked_server(server: str) -> str:
 class ServiceClient:
     def __init__(self, server: str, token: str | None, *, timeout: float = 30.0) -> None:
         self.server = checked_server(server)
-        self.token = _checked_token(token) if token else discover_local_token(self.server)
+        self.token_file: Path | None = None
+        if token:
+            self.token: str | None = _checked_token(token)
+        else:
+            found = discover_local_token_file(self.server)
+            self.token, self.token_file = found if found else (None, None)
         headers = {"User-Agent": "r3e-tee-cli"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
@@ -166,6 +177,13 @@ class ServiceClient:
                     "hint",
                     "no token: pass --token or set R3E_TEE_TOKEN (a local --dev service's token is "
                     "found automatically)",
+                )
+            elif resp.status_code == 401 and self.token_file is not None:
+                body.setdefault(
+                    "hint",
+                    f"the service refused the local dev token read from {self.token_file}: that "
+                    "file may belong to another or an older service on this port; pass --token or "
+                    "set R3E_TEE_TOKEN",
                 )
             elif resp.status_code == 401:
                 body.setdefault(
