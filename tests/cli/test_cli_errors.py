@@ -4,11 +4,13 @@ traceback, no secret echoed."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -262,3 +264,46 @@ def test_a_refused_local_dev_token_names_its_file(
     assert code == 1
     assert f"local dev token read from {token_file}" in err and "pass --token" in err
     assert "SECRET" not in out + err
+
+
+def _commands() -> list[list[str]]:
+    from r3e_tee.cli.main import EXAMPLES
+
+    return [name.split() for name in EXAMPLES]
+
+
+@pytest.mark.parametrize("command", _commands(), ids=" ".join)
+def test_every_command_help_shows_examples(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: no command's --help had an example."""
+    code = main([*command, "--help"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "Examples:" in out and f"r3e-tee-cli {' '.join(command)}" in out
+
+
+def test_every_command_has_examples_and_the_top_help_explains_exit_codes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from r3e_tee.cli.main import EXAMPLES, app, config_app
+
+    code = main(["--help"])
+    out = _flat(capsys.readouterr().out)
+    assert code == 0 and "Exit codes" in out and "3 the service could not be reached" in out
+
+    def name(info: Any) -> str:
+        return str(info.name or info.callback.__name__)
+
+    registered = {name(i) for i in app.registered_commands}
+    registered |= {f"config {name(i)}" for i in config_app.registered_commands}
+    assert registered == set(EXAMPLES)
+
+
+def test_simulation_is_named_unsafe_where_it_is_the_default(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in ("create-enclave", "deploy-function", "attestation-test"):
+        assert main([command, "--help"]) == 0
+        assert "no hardware protects the enclave" in _flat(capsys.readouterr().out)
+
+
+def _flat(text: str) -> str:
+    """Help text as one line of words: rich wraps it and draws boxes around options."""
+    return " ".join(re.sub("[\u2500-\u257f]", " ", text).split())

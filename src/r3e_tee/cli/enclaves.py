@@ -12,7 +12,15 @@ import typer
 from rich.markup import escape
 
 from r3e_tee.cli.client import ApiError, ServiceClient, segment
-from r3e_tee.cli.output import cli_state, console, print_json, print_table, service_call, service_client
+from r3e_tee.cli.output import (
+    PROVIDER_HELP,
+    cli_state,
+    console,
+    print_json,
+    print_table,
+    service_call,
+    service_client,
+)
 from r3e_tee.config import parse_size
 from r3e_tee.errors import InvalidRequestError, R3ETeeError
 
@@ -43,7 +51,7 @@ def _age(ts: float | None) -> str:
 def create_enclave(
     ctx: typer.Context,
     size: Annotated[str, typer.Option("--size", help="enclave memory: 128M, 512Mi, 2G")],
-    provider: Annotated[str, typer.Option("--provider", help="sgx, nitro or simulation")] = "simulation",
+    provider: Annotated[str, typer.Option("--provider", help=PROVIDER_HELP)] = "simulation",
     debug: Annotated[
         bool, typer.Option("--debug", help="UNSAFE: a debug enclave's memory is readable")
     ] = False,
@@ -145,12 +153,14 @@ def _tamper(evidence: bytes, kind: str) -> tuple[bytes, int]:
 
 def attestation_test(
     ctx: typer.Context,
-    provider: Annotated[str, typer.Option("--provider", help="sgx, nitro or simulation")] = "simulation",
+    provider: Annotated[str, typer.Option("--provider", help=PROVIDER_HELP)] = "simulation",
     size: Annotated[str, typer.Option("--size", help="size of the temporary enclave")] = "64M",
     evidence_format: Annotated[str | None, typer.Option("--evidence-format", help="simulation only")] = None,
 ) -> None:
-    """Full round trip on a temporary enclave, then prove that a replayed nonce and a tampered
-    quote are rejected. Prints each step with its time; exits non-zero on any failure."""
+    """Attest a temporary enclave end to end; exit 1 on any failure.
+
+    Then prove that a replayed nonce and a tampered quote are rejected. Prints each step with
+    its time."""
     from r3e_tee.attestation.tokens import verify_token
 
     s = cli_state(ctx)

@@ -12,7 +12,15 @@ import typer
 from rich.markup import escape
 
 from r3e_tee.cli.client import ConnectionFailed, ServiceClient, segment
-from r3e_tee.cli.output import cli_state, console, print_json, print_table, service_call, service_client
+from r3e_tee.cli.output import (
+    PROVIDER_HELP,
+    cli_state,
+    console,
+    print_json,
+    print_table,
+    service_call,
+    service_client,
+)
 from r3e_tee.errors import InvalidRequestError, R3ETeeError, ReceiptError, VerificationError
 
 
@@ -52,7 +60,7 @@ def deploy_function(
     cooldown: Annotated[
         str, typer.Option("--cooldown", help="idle time before scaling an enclave down")
     ] = "60s",
-    provider: Annotated[str, typer.Option("--provider", help="sgx, nitro or simulation")] = "simulation",
+    provider: Annotated[str, typer.Option("--provider", help=PROVIDER_HELP)] = "simulation",
 ) -> None:
     """Deploy a new immutable version; prints its version and measurement."""
     s = cli_state(ctx)
@@ -288,8 +296,10 @@ def verify_receipt_cmd(
         bool, typer.Option("--allow-simulation", help="UNSAFE: accept simulated evidence with --evidence")
     ] = False,
 ) -> None:
-    """Verify a receipt offline: signature, key bound to the attestation, JWKS, policy, hashes.
-    Exit 0 valid, 1 invalid, 2 unusable input."""
+    """Verify a receipt offline: exit 0 valid, 1 invalid, 2 unusable input.
+
+    Checks the signature, the key bound to the attestation, the JWKS, the policy and the
+    input/output hashes; with --evidence also the raw attestation evidence."""
     from r3e_tee.attestation.policy import Policy
     from r3e_tee.functions.receipts import verify_receipt
 

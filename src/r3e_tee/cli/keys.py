@@ -68,8 +68,11 @@ def put_secret(
     ] = None,
     description: Annotated[str | None, typer.Option("--description", help="free text")] = None,
 ) -> None:
-    """Store a secret, encrypted, with its release policy. Only enclaves whose attestation satisfies
-    the policy ever receive it; the value is never shown again by any command or endpoint."""
+    """Store a secret, encrypted, with its release policy.
+
+    Only enclaves whose attestation satisfies the policy ever receive it; the value is never
+    shown again by any command or endpoint. A policy that sets allow_debug or allow_simulation
+    is UNSAFE outside development."""
     from r3e_tee.keys.policy import ReleasePolicy
 
     s = cli_state(ctx)
@@ -142,9 +145,11 @@ def rotate_keys(
         list[str] | None, typer.Option("--owner", help="only this data key owner (repeatable)")
     ] = None,
 ) -> None:
-    """Rotate now: a new version of every data key (secrets re-encrypted, versions beyond
-    retain_versions retired) and new token signing keys (old ones stay in the JWKS until their
-    tokens expire)."""
+    """Rotate data keys and token signing keys now.
+
+    A new version of every data key (secrets re-encrypted, versions beyond retain_versions
+    retired) and new token signing keys (old ones stay in the JWKS until their tokens
+    expire)."""
     s = cli_state(ctx)
     body: dict[str, Any] = {"data_keys": data_keys, "signing_keys": signing_keys}
     if owner:
@@ -209,8 +214,10 @@ def audit_log(
     action: Annotated[str | None, typer.Option("--action", help="only this action, e.g. secret.deny")] = None,
     subject: Annotated[str | None, typer.Option("--subject", help="only this subject (secret name)")] = None,
 ) -> None:
-    """List audit-log entries (key creation, rotation, releases, denials, secret changes); with
-    --verify, check that no entry was edited, inserted or deleted and name the first broken link."""
+    """List audit-log entries, or with --verify check the log's hash chain.
+
+    Entries: key creation, rotation, releases, denials, secret changes. --verify checks that no
+    entry was edited, inserted or deleted and names the first broken link (exit 1)."""
     s = cli_state(ctx)
     c = service_client(ctx)
     try:

@@ -25,6 +25,12 @@ app = typer.Typer(
         "A local service started with `make run` (--dev) is found with its admin token "
         "automatically; elsewhere pass --server and --token (or R3E_TEE_URL / R3E_TEE_TOKEN)."
     ),
+    epilog=(
+        "Exit codes: 0 success; 1 a check or verification failed, or the service refused; "
+        "2 unusable input (bad file, flag or name); 3 the service could not be reached.\n\n"
+        "Start here: r3e-tee-cli doctor, then r3e-tee-cli attestation-test; every command's "
+        "--help shows examples."
+    ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -40,7 +46,10 @@ def _global(
     token: Annotated[
         str | None,
         typer.Option(
-            "--token", envvar="R3E_TEE_TOKEN", help="bearer token (never printed)", show_default=False
+            "--token",
+            envvar="R3E_TEE_TOKEN",
+            help="bearer token (never printed); prefer R3E_TEE_TOKEN, flags show in ps",
+            show_default=False,
         ),
     ] = None,
     output: Annotated[
@@ -141,8 +150,10 @@ def doctor(
     root: Annotated[Path, typer.Option("--root", hidden=True, help="filesystem root (tests)")] = Path("/"),
     timeout: Annotated[float, typer.Option("--timeout", help="network check timeout, seconds")] = 2.0,
 ) -> None:
-    """Check this host: SGX, Nitro, enclave devices, Kubernetes labels, attestation services,
-    key files and the store. Exit 0 when every enabled provider can run here."""
+    """Check this host can run the enabled providers; exit 0 when every one can.
+
+    Checks SGX, Nitro, enclave devices, Kubernetes labels, attestation services, key files
+    and the store."""
     from r3e_tee.config import load_config
     from r3e_tee.doctor import run_doctor
 
@@ -180,6 +191,50 @@ def _register_commands() -> None:
 
     for module in _COMMAND_MODULES:
         import_module(f"r3e_tee.cli.{module}").register(app)
+    for group in (app, config_app):
+        for info in group.registered_commands:
+            name = info.name or (info.callback.__name__ if info.callback else "")
+            examples = EXAMPLES.get(name if group is app else f"config {name}")
+            if examples and not info.epilog:
+                info.epilog = "Examples:\n\n" + "\n\n".join(f"  r3e-tee-cli {e}" for e in examples)
+
+
+# Shown under each command's --help: what a first use looks like.
+EXAMPLES: dict[str, tuple[str, ...]] = {
+    "version": ("version", "--server https://tee.example.com -o json version"),
+    "config validate": ("config validate /etc/r3e-tee/tee-config.yaml",),
+    "doctor": ("doctor --config /etc/r3e-tee/tee-config.yaml",),
+    "verify-evidence": (
+        "verify-evidence quote.bin --collateral collateral.json",
+        "verify-evidence nitro.cbor --pcr 0=HEX --policy policy.yaml -o json",
+    ),
+    "create-enclave": ("create-enclave --size 128M --wait", "create-enclave --provider sgx --size 2G"),
+    "list-enclaves": ("list-enclaves --all",),
+    "destroy-enclave": ("destroy-enclave ENCLAVE_ID   (the ID column of list-enclaves)",),
+    "attestation-test": ("attestation-test", "attestation-test --provider sgx"),
+    "deploy-function": (
+        "deploy-function pricing.py --name pricing --runtime python",
+        "deploy-function app.js --name hello --runtime javascript --secret api-key --min 1",
+    ),
+    "list-functions": ("list-functions -o json",),
+    "invoke": (
+        "invoke pricing --data '{\"amount\": 3}'",
+        "invoke pricing --data @event.json --encrypt --save receipt.json",
+    ),
+    "verify-receipt": (
+        "verify-receipt receipt.json --input event.json",
+        "verify-receipt receipt.json --jwks jwks.json --policy policy.yaml --evidence",
+    ),
+    "put-secret": (
+        "put-secret db-password --policy release.yaml --value-file password.txt",
+        "put-secret api-key --policy release.yaml --value-env API_KEY",
+    ),
+    "list-secrets": ("list-secrets",),
+    "delete-secret": ("delete-secret db-password",),
+    "rotate-keys": ("rotate-keys", "rotate-keys --no-signing-keys --owner secret:db-password"),
+    "list-keys": ("list-keys -o json",),
+    "audit-log": ("audit-log --verify", "audit-log --action secret.deny --limit 20"),
+}
 
 
 _COMMAND_MODULES: list[str] = ["verify_evidence", "enclaves", "functions", "keys"]

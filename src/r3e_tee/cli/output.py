@@ -14,6 +14,8 @@ from rich.table import Table
 
 from r3e_tee.errors import R3ETeeError
 
+PROVIDER_HELP = "sgx, nitro or simulation (simulation: no hardware protects the enclave; development only)"
+
 console = Console()
 err_console = Console(stderr=True)
 
