@@ -307,3 +307,41 @@ def test_simulation_is_named_unsafe_where_it_is_the_default(capsys: pytest.Captu
 def _flat(text: str) -> str:
     """Help text as one line of words: rich wraps it and draws boxes around options."""
     return " ".join(re.sub("[\u2500-\u257f]", " ", text).split())
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            ["deploy-function", "{code}", "--name", "f", "--runtime", "python", "--provider", "sgxx"],
+            "--provider",
+        ),
+        (
+            ["deploy-function", "{code}", "--name", "f", "--runtime", "cobol"],
+            "--runtime 'cobol' is not a runtime",
+        ),
+        (["create-enclave", "--size", "64M", "--provider", "foo"], "--provider 'foo' is not a provider"),
+        (["attestation-test", "--provider", "foo"], "--provider 'foo' is not a provider"),
+    ],
+)
+def test_provider_and_runtime_typos_are_refused_before_any_request(
+    fake: FakeService, capsys: pytest.CaptureFixture[str], tmp_path: Path, args: list[str], expected: str
+) -> None:
+    """Before: deploy-function --provider sgxx was accepted by the service (measurement None,
+    no enclave could ever run it) and attestation-test --provider foo reported a FAIL step."""
+    code_file = _write(tmp_path / "f.py", "def handler(event, ctx):\n    return event\n")
+    argv = [a.format(code=code_file) for a in args]
+    code, _, err = run(["--server", fake.url, "--token", "t", *argv], capsys)
+    assert code == 2 and expected in err and "fix: use" in err
+    assert fake.requests == []
+
+
+def test_a_debug_enclave_is_announced_unsafe(fake: FakeService, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: --debug created a readable enclave without a word."""
+    fake.body = b'{"id": "e1", "state": "creating"}'
+    code, _, err = run(
+        ["--server", fake.url, "--token", "t", "create-enclave", "--size", "64M", "--debug"], capsys
+    )
+    assert code == 0 and "UNSAFE --debug" in err and "memory" in err
+    code, _, err = run(["--server", fake.url, "--token", "t", "create-enclave", "--size", "64M"], capsys)
+    assert code == 0 and "UNSAFE" not in err

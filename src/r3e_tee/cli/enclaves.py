@@ -16,8 +16,10 @@ from r3e_tee.cli.output import (
     PROVIDER_HELP,
     cli_state,
     console,
+    err_console,
     print_json,
     print_table,
+    provider_choice,
     service_call,
     service_client,
 )
@@ -63,6 +65,14 @@ def create_enclave(
     """Create an enclave with a size on a provider; with --wait, until it is attested and ready."""
     s = cli_state(ctx)
     _size(size)
+    provider = provider_choice(provider)
+    if debug:
+        err_console.print(
+            "[bold yellow]UNSAFE[/] --debug: the host can read this enclave's memory and secrets; "
+            "production policies reject its attestation",
+            highlight=False,
+            soft_wrap=True,
+        )
     c = service_client(ctx)
     try:
         body: dict[str, Any] = {"provider": provider, "size": size, "debug": debug}
@@ -165,6 +175,7 @@ def attestation_test(
 
     s = cli_state(ctx)
     _size(size)
+    provider = provider_choice(provider)
     c = service_client(ctx)
     steps = _Steps(s.json)
     state: dict[str, Any] = {}

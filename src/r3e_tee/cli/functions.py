@@ -18,6 +18,7 @@ from r3e_tee.cli.output import (
     console,
     print_json,
     print_table,
+    provider_choice,
     service_call,
     service_client,
 )
@@ -64,9 +65,15 @@ def deploy_function(
 ) -> None:
     """Deploy a new immutable version; prints its version and measurement."""
     s = cli_state(ctx)
+    provider = provider_choice(provider)
+    if runtime.strip().lower() not in ("python", "javascript"):
+        raise InvalidRequestError(
+            f"--runtime {runtime!r} is not a runtime",
+            hint="use --runtime python (a .py file or a zip) or --runtime javascript (a .js file)",
+        )
     body = {
         "name": name,
-        "runtime": runtime,
+        "runtime": runtime.strip().lower(),
         "handler": handler,
         "secrets": secret or [],
         "enclave_size": size,
