@@ -345,3 +345,26 @@ def test_a_debug_enclave_is_announced_unsafe(fake: FakeService, capsys: pytest.C
     assert code == 0 and "UNSAFE --debug" in err and "memory" in err
     code, _, err = run(["--server", fake.url, "--token", "t", "create-enclave", "--size", "64M"], capsys)
     assert code == 0 and "UNSAFE" not in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message", "hint"),
+    [
+        (["invoke"], "Missing argument 'name'.", "see r3e-tee-cli invoke --help"),
+        (["nosuchcmd"], "No such command 'nosuchcmd'.", "see r3e-tee-cli --help"),
+        (["audit-log", "--after", "x"], "Invalid value for '--after'", "see r3e-tee-cli audit-log --help"),
+    ],
+)
+def test_usage_errors_are_json_when_json_was_asked_for(
+    capsys: pytest.CaptureFixture[str], args: list[str], message: str, hint: str
+) -> None:
+    """Before: -o json still printed click's usage banner, which a script cannot parse."""
+    code, out, _ = run(["-o", "json", *args], capsys)
+    body = json.loads(out)
+    assert code == 2 and body["error"] == "usage" and message in body["message"] and body["hint"] == hint
+
+
+def test_usage_errors_name_the_installed_program(capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: 'Usage: python -m r3e_tee.cli.main invoke' (or pytest, ...), not the command to type."""
+    code, _, err = run(["invoke"], capsys)
+    assert code == 2 and "Usage: r3e-tee-cli invoke" in err and "Try 'r3e-tee-cli invoke --help'" in err

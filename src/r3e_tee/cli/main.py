@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     as_json = _wants_json(list(argv if argv is not None else sys.argv[1:]))
     try:
         # outside standalone mode click returns the code of typer.Exit instead of raising it
-        result = app(args=argv, standalone_mode=False)
+        result = app(args=argv, prog_name="r3e-tee-cli", standalone_mode=False)
     except R3ETeeError as exc:
         return report_error(exc, as_json=as_json)
     except typer.Exit as exc:
@@ -263,9 +263,16 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Abort:
         return 130
     except typer.TyperException as exc:  # usage errors: unknown option, bad value
-        show = getattr(exc, "show", None)
-        if callable(show):
-            show()
+        message = getattr(exc, "format_message", None)
+        if as_json and callable(message) and type(exc).__name__ != "NoArgsIsHelpError":
+            # a script asked for JSON: it gets JSON, not a usage banner it has to scrape
+            ctx = getattr(exc, "ctx", None)
+            command = getattr(ctx, "command_path", None) or "r3e-tee-cli"
+            print_json({"error": "usage", "message": message(), "hint": f"see {command} --help"})
+        else:
+            show = getattr(exc, "show", None)
+            if callable(show):
+                show()
         return int(getattr(exc, "exit_code", 2))
     return result if isinstance(result, int) else 0
 
