@@ -368,3 +368,14 @@ def test_usage_errors_name_the_installed_program(capsys: pytest.CaptureFixture[s
     """Before: 'Usage: python -m r3e_tee.cli.main invoke' (or pytest, ...), not the command to type."""
     code, _, err = run(["invoke"], capsys)
     assert code == 2 and "Usage: r3e-tee-cli invoke" in err and "Try 'r3e-tee-cli invoke --help'" in err
+
+
+def test_an_unreadable_evidence_file_is_named_once_with_a_fix(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Before: 'unusable input: nofile: cannot read nofile: No such file or directory', no fix."""
+    missing = tmp_path / "quote.bin"
+    code, _, err = run(["verify-evidence", str(missing)], capsys)
+    assert code == 2
+    assert f"evidence file: cannot read {missing}: No such file or directory" in _flat(err)
+    assert "fix: pass the path of a quote" in _flat(err)
