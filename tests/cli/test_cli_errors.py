@@ -379,3 +379,26 @@ def test_an_unreadable_evidence_file_is_named_once_with_a_fix(
     assert code == 2
     assert f"evidence file: cannot read {missing}: No such file or directory" in _flat(err)
     assert "fix: pass the path of a quote" in _flat(err)
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["doctor", "--timeout", "-1"], "--timeout"),
+        (["audit-log", "--limit", "0"], "--limit"),
+        (["audit-log", "--after", "-3"], "--after"),
+        (["deploy-function", "f.py", "--name", "f", "--runtime", "python", "--max", "0"], "--max"),
+        (
+            ["deploy-function", "f.py", "--name", "f", "--runtime", "python", "--concurrency", "0"],
+            "--concurrency",
+        ),
+    ],
+)
+def test_numbers_out_of_range_are_usage_errors(
+    fake: FakeService, capsys: pytest.CaptureFixture[str], args: list[str], option: str
+) -> None:
+    """Before: doctor --timeout -1 ran and passed; audit-log --limit 0 went to the service and
+    came back as 'query.limit: Input should be greater than or equal to 1'."""
+    code, _, err = run(["--server", fake.url, "--token", "t", *args], capsys)
+    assert code == 2 and f"Invalid value for '{option}'" in err and f"r3e-tee-cli {args[0]} --help" in err
+    assert fake.requests == []

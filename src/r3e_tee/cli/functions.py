@@ -47,9 +47,11 @@ def deploy_function(
     size: Annotated[str, typer.Option("--size", help="enclave size")] = "128M",
     memory: Annotated[str, typer.Option("--memory", help="memory per sandbox")] = "64M",
     timeout: Annotated[str, typer.Option("--timeout", help="per invocation")] = "10s",
-    min_enclaves: Annotated[int, typer.Option("--min", help="enclaves kept warm (0: scale to zero)")] = 0,
-    max_enclaves: Annotated[int, typer.Option("--max", help="most enclaves under load")] = 4,
-    concurrency: Annotated[int, typer.Option("--concurrency", help="sandboxes per enclave")] = 2,
+    min_enclaves: Annotated[
+        int, typer.Option("--min", min=0, help="enclaves kept warm (0: scale to zero)")
+    ] = 0,
+    max_enclaves: Annotated[int, typer.Option("--max", min=1, help="most enclaves under load")] = 4,
+    concurrency: Annotated[int, typer.Option("--concurrency", min=1, help="sandboxes per enclave")] = 2,
     idempotent: Annotated[
         bool,
         typer.Option(

@@ -209,8 +209,10 @@ def list_keys(ctx: typer.Context) -> None:
 def audit_log(
     ctx: typer.Context,
     verify: Annotated[bool, typer.Option("--verify", help="verify the hash chain; exit 1 if broken")] = False,
-    after: Annotated[int, typer.Option("--after", help="entries after this sequence number")] = 0,
-    limit: Annotated[int, typer.Option("--limit", help="at most this many entries")] = 100,
+    after: Annotated[int, typer.Option("--after", min=0, help="entries after this sequence number")] = 0,
+    limit: Annotated[
+        int, typer.Option("--limit", min=1, max=10000, help="at most this many entries (1-10000)")
+    ] = 100,
     action: Annotated[str | None, typer.Option("--action", help="only this action, e.g. secret.deny")] = None,
     subject: Annotated[str | None, typer.Option("--subject", help="only this subject (secret name)")] = None,
 ) -> None:

@@ -148,7 +148,9 @@ def doctor(
         typer.Option("--data-dir", envvar="R3E_TEE_DATA_DIR", help="the service's data directory"),
     ] = None,
     root: Annotated[Path, typer.Option("--root", hidden=True, help="filesystem root (tests)")] = Path("/"),
-    timeout: Annotated[float, typer.Option("--timeout", help="network check timeout, seconds")] = 2.0,
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=0.1, max=300, help="network check timeout, seconds (0.1-300)")
+    ] = 2.0,
 ) -> None:
     """Check this host can run the enabled providers; exit 0 when every one can.
 
