@@ -402,3 +402,36 @@ def test_numbers_out_of_range_are_usage_errors(
     code, _, err = run(["--server", fake.url, "--token", "t", *args], capsys)
     assert code == 2 and f"Invalid value for '{option}'" in err and f"r3e-tee-cli {args[0]} --help" in err
     assert fake.requests == []
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (["--value-env", "R3E_UX_TEST_UNSET"], "environment variable R3E_UX_TEST_UNSET is not set"),
+        (
+            ["--value-env", "R3E_UX_TEST_EMPTY"],
+            "the secret value from --value-env R3E_UX_TEST_EMPTY is empty",
+        ),
+        (["--value-file", "{missing}"], "cannot read --value-file"),
+        (["--value-file", "{empty}"], "is empty"),
+    ],
+)
+def test_put_secret_value_problems_say_how_to_fix_them(
+    fake: FakeService,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    value: list[str],
+    expected: str,
+) -> None:
+    """Before: 'environment variable X is not set' and 'the secret value is empty', no fix."""
+    monkeypatch.delenv("R3E_UX_TEST_UNSET", raising=False)
+    monkeypatch.setenv("R3E_UX_TEST_EMPTY", "")
+    policy = _write(tmp_path / "p.yaml", "measurements: [" + "ab" * 32 + "]\n")
+    names = {"missing": tmp_path / "nope", "empty": _write(tmp_path / "empty", "")}
+    args = [v.format(**names) for v in value]
+    code, _, err = run(
+        ["--server", fake.url, "--token", "t", "put-secret", "db", "--policy", str(policy), *args], capsys
+    )
+    assert code == 2 and expected in _flat(err) and "fix:" in err
+    assert fake.requests == []

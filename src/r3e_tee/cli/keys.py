@@ -37,16 +37,26 @@ def _read_value(value_file: Path | None, value_env: str | None) -> bytes:
         )
     if value_env is not None:
         if value_env not in os.environ:
-            raise InvalidRequestError(f"environment variable {value_env} is not set")
+            raise InvalidRequestError(
+                f"environment variable {value_env} is not set",
+                hint=f"export {value_env} in this shell first, or use --value-file",
+            )
         value = os.environ[value_env].encode()
     else:
         assert value_file is not None
         try:
             value = sys.stdin.buffer.read() if str(value_file) == "-" else value_file.read_bytes()
         except OSError as exc:
-            raise InvalidRequestError(f"cannot read --value-file {value_file}: {exc.strerror}") from None
+            raise InvalidRequestError(
+                f"cannot read --value-file {value_file}: {exc.strerror}",
+                hint="check the path and permissions, or pass - to read the value from standard input",
+            ) from None
     if not value:
-        raise InvalidRequestError("the secret value is empty")
+        source = f"--value-env {value_env}" if value_env is not None else f"--value-file {value_file}"
+        raise InvalidRequestError(
+            f"the secret value from {source} is empty",
+            hint="put the value there first; an empty secret is never stored",
+        )
     return value
 
 
