@@ -110,3 +110,16 @@ def test_worker_refuses_a_bad_server_url_and_data_dir(
     code = run(["--server", "http://127.0.0.1:1", "--token", "t", "--data-dir", str(a_file)])
     err = capsys.readouterr().err
     assert code == 2 and "is a file, not a directory" in err and "fix: pass --data-dir" in err
+
+
+def test_worker_refuses_a_malformed_token_without_logging_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: a token with a newline reached httpx, whose startup error (logged as a
+    traceback) repeated the Authorization header: the token was in the log."""
+    from r3e_tee.worker.cli import run
+
+    code = run(["--server", "http://127.0.0.1:1", "--token", "r3e_SECRET\nX", "--data-dir", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert code == 2 and "token" in err and "R3E_TEE_TOKEN" in err
+    assert "SECRET" not in out + err

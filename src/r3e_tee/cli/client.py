@@ -89,7 +89,7 @@ def discover_local_token_file(server: str, env: dict[str, str] | None = None) ->
     return None
 
 
-def _checked_token(token: str) -> str:
+def checked_token(token: str) -> str:
     """The token as an HTTP header can carry it; the error never shows the token itself.
 
     A token pasted with a newline or a typographic quote otherwise fails inside httpx, whose
@@ -132,7 +132,7 @@ class ServiceClient:
         self.server = checked_server(server)
         self.token_file: Path | None = None
         if token:
-            self.token: str | None = _checked_token(token)
+            self.token: str | None = checked_token(token)
         else:
             found = discover_local_token_file(self.server)
             self.token, self.token_file = found if found else (None, None)

@@ -272,9 +272,11 @@ def run(argv: Sequence[str] | None = None) -> int:
     try:
         if not args.server:
             raise R3ETeeError("no service URL", hint="pass --server or set R3E_TEE_URL")
-        from r3e_tee.cli.client import checked_server
+        from r3e_tee.cli.client import checked_server, checked_token
 
         args.server = checked_server(args.server)
+        # httpx's error for a malformed header value repeats it: the token would be logged
+        args.token = checked_token(args.token)
         if not args.token:
             raise R3ETeeError("no token", hint="set R3E_TEE_TOKEN to a token with enclave scope")
         config = load_config(args.config or None).config
