@@ -123,3 +123,48 @@ def test_worker_refuses_a_malformed_token_without_logging_it(
     out, err = capsys.readouterr()
     assert code == 2 and "token" in err and "R3E_TEE_TOKEN" in err
     assert "SECRET" not in out + err
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_worker_with_a_refused_token_stops_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], status: int
+) -> None:
+    """Before: the worker started, and its startup failed inside uvicorn with a multi-line
+    traceback in the log ('HTTP 401: invalid or revoked token' at its end)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from threading import Thread
+
+    from r3e_tee.worker.cli import run
+
+    class Refuse(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: object) -> None:
+            return
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        code = run(["--server", url, "--token", "r3e_wrong", "--data-dir", str(tmp_path / "w")])
+    finally:
+        server.shutdown()
+        server.server_close()
+    err = capsys.readouterr().err
+    assert code == 1
+    assert f"the service at {url} refused the worker's token (HTTP {status})" in err
+    assert "fix: set R3E_TEE_TOKEN" in err and "Traceback" not in err
+
+
+def test_worker_that_cannot_reach_the_service_stops_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from r3e_tee.worker.cli import run
+
+    url = f"http://127.0.0.1:{_free_port()}"
+    code = run(["--server", url, "--token", "r3e_t", "--data-dir", str(tmp_path / "w")])
+    err = capsys.readouterr().err
+    assert code == 3 and f"cannot reach the service at {url}" in err and "fix: check --server" in err

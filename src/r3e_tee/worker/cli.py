@@ -267,6 +267,35 @@ def create_worker_app(worker: WorkerProcess) -> FastAPI:
     return app
 
 
+def preflight(server: str, token: str, worker_id: str) -> None:
+    """Check the service answers and takes the token before anything starts.
+
+    The first call otherwise happens inside uvicorn's startup, whose failure is a multi-line
+    traceback in the log; the worker would stop either way.
+    """
+    import httpx
+
+    from r3e_tee.cli.client import ConnectionFailed, segment
+
+    path = f"/v1/workers/{segment(worker_id, 'worker id', listed_by='--id')}/enclaves"
+    try:
+        resp = httpx.get(
+            f"{server}{path}",
+            headers={"Authorization": f"Bearer {token}", "User-Agent": "r3e-tee-worker"},
+            timeout=httpx.Timeout(10.0, connect=5.0),
+        )
+    except httpx.HTTPError as exc:
+        raise ConnectionFailed(
+            f"cannot reach the service at {server}: {exc or type(exc).__name__}",
+            hint="check --server / R3E_TEE_URL and the network between worker and service",
+        ) from None
+    if resp.status_code in (401, 403):
+        raise AuthenticationError(
+            f"the service at {server} refused the worker's token (HTTP {resp.status_code})",
+            hint="set R3E_TEE_TOKEN to a token of this service with the enclave scope",
+        )
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -281,6 +310,10 @@ def run(argv: Sequence[str] | None = None) -> int:
             raise R3ETeeError("no token", hint="set R3E_TEE_TOKEN to a token with enclave scope")
         config = load_config(args.config or None).config
         configure_logging(config.server.log_level)
+        from r3e_tee.service.__main__ import prepare_data_dir
+
+        prepare_data_dir(Path(args.data_dir))  # local problems first, then the network
+        preflight(args.server, args.token, args.id)
         worker = WorkerProcess(args, config)
     except R3ETeeError as exc:
         print(f"r3e-tee-worker: {exc}", file=sys.stderr)
