@@ -168,3 +168,13 @@ def test_worker_that_cannot_reach_the_service_stops_with_one_line(
     code = run(["--server", url, "--token", "r3e_t", "--data-dir", str(tmp_path / "w")])
     err = capsys.readouterr().err
     assert code == 3 and f"cannot reach the service at {url}" in err and "fix: check --server" in err
+
+
+def test_service_help_names_defaults_and_the_unsafe_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: --host read 'listen address' and --data-dir 'state directory', no defaults."""
+    with pytest.raises(SystemExit) as exited:
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert exited.value.code == 0
+    assert "default 127.0.0.1, this machine only" in out and "default /var/lib/r3e-tee" in out
+    assert "1-65535" in out and "(UNSAFE outside development)" in out and "r3e-tee-service --dev" in out

@@ -63,7 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--config", default=os.environ.get("R3E_TEE_CONFIG"), help="tee-config.yaml [R3E_TEE_CONFIG]"
     )
-    p.add_argument("--host", default=os.environ.get("R3E_TEE_HOST"), help="listen address [R3E_TEE_HOST]")
+    p.add_argument(
+        "--host",
+        default=os.environ.get("R3E_TEE_HOST"),
+        help="listen address (default 127.0.0.1, this machine only; 0.0.0.0 listens on every "
+        "interface) [R3E_TEE_HOST]",
+    )
     p.add_argument(
         "--port",
         type=port_number,
@@ -71,7 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="listen port, 1-65535 (default 8080 or server.port) [R3E_TEE_PORT]",
     )
     p.add_argument(
-        "--data-dir", default=os.environ.get("R3E_TEE_DATA_DIR"), help="state directory [R3E_TEE_DATA_DIR]"
+        "--data-dir",
+        default=os.environ.get("R3E_TEE_DATA_DIR"),
+        help="state directory: store, keys, --dev admin token (default /var/lib/r3e-tee, "
+        "with --dev .r3e-tee) [R3E_TEE_DATA_DIR]",
     )
     p.add_argument(
         "--dev",
