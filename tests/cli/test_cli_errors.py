@@ -435,3 +435,13 @@ def test_put_secret_value_problems_say_how_to_fix_them(
     )
     assert code == 2 and expected in _flat(err) and "fix:" in err
     assert fake.requests == []
+
+
+@pytest.mark.parametrize("body", [b"[1, 2]", b'"text"', b'{"status": "ok"}'])
+def test_version_names_a_server_that_is_not_the_service(
+    fake: FakeService, capsys: pytest.CaptureFixture[str], body: bytes
+) -> None:
+    """Before: a JSON list or string from /v1/version crashed `version` with a TypeError traceback."""
+    fake.body = body
+    code, out, _ = run(["--server", fake.url, "-o", "json", "version"], capsys)
+    assert code == 0 and "not the service's version" in json.loads(out)["server"]["error"]

@@ -71,7 +71,10 @@ def version(ctx: typer.Context) -> None:
     server_info: dict[str, object]
     c = ServiceClient(s.server, s.token, timeout=3.0)
     try:
-        server_info = {"url": s.server, **c.get("/v1/version")}
+        answer = c.get("/v1/version")
+        if not isinstance(answer, dict) or "version" not in answer:
+            raise R3ETeeError(f"{s.server}/v1/version answered JSON that is not the service's version")
+        server_info = {"url": s.server, **answer}
     except R3ETeeError as exc:
         server_info = {"url": s.server, "error": exc.message}
     finally:
