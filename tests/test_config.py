@@ -181,3 +181,24 @@ def test_sizes(text: object, size: int) -> None:
 def test_bad_sizes(text: object) -> None:
     with pytest.raises(ValueError):
         parse_size(text)
+
+
+def test_a_missing_or_unreadable_config_says_where_its_path_came_from(tmp_path: Path) -> None:
+    """Before: every case said 'pass an existing file with --config or unset R3E_TEE_CONFIG',
+    also for `config validate FILE` (no --config) and for a directory or a non-UTF-8 file
+    (no fix at all)."""
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError) as caught:
+        load_config(missing, env={})
+    assert caught.value.hint == "check the path given as the argument or --config (or in R3E_TEE_CONFIG)"
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, env={"R3E_TEE_CONFIG": str(missing)})
+    assert caught.value.hint is not None and "set R3E_TEE_CONFIG to an existing" in caught.value.hint
+    with pytest.raises(ConfigError) as caught:
+        load_config(tmp_path, env={})
+    assert "is a directory" in caught.value.message and caught.value.hint
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(b"server:\n  host: caf\xe9\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(latin1, env={})
+    assert "not UTF-8" in caught.value.message and caught.value.hint == "save the file as UTF-8 YAML"

@@ -8,6 +8,7 @@ blocks) plus the product's own sections, each with safe defaults. Every bad inpu
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import os
 import re
@@ -62,6 +63,19 @@ def parse_duration(value: object) -> float:
     if seconds <= 0:
         raise ValueError("a duration must be positive")
     return seconds
+
+
+def port_number(value: str) -> int:
+    """argparse type of the launchers' --port: 1-65535, refused before anything is set up."""
+    try:
+        port = int(value)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a port number: use 1-65535 (from the flag or its environment variable)"
+        )
+    return port
 
 
 def parse_size(value: object) -> int:
@@ -525,26 +539,29 @@ def load_config(path: str | Path | None = None, *, env: Mapping[str, str] | None
     env = os.environ if env is None else env
     candidate: Path | None
     explicit = True
+    # the fix names where the path came from: an argument or flag, or the environment
     if path is not None:
         candidate = Path(path)
+        fix = f"check the path given as the argument or --config (or in {CONFIG_ENV})"
     elif env.get(CONFIG_ENV):
         candidate = Path(env[CONFIG_ENV])
+        fix = f"set {CONFIG_ENV} to an existing tee-config.yaml, or unset it for the defaults"
     else:
         candidate, explicit = DEFAULT_CONFIG_PATH, False
+        fix = f"make {DEFAULT_CONFIG_PATH} readable, or point {CONFIG_ENV} at another file"
     if candidate is not None:
         if not candidate.exists():
             if explicit:
-                raise ConfigError(
-                    "file does not exist",
-                    file=str(candidate),
-                    hint="pass an existing file with --config or unset R3E_TEE_CONFIG",
-                )
+                raise ConfigError("file does not exist", file=str(candidate), hint=fix)
             return LoadedConfig(TeeConfig(), "built-in defaults")
+        if candidate.is_dir():
+            raise ConfigError("is a directory, not a tee-config.yaml", file=str(candidate), hint=fix)
         try:
             text = candidate.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-            raise ConfigError(f"cannot read: {reason}", file=str(candidate)) from None
+            hint = fix if isinstance(exc, OSError) else "save the file as UTF-8 YAML"
+            raise ConfigError(f"cannot read: {reason}", file=str(candidate), hint=hint) from None
         return LoadedConfig(parse_config(text, file=str(candidate), env=env), str(candidate))
     return LoadedConfig(TeeConfig(), "built-in defaults")
 

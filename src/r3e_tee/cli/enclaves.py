@@ -11,8 +11,18 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from r3e_tee.cli.client import ApiError, ServiceClient
-from r3e_tee.cli.output import cli_state, console, print_json, print_table, service_call, service_client
+from r3e_tee.cli.client import ApiError, ServiceClient, segment
+from r3e_tee.cli.output import (
+    PROVIDER_HELP,
+    cli_state,
+    console,
+    err_console,
+    print_json,
+    print_table,
+    provider_choice,
+    service_call,
+    service_client,
+)
 from r3e_tee.config import parse_size
 from r3e_tee.errors import InvalidRequestError, R3ETeeError
 
@@ -43,7 +53,7 @@ def _age(ts: float | None) -> str:
 def create_enclave(
     ctx: typer.Context,
     size: Annotated[str, typer.Option("--size", help="enclave memory: 128M, 512Mi, 2G")],
-    provider: Annotated[str, typer.Option("--provider", help="sgx, nitro or simulation")] = "simulation",
+    provider: Annotated[str, typer.Option("--provider", help=PROVIDER_HELP)] = "simulation",
     debug: Annotated[
         bool, typer.Option("--debug", help="UNSAFE: a debug enclave's memory is readable")
     ] = False,
@@ -55,6 +65,14 @@ def create_enclave(
     """Create an enclave with a size on a provider; with --wait, until it is attested and ready."""
     s = cli_state(ctx)
     _size(size)
+    provider = provider_choice(provider)
+    if debug:
+        err_console.print(
+            "[bold yellow]UNSAFE[/] --debug: the host can read this enclave's memory and secrets; "
+            "production policies reject its attestation",
+            highlight=False,
+            soft_wrap=True,
+        )
     c = service_client(ctx)
     try:
         body: dict[str, Any] = {"provider": provider, "size": size, "debug": debug}
@@ -106,7 +124,8 @@ def destroy_enclave(
 ) -> None:
     """Destroy an enclave: its runtime zeroizes its keys and its tokens are revoked."""
     s = cli_state(ctx)
-    enclave = service_call(ctx, "DELETE", f"/v1/enclaves/{enclave_id}")
+    path = f"/v1/enclaves/{segment(enclave_id, 'enclave id', listed_by='r3e-tee-cli list-enclaves')}"
+    enclave = service_call(ctx, "DELETE", path)
     if s.json:
         print_json(enclave)
     else:
@@ -144,16 +163,19 @@ def _tamper(evidence: bytes, kind: str) -> tuple[bytes, int]:
 
 def attestation_test(
     ctx: typer.Context,
-    provider: Annotated[str, typer.Option("--provider", help="sgx, nitro or simulation")] = "simulation",
+    provider: Annotated[str, typer.Option("--provider", help=PROVIDER_HELP)] = "simulation",
     size: Annotated[str, typer.Option("--size", help="size of the temporary enclave")] = "64M",
     evidence_format: Annotated[str | None, typer.Option("--evidence-format", help="simulation only")] = None,
 ) -> None:
-    """Full round trip on a temporary enclave, then prove that a replayed nonce and a tampered
-    quote are rejected. Prints each step with its time; exits non-zero on any failure."""
+    """Attest a temporary enclave end to end; exit 1 on any failure.
+
+    Then prove that a replayed nonce and a tampered quote are rejected. Prints each step with
+    its time."""
     from r3e_tee.attestation.tokens import verify_token
 
     s = cli_state(ctx)
     _size(size)
+    provider = provider_choice(provider)
     c = service_client(ctx)
     steps = _Steps(s.json)
     state: dict[str, Any] = {}

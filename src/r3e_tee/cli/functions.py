@@ -11,16 +11,28 @@ import httpx
 import typer
 from rich.markup import escape
 
-from r3e_tee.cli.client import ServiceClient
-from r3e_tee.cli.output import cli_state, console, print_json, print_table, service_call, service_client
-from r3e_tee.errors import InvalidRequestError, R3ETeeError, ReceiptError
+from r3e_tee.cli.client import ConnectionFailed, ServiceClient, segment
+from r3e_tee.cli.output import (
+    PROVIDER_HELP,
+    cli_state,
+    console,
+    print_json,
+    print_table,
+    provider_choice,
+    service_call,
+    service_client,
+)
+from r3e_tee.errors import InvalidRequestError, R3ETeeError, ReceiptError, VerificationError
 
 
 def _read(path: Path, what: str) -> bytes:
     try:
         return path.read_bytes()
     except OSError as exc:
-        raise InvalidRequestError(f"cannot read {what} {path}: {exc.strerror}") from None
+        raise InvalidRequestError(
+            f"cannot read {what} {path}: {exc.strerror}",
+            hint=f"check the {what} file's path (relative paths start at {Path.cwd()}) and permissions",
+        ) from None
 
 
 def deploy_function(
@@ -35,9 +47,11 @@ def deploy_function(
     size: Annotated[str, typer.Option("--size", help="enclave size")] = "128M",
     memory: Annotated[str, typer.Option("--memory", help="memory per sandbox")] = "64M",
     timeout: Annotated[str, typer.Option("--timeout", help="per invocation")] = "10s",
-    min_enclaves: Annotated[int, typer.Option("--min", help="enclaves kept warm (0: scale to zero)")] = 0,
-    max_enclaves: Annotated[int, typer.Option("--max", help="most enclaves under load")] = 4,
-    concurrency: Annotated[int, typer.Option("--concurrency", help="sandboxes per enclave")] = 2,
+    min_enclaves: Annotated[
+        int, typer.Option("--min", min=0, help="enclaves kept warm (0: scale to zero)")
+    ] = 0,
+    max_enclaves: Annotated[int, typer.Option("--max", min=1, help="most enclaves under load")] = 4,
+    concurrency: Annotated[int, typer.Option("--concurrency", min=1, help="sandboxes per enclave")] = 2,
     idempotent: Annotated[
         bool,
         typer.Option(
@@ -49,13 +63,19 @@ def deploy_function(
     cooldown: Annotated[
         str, typer.Option("--cooldown", help="idle time before scaling an enclave down")
     ] = "60s",
-    provider: Annotated[str, typer.Option("--provider", help="sgx, nitro or simulation")] = "simulation",
+    provider: Annotated[str, typer.Option("--provider", help=PROVIDER_HELP)] = "simulation",
 ) -> None:
     """Deploy a new immutable version; prints its version and measurement."""
     s = cli_state(ctx)
+    provider = provider_choice(provider)
+    if runtime.strip().lower() not in ("python", "javascript"):
+        raise InvalidRequestError(
+            f"--runtime {runtime!r} is not a runtime",
+            hint="use --runtime python (a .py file or a zip) or --runtime javascript (a .js file)",
+        )
     body = {
         "name": name,
-        "runtime": runtime,
+        "runtime": runtime.strip().lower(),
         "handler": handler,
         "secrets": secret or [],
         "enclave_size": size,
@@ -99,31 +119,57 @@ def list_functions(ctx: typer.Context) -> None:
 
 
 def _data(value: str) -> bytes:
+    source = f"--data {value}" if value.startswith("@") else "--data"
     raw = _read(Path(value[1:]), "input") if value.startswith("@") else value.encode()
+    if not raw.strip():
+        raise InvalidRequestError(
+            f"{source} is empty; the event must be JSON", hint="pass --data '{}' for an empty event"
+        )
     try:
         json.loads(raw)
-    except ValueError:
-        raise InvalidRequestError("--data must be JSON (or @file with JSON)") from None
+    except ValueError as exc:
+        raise InvalidRequestError(
+            f"{source} is not JSON: {exc}",
+            hint="quote the JSON for the shell, e.g. --data '{\"amount\": 3}', or use --data @event.json",
+        ) from None
     return raw
+
+
+def _as_jwks(doc: object, source: str) -> dict[str, Any]:
+    if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
+        raise InvalidRequestError(
+            f"{source} is not a JWKS: a JSON object with a 'keys' list is expected",
+            hint="pass the service's /.well-known/jwks.json (URL or a saved copy), or omit --jwks",
+        )
+    return doc
 
 
 def _jwks(c: ServiceClient, source: str | None) -> dict[str, Any]:
     if source is None:
-        jwks: dict[str, Any] = c.get("/.well-known/jwks.json")
-        return jwks
+        return _as_jwks(c.get("/.well-known/jwks.json"), f"{c.server}/.well-known/jwks.json")
     if source.startswith(("http://", "https://")):
         try:
-            doc = httpx.get(source, timeout=10).json()
-        except (httpx.HTTPError, ValueError) as exc:
-            raise R3ETeeError(f"cannot fetch the JWKS from {source}: {exc}") from None
-    else:
+            resp = httpx.get(source, timeout=10)
+        except httpx.HTTPError as exc:
+            raise ConnectionFailed(
+                f"cannot fetch the JWKS from {source}: {exc or type(exc).__name__}",
+                hint="check the --jwks URL, or omit --jwks to use the server's",
+            ) from None
+        if resp.status_code != 200:
+            raise ConnectionFailed(
+                f"cannot fetch the JWKS from {source}: HTTP {resp.status_code}",
+                hint="check the --jwks URL, or omit --jwks to use the server's",
+            )
         try:
-            doc = json.loads(_read(Path(source), "JWKS"))
+            doc = resp.json()
         except ValueError:
-            raise InvalidRequestError(f"{source} is not a JWKS (JSON)") from None
-    if not isinstance(doc, dict):
-        raise InvalidRequestError(f'{source} is not a JWKS: a JWK set is a JSON object with "keys"')
-    return doc
+            doc = None
+        return _as_jwks(doc, source)
+    try:
+        doc = json.loads(_read(Path(source), "JWKS"))
+    except ValueError:
+        doc = None
+    return _as_jwks(doc, source)
 
 
 def encryption_key(target: dict[str, Any], fn: dict[str, Any], trusted: dict[str, Any]) -> bytes:
@@ -170,6 +216,22 @@ def invoke(
     from r3e_tee.functions.receipts import verify_receipt
 
     s = cli_state(ctx)
+    fn_path = f"/v1/functions/{segment(name, 'function name', listed_by='r3e-tee-cli list-functions')}"
+    if idempotency_key is not None and not async_:
+        raise InvalidRequestError(
+            "--idempotency-key only applies to queued invocations",
+            hint="add --async, or drop --idempotency-key",
+        )
+    # checked before the function runs: its result would otherwise be lost
+    if receipt_out is not None and receipt_out.is_dir():
+        raise InvalidRequestError(
+            f"--save {receipt_out} is a directory", hint="--save to a file, e.g. --save receipt.json"
+        )
+    if receipt_out is not None and not receipt_out.parent.is_dir():
+        raise InvalidRequestError(
+            f"--save {receipt_out}: the directory {receipt_out.parent} does not exist",
+            hint="create it first, or --save to a path in an existing directory",
+        )
     raw = _data(data)
     c = service_client(ctx)
     headers: dict[str, str] = {}
@@ -178,8 +240,8 @@ def invoke(
     try:
         trusted = _jwks(c, jwks)
         if encrypt:
-            target = c.get(f"/v1/functions/{name}/enclave")
-            key = encryption_key(target, c.get(f"/v1/functions/{name}"), trusted)
+            target = c.get(f"{fn_path}/enclave")
+            key = encryption_key(target, c.get(fn_path), trusted)
             reply_private = x25519.X25519PrivateKey.generate()
             reply_public = reply_private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
             body = e2e.seal_input(raw, key, reply_public)
@@ -191,13 +253,13 @@ def invoke(
         if async_:
             if idempotency_key:
                 headers["Idempotency-Key"] = idempotency_key
-            queued = c.post(f"/v1/functions/{name}/invocations", content=body, headers=headers)
+            queued = c.post(f"{fn_path}/invocations", content=body, headers=headers)
             if s.json:
                 print_json(queued)
             else:
                 console.print(f"queued invocation {queued['invocation_id']}")
             return
-        result = c.post(f"/v1/functions/{name}/invoke", content=body, headers=headers)
+        result = c.post(f"{fn_path}/invoke", content=body, headers=headers)
     finally:
         c.close()
     output: bytes | None = None
@@ -210,7 +272,14 @@ def invoke(
         result["receipt"], trusted, input_bytes=raw, output_bytes=output if result["status"] == "ok" else None
     )
     if receipt_out is not None:
-        receipt_out.write_text(json.dumps(result, indent=2))
+        try:
+            receipt_out.write_text(json.dumps(result, indent=2))
+        except OSError as exc:
+            raise InvalidRequestError(
+                f"the function ran (invocation {result.get('invocation_id')}) but --save {receipt_out} "
+                f"failed: {exc.strerror}",
+                hint="--save to a writable file; run `invoke` again to get a new receipt",
+            ) from None
     if s.json:
         print_json({**result, "receipt_checks": check.checks})
     else:
@@ -248,16 +317,31 @@ def verify_receipt_cmd(
         bool, typer.Option("--allow-simulation", help="UNSAFE: accept simulated evidence with --evidence")
     ] = False,
 ) -> None:
-    """Verify a receipt offline: signature, key bound to the attestation, JWKS, policy, hashes.
-    Exit 0 valid, 1 invalid, 2 unusable input."""
+    """Verify a receipt offline: exit 0 valid, 1 invalid, 2 unusable input.
+
+    Checks the signature, the key bound to the attestation, the JWKS, the policy and the
+    input/output hashes; with --evidence also the raw attestation evidence."""
     from r3e_tee.attestation.policy import Policy
     from r3e_tee.functions.receipts import verify_receipt
 
     s = cli_state(ctx)
+    for flag, given in (
+        ("--attestation", attestation_file is not None),
+        ("--root", root is not None),
+        ("--allow-simulation", allow_simulation),
+    ):
+        if given and not evidence:
+            raise InvalidRequestError(
+                f"{flag} only applies with --evidence (re-verifying the raw evidence)",
+                hint=f"add --evidence, or drop {flag}",
+            )
     try:
         doc = json.loads(_read(file, "receipt"))
     except ValueError:
-        raise InvalidRequestError(f"{file} is not JSON") from None
+        raise InvalidRequestError(
+            f"{file} is not JSON",
+            hint="pass the file written by `r3e-tee-cli invoke --save`, or a receipt from an invocation",
+        ) from None
     receipt = doc.get("receipt", doc) if isinstance(doc, dict) else doc
     if not isinstance(receipt, dict) or not {"body", "signature"} <= receipt.keys():
         raise InvalidRequestError(
@@ -300,14 +384,19 @@ def _check_evidence(
     from r3e_tee.attestation.verify import verify_evidence
 
     claims = check.token_claims
-    report = (
-        json.loads(_read(attestation_file, "attestation report"))
-        if attestation_file
-        else c.get(f"/v1/attestations/{claims['jti']}")
-    )
+    if attestation_file:
+        source = str(attestation_file)
+        try:
+            report = json.loads(_read(attestation_file, "attestation report"))
+        except ValueError:
+            report = None
+    else:
+        source = f"/v1/attestations/{segment(str(claims['jti']), 'attestation id', listed_by='invoke')}"
+        report = c.get(source)
     from r3e_tee.attestation.pinned_roots_nitro_ias import TrustAnchor
 
-    raw = base64.b64decode(report["evidence"])
+    raw = _report_evidence(report, source)
+    assert isinstance(report, dict)  # checked by _report_evidence
     bundle = (report.get("collateral") or {}).get("bundle")
     anchor = None
     if root is not None:
@@ -317,12 +406,20 @@ def _check_evidence(
         pem = c.get("/v1/attestation/simulation-roots").get(str(report.get("kind")))
         if pem:
             anchor = TrustAnchor.load(pem.encode(), simulated=True)
-    result = verify_evidence(
-        raw,
-        collateral=bundle,
-        trust_root=anchor,
-        policy=Policy(allow_simulation=allow_simulation, allow_debug=bool(claims.get("debug"))),
-    )
+    try:
+        result = verify_evidence(
+            raw,
+            collateral=bundle,
+            trust_root=anchor,
+            policy=Policy(allow_simulation=allow_simulation, allow_debug=bool(claims.get("debug"))),
+        )
+    except VerificationError as exc:
+        if claims.get("simulated") and not allow_simulation and exc.hint is None:
+            exc.hint = (
+                "the token says this enclave is simulated, so no hardware root signs its evidence; "
+                "--allow-simulation (UNSAFE) checks it against the installation's simulated roots"
+            )
+        raise
 
     def raw_key(name: str) -> bytes:
         return base64.urlsafe_b64decode(claims["cnf"][name] + "==")
@@ -347,6 +444,22 @@ def _check_evidence(
         )
     simulated = " (SIMULATED: no hardware protects it)" if result.simulated else ""
     return f"raw {result.kind.value} evidence verifies and binds the token's keys{simulated}"
+
+
+def _report_evidence(report: object, source: str) -> bytes:
+    """The raw evidence of a stored attestation report, or an error naming what is missing."""
+    evidence = report.get("evidence") if isinstance(report, dict) else None
+    if isinstance(evidence, str):
+        try:
+            return base64.b64decode(evidence, validate=True)
+        except ValueError:
+            problem = "its 'evidence' is not base64"
+    else:
+        problem = "it is not a JSON attestation report with an 'evidence' field"
+    raise InvalidRequestError(
+        f"{source}: {problem}",
+        hint="pass the JSON of GET /v1/attestations/<id> to --attestation, or omit it to fetch it",
+    )
 
 
 def register(app: typer.Typer) -> None:

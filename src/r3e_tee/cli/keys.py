@@ -16,12 +16,17 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
+from r3e_tee.cli.client import segment
 from r3e_tee.cli.output import cli_state, console, print_json, print_table, service_call, service_client
 from r3e_tee.errors import InvalidRequestError
 
 
 def _when(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts)) + "Z" if ts else ""
+
+
+def _secret(name: str) -> str:
+    return segment(name, "secret name", listed_by="r3e-tee-cli list-secrets")
 
 
 def _read_value(value_file: Path | None, value_env: str | None) -> bytes:
@@ -32,16 +37,26 @@ def _read_value(value_file: Path | None, value_env: str | None) -> bytes:
         )
     if value_env is not None:
         if value_env not in os.environ:
-            raise InvalidRequestError(f"environment variable {value_env} is not set")
+            raise InvalidRequestError(
+                f"environment variable {value_env} is not set",
+                hint=f"export {value_env} in this shell first, or use --value-file",
+            )
         value = os.environ[value_env].encode()
     else:
         assert value_file is not None
         try:
             value = sys.stdin.buffer.read() if str(value_file) == "-" else value_file.read_bytes()
         except OSError as exc:
-            raise InvalidRequestError(f"cannot read --value-file {value_file}: {exc.strerror}") from None
+            raise InvalidRequestError(
+                f"cannot read --value-file {value_file}: {exc.strerror}",
+                hint="check the path and permissions, or pass - to read the value from standard input",
+            ) from None
     if not value:
-        raise InvalidRequestError("the secret value is empty")
+        source = f"--value-env {value_env}" if value_env is not None else f"--value-file {value_file}"
+        raise InvalidRequestError(
+            f"the secret value from {source} is empty",
+            hint="put the value there first; an empty secret is never stored",
+        )
     return value
 
 
@@ -63,11 +78,15 @@ def put_secret(
     ] = None,
     description: Annotated[str | None, typer.Option("--description", help="free text")] = None,
 ) -> None:
-    """Store a secret, encrypted, with its release policy. Only enclaves whose attestation satisfies
-    the policy ever receive it; the value is never shown again by any command or endpoint."""
+    """Store a secret, encrypted, with its release policy.
+
+    Only enclaves whose attestation satisfies the policy ever receive it; the value is never
+    shown again by any command or endpoint. A policy that sets allow_debug or allow_simulation
+    is UNSAFE outside development."""
     from r3e_tee.keys.policy import ReleasePolicy
 
     s = cli_state(ctx)
+    path = f"/v1/secrets/{_secret(name)}"
     doc = ReleasePolicy.from_file(policy)  # checked here so mistakes name the file and the key
     value = _read_value(value_file, value_env)
     body: dict[str, Any] = {"value_b64": base64.b64encode(value).decode(), "policy": doc.to_dict()}
@@ -75,7 +94,7 @@ def put_secret(
         body["owner"] = owner
     if description is not None:
         body["description"] = description
-    out = service_call(ctx, "PUT", f"/v1/secrets/{name}", json=body)
+    out = service_call(ctx, "PUT", path, json=body)
     if s.json:
         print_json(out)
         return
@@ -117,7 +136,7 @@ def list_secrets(ctx: typer.Context) -> None:
 def delete_secret(ctx: typer.Context, name: Annotated[str, typer.Argument(help="secret name")]) -> None:
     """Delete a secret; the attestation tokens it was released to are revoked."""
     s = cli_state(ctx)
-    out = service_call(ctx, "DELETE", f"/v1/secrets/{name}")
+    out = service_call(ctx, "DELETE", f"/v1/secrets/{_secret(name)}")
     if s.json:
         print_json(out)
         return
@@ -136,9 +155,11 @@ def rotate_keys(
         list[str] | None, typer.Option("--owner", help="only this data key owner (repeatable)")
     ] = None,
 ) -> None:
-    """Rotate now: a new version of every data key (secrets re-encrypted, versions beyond
-    retain_versions retired) and new token signing keys (old ones stay in the JWKS until their
-    tokens expire)."""
+    """Rotate data keys and token signing keys now.
+
+    A new version of every data key (secrets re-encrypted, versions beyond retain_versions
+    retired) and new token signing keys (old ones stay in the JWKS until their tokens
+    expire)."""
     s = cli_state(ctx)
     body: dict[str, Any] = {"data_keys": data_keys, "signing_keys": signing_keys}
     if owner:
@@ -198,13 +219,17 @@ def list_keys(ctx: typer.Context) -> None:
 def audit_log(
     ctx: typer.Context,
     verify: Annotated[bool, typer.Option("--verify", help="verify the hash chain; exit 1 if broken")] = False,
-    after: Annotated[int, typer.Option("--after", help="entries after this sequence number")] = 0,
-    limit: Annotated[int, typer.Option("--limit", help="at most this many entries")] = 100,
+    after: Annotated[int, typer.Option("--after", min=0, help="entries after this sequence number")] = 0,
+    limit: Annotated[
+        int, typer.Option("--limit", min=1, max=10000, help="at most this many entries (1-10000)")
+    ] = 100,
     action: Annotated[str | None, typer.Option("--action", help="only this action, e.g. secret.deny")] = None,
     subject: Annotated[str | None, typer.Option("--subject", help="only this subject (secret name)")] = None,
 ) -> None:
-    """List audit-log entries (key creation, rotation, releases, denials, secret changes); with
-    --verify, check that no entry was edited, inserted or deleted and name the first broken link."""
+    """List audit-log entries, or with --verify check the log's hash chain.
+
+    Entries: key creation, rotation, releases, denials, secret changes. --verify checks that no
+    entry was edited, inserted or deleted and names the first broken link (exit 1)."""
     s = cli_state(ctx)
     c = service_client(ctx)
     try:

@@ -25,6 +25,12 @@ app = typer.Typer(
         "A local service started with `make run` (--dev) is found with its admin token "
         "automatically; elsewhere pass --server and --token (or R3E_TEE_URL / R3E_TEE_TOKEN)."
     ),
+    epilog=(
+        "Exit codes: 0 success; 1 a check or verification failed, or the service refused; "
+        "2 unusable input (bad file, flag or name); 3 the service could not be reached.\n\n"
+        "Start here: r3e-tee-cli doctor, then r3e-tee-cli attestation-test; every command's "
+        "--help shows examples."
+    ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -40,7 +46,10 @@ def _global(
     token: Annotated[
         str | None,
         typer.Option(
-            "--token", envvar="R3E_TEE_TOKEN", help="bearer token (never printed)", show_default=False
+            "--token",
+            envvar="R3E_TEE_TOKEN",
+            help="bearer token (never printed); prefer R3E_TEE_TOKEN, flags show in ps",
+            show_default=False,
         ),
     ] = None,
     output: Annotated[
@@ -62,7 +71,10 @@ def version(ctx: typer.Context) -> None:
     server_info: dict[str, object]
     c = ServiceClient(s.server, s.token, timeout=3.0)
     try:
-        server_info = {"url": s.server, **c.get("/v1/version")}
+        answer = c.get("/v1/version")
+        if not isinstance(answer, dict) or "version" not in answer:
+            raise R3ETeeError(f"{s.server}/v1/version answered JSON that is not the service's version")
+        server_info = {"url": s.server, **answer}
     except R3ETeeError as exc:
         server_info = {"url": s.server, "error": exc.message}
     finally:
@@ -139,10 +151,14 @@ def doctor(
         typer.Option("--data-dir", envvar="R3E_TEE_DATA_DIR", help="the service's data directory"),
     ] = None,
     root: Annotated[Path, typer.Option("--root", hidden=True, help="filesystem root (tests)")] = Path("/"),
-    timeout: Annotated[float, typer.Option("--timeout", help="network check timeout, seconds")] = 2.0,
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=0.1, max=300, help="network check timeout, seconds (0.1-300)")
+    ] = 2.0,
 ) -> None:
-    """Check this host: SGX, Nitro, enclave devices, Kubernetes labels, attestation services,
-    key files and the store. Exit 0 when every enabled provider can run here."""
+    """Check this host can run the enabled providers; exit 0 when every one can.
+
+    Checks SGX, Nitro, enclave devices, Kubernetes labels, attestation services, key files
+    and the store."""
     from r3e_tee.config import load_config
     from r3e_tee.doctor import run_doctor
 
@@ -180,6 +196,50 @@ def _register_commands() -> None:
 
     for module in _COMMAND_MODULES:
         import_module(f"r3e_tee.cli.{module}").register(app)
+    for group in (app, config_app):
+        for info in group.registered_commands:
+            name = info.name or (info.callback.__name__ if info.callback else "")
+            examples = EXAMPLES.get(name if group is app else f"config {name}")
+            if examples and not info.epilog:
+                info.epilog = "Examples:\n\n" + "\n\n".join(f"  r3e-tee-cli {e}" for e in examples)
+
+
+# Shown under each command's --help: what a first use looks like.
+EXAMPLES: dict[str, tuple[str, ...]] = {
+    "version": ("version", "--server https://tee.example.com -o json version"),
+    "config validate": ("config validate /etc/r3e-tee/tee-config.yaml",),
+    "doctor": ("doctor --config /etc/r3e-tee/tee-config.yaml",),
+    "verify-evidence": (
+        "verify-evidence quote.bin --collateral collateral.json",
+        "verify-evidence nitro.cbor --pcr 0=HEX --policy policy.yaml -o json",
+    ),
+    "create-enclave": ("create-enclave --size 128M --wait", "create-enclave --provider sgx --size 2G"),
+    "list-enclaves": ("list-enclaves --all",),
+    "destroy-enclave": ("destroy-enclave ENCLAVE_ID   (the ID column of list-enclaves)",),
+    "attestation-test": ("attestation-test", "attestation-test --provider sgx"),
+    "deploy-function": (
+        "deploy-function pricing.py --name pricing --runtime python",
+        "deploy-function app.js --name hello --runtime javascript --secret api-key --min 1",
+    ),
+    "list-functions": ("list-functions -o json",),
+    "invoke": (
+        "invoke pricing --data '{\"amount\": 3}'",
+        "invoke pricing --data @event.json --encrypt --save receipt.json",
+    ),
+    "verify-receipt": (
+        "verify-receipt receipt.json --input event.json",
+        "verify-receipt receipt.json --jwks jwks.json --policy policy.yaml --evidence",
+    ),
+    "put-secret": (
+        "put-secret db-password --policy release.yaml --value-file password.txt",
+        "put-secret api-key --policy release.yaml --value-env API_KEY",
+    ),
+    "list-secrets": ("list-secrets",),
+    "delete-secret": ("delete-secret db-password",),
+    "rotate-keys": ("rotate-keys", "rotate-keys --no-signing-keys --owner secret:db-password"),
+    "list-keys": ("list-keys -o json",),
+    "audit-log": ("audit-log --verify", "audit-log --action secret.deny --limit 20"),
+}
 
 
 _COMMAND_MODULES: list[str] = ["verify_evidence", "enclaves", "functions", "keys"]
@@ -200,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     as_json = _wants_json(list(argv if argv is not None else sys.argv[1:]))
     try:
         # outside standalone mode click returns the code of typer.Exit instead of raising it
-        result = app(args=argv, standalone_mode=False)
+        result = app(args=argv, prog_name="r3e-tee-cli", standalone_mode=False)
     except R3ETeeError as exc:
         return report_error(exc, as_json=as_json)
     except typer.Exit as exc:
@@ -208,9 +268,16 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Abort:
         return 130
     except typer.TyperException as exc:  # usage errors: unknown option, bad value
-        show = getattr(exc, "show", None)
-        if callable(show):
-            show()
+        message = getattr(exc, "format_message", None)
+        if as_json and callable(message) and type(exc).__name__ != "NoArgsIsHelpError":
+            # a script asked for JSON: it gets JSON, not a usage banner it has to scrape
+            ctx = getattr(exc, "ctx", None)
+            command = getattr(ctx, "command_path", None) or "r3e-tee-cli"
+            print_json({"error": "usage", "message": message(), "hint": f"see {command} --help"})
+        else:
+            show = getattr(exc, "show", None)
+            if callable(show):
+                show()
         return int(getattr(exc, "exit_code", 2))
     return result if isinstance(result, int) else 0
 

@@ -12,7 +12,24 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from r3e_tee.errors import R3ETeeError
+from r3e_tee.errors import InvalidRequestError, R3ETeeError
+
+PROVIDER_HELP = "sgx, nitro or simulation (simulation: no hardware protects the enclave; development only)"
+
+
+def provider_choice(value: str) -> str:
+    """``--provider`` checked before any request: a typo otherwise deploys a function no
+    enclave can run (its measurement stays unknown) or fails a step of attestation-test."""
+    from r3e_tee.config import KNOWN_PROVIDERS
+
+    name = value.strip().lower()
+    if name not in KNOWN_PROVIDERS:
+        raise InvalidRequestError(
+            f"--provider {value!r} is not a provider",
+            hint=f"use one of {', '.join(KNOWN_PROVIDERS)} (`r3e-tee-cli doctor` shows which can run here)",
+        )
+    return name
+
 
 console = Console()
 err_console = Console(stderr=True)

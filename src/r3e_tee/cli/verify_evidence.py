@@ -144,7 +144,11 @@ def verify_evidence_command(
         try:
             data = file.read_bytes()
         except OSError as exc:
-            raise EvidenceFormatError(f"cannot read {file}: {exc.strerror}", field=str(file)) from None
+            raise EvidenceFormatError(
+                f"cannot read {file}: {exc.strerror}",
+                field="evidence file",
+                hint="pass the path of a quote, attestation document or report (see --help for formats)",
+            ) from None
         policy = Policy.from_file(policy_file) if policy_file is not None else Policy()
         policy = policy.with_overrides(allow_debug=True if allow_debug else None, pcrs=pcrs)
         for warning in policy.unsafe_choices():

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import gc
 import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Iterator, Sequence
@@ -17,8 +19,8 @@ from pathlib import Path
 import uvicorn
 
 from r3e_tee import __version__
-from r3e_tee.config import TeeConfig, load_config
-from r3e_tee.errors import R3ETeeError
+from r3e_tee.config import TeeConfig, load_config, port_number
+from r3e_tee.errors import ConfigError, R3ETeeError
 from r3e_tee.logging import configure_logging
 from r3e_tee.service.app import ServiceContext, create_app
 from r3e_tee.service.auth import TokenAuthority, ensure_dev_admin_token, read_token_file, token_hash
@@ -61,12 +63,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--config", default=os.environ.get("R3E_TEE_CONFIG"), help="tee-config.yaml [R3E_TEE_CONFIG]"
     )
-    p.add_argument("--host", default=os.environ.get("R3E_TEE_HOST"), help="listen address [R3E_TEE_HOST]")
     p.add_argument(
-        "--port", type=int, default=os.environ.get("R3E_TEE_PORT"), help="listen port [R3E_TEE_PORT]"
+        "--host",
+        default=os.environ.get("R3E_TEE_HOST"),
+        help="listen address (default 127.0.0.1, this machine only; 0.0.0.0 listens on every "
+        "interface) [R3E_TEE_HOST]",
     )
     p.add_argument(
-        "--data-dir", default=os.environ.get("R3E_TEE_DATA_DIR"), help="state directory [R3E_TEE_DATA_DIR]"
+        "--port",
+        type=port_number,
+        default=os.environ.get("R3E_TEE_PORT"),
+        help="listen port, 1-65535 (default 8080 or server.port) [R3E_TEE_PORT]",
+    )
+    p.add_argument(
+        "--data-dir",
+        default=os.environ.get("R3E_TEE_DATA_DIR"),
+        help="state directory: store, keys, --dev admin token (default /var/lib/r3e-tee, "
+        "with --dev .r3e-tee) [R3E_TEE_DATA_DIR]",
     )
     p.add_argument(
         "--dev",
@@ -119,10 +132,56 @@ def _write_dev_discovery(config: TeeConfig, token_file: Path) -> None:
         log.warning("cannot write the dev discovery file", extra={"error": exc.strerror})
 
 
+def prepare_data_dir(data_dir: Path) -> None:
+    """Create the data directory, or say which path is unusable and how to fix it."""
+    if data_dir.exists() and not data_dir.is_dir():
+        raise ConfigError(
+            f"the data directory {data_dir} is a file, not a directory",
+            key_path="server.data_dir",
+            hint="pass --data-dir (or R3E_TEE_DATA_DIR) naming a directory",
+        )
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create the data directory {data_dir}: {exc.strerror}",
+            key_path="server.data_dir",
+            hint="pass --data-dir (or R3E_TEE_DATA_DIR) naming a directory this user can create and write",
+        ) from None
+    if not os.access(data_dir, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"the data directory {data_dir} is not writable by this user",
+            key_path="server.data_dir",
+            hint="fix its owner or mode, or pass another --data-dir (or R3E_TEE_DATA_DIR)",
+        )
+
+
+def check_listen_address(host: str, port: int) -> None:
+    """Fail before setting anything up when the address cannot be bound.
+
+    Otherwise the store is migrated, a --dev run rewrites the CLI's token discovery file for
+    the port (pointing a running service's CLI users at the wrong token), and only then does
+    uvicorn log a bind error.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if exc.errno == errno.EADDRINUSE:
+            key, hint = "server.port", "another process listens there: stop it, or pick another --port"
+        else:
+            key, hint = "server.host", "--host must be an address of this machine, e.g. 127.0.0.1 or 0.0.0.0"
+        raise ConfigError(f"cannot listen on {host}:{port}: {reason}", key_path=key, hint=hint) from None
+
+
 def build_context(config: TeeConfig) -> ServiceContext:
     """Open and migrate the store, set up auth and components. Raises R3ETeeError on bad setup."""
     data_dir = config.server.data_dir
-    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    prepare_data_dir(data_dir)
     store = open_store(
         config.store_url, pool_size=config.store.pool_size, connect_timeout=config.store.connect_timeout
     )
@@ -191,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "configuration loaded",
             extra={"source": loaded.source, "providers": list(config.enabled_providers)},
         )
+        check_listen_address(config.server.host, config.server.port)
         ctx = build_context(config)
     except R3ETeeError as exc:
         print(f"r3e-tee-service: {exc}", file=sys.stderr)

@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
 from r3e_tee import __version__
-from r3e_tee.config import TeeConfig, load_config
+from r3e_tee.config import TeeConfig, load_config, port_number
 from r3e_tee.errors import AuthenticationError, R3ETeeError
 from r3e_tee.logging import configure_logging
 from r3e_tee.providers.base import EnclaveSpec
@@ -47,7 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server", default=env("R3E_TEE_URL"), help="the service URL [R3E_TEE_URL]")
     p.add_argument("--token", default=env("R3E_TEE_TOKEN"), help="token with enclave scope [R3E_TEE_TOKEN]")
     p.add_argument("--host", default=env("R3E_TEE_WORKER_HOST", "0.0.0.0"), help="API listen address")  # noqa: S104
-    p.add_argument("--port", type=int, default=int(env("R3E_TEE_WORKER_PORT", "8081")), help="API port")
+    p.add_argument(
+        "--port",
+        type=port_number,
+        default=env("R3E_TEE_WORKER_PORT", "8081"),
+        help="API port, 1-65535 [R3E_TEE_WORKER_PORT] (default 8081)",
+    )
     p.add_argument(
         "--advertise-url",
         default=env("R3E_TEE_WORKER_URL"),
@@ -68,8 +73,10 @@ class WorkerProcess:
 
         self.args = args
         self.config = config
+        from r3e_tee.service.__main__ import prepare_data_dir
+
         data_dir = Path(args.data_dir)
-        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        prepare_data_dir(data_dir)
         providers = build_providers(config, data_dir)
         if args.provider:
             providers = {k: v for k, v in providers.items() if k in args.provider}
@@ -260,15 +267,53 @@ def create_worker_app(worker: WorkerProcess) -> FastAPI:
     return app
 
 
+def preflight(server: str, token: str, worker_id: str) -> None:
+    """Check the service answers and takes the token before anything starts.
+
+    The first call otherwise happens inside uvicorn's startup, whose failure is a multi-line
+    traceback in the log; the worker would stop either way.
+    """
+    import httpx
+
+    from r3e_tee.cli.client import ConnectionFailed, segment
+
+    path = f"/v1/workers/{segment(worker_id, 'worker id', listed_by='--id')}/enclaves"
+    try:
+        resp = httpx.get(
+            f"{server}{path}",
+            headers={"Authorization": f"Bearer {token}", "User-Agent": "r3e-tee-worker"},
+            timeout=httpx.Timeout(10.0, connect=5.0),
+        )
+    except httpx.HTTPError as exc:
+        raise ConnectionFailed(
+            f"cannot reach the service at {server}: {exc or type(exc).__name__}",
+            hint="check --server / R3E_TEE_URL and the network between worker and service",
+        ) from None
+    if resp.status_code in (401, 403):
+        raise AuthenticationError(
+            f"the service at {server} refused the worker's token (HTTP {resp.status_code})",
+            hint="set R3E_TEE_TOKEN to a token of this service with the enclave scope",
+        )
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if not args.server:
             raise R3ETeeError("no service URL", hint="pass --server or set R3E_TEE_URL")
+        from r3e_tee.cli.client import checked_server, checked_token
+
+        args.server = checked_server(args.server)
+        # httpx's error for a malformed header value repeats it: the token would be logged
+        args.token = checked_token(args.token)
         if not args.token:
             raise R3ETeeError("no token", hint="set R3E_TEE_TOKEN to a token with enclave scope")
         config = load_config(args.config or None).config
         configure_logging(config.server.log_level)
+        from r3e_tee.service.__main__ import prepare_data_dir
+
+        prepare_data_dir(Path(args.data_dir))  # local problems first, then the network
+        preflight(args.server, args.token, args.id)
         worker = WorkerProcess(args, config)
     except R3ETeeError as exc:
         print(f"r3e-tee-worker: {exc}", file=sys.stderr)
