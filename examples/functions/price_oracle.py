@@ -5,10 +5,13 @@ The signing key is a secret released only to enclaves whose attestation matches 
 signature by that key, and a second signature by the enclave's attested key, so a consumer can
 check both who signed (the oracle key) and where it ran (the receipt).
 
-Deploy and invoke (README tour):
-    r3e-tee-cli deploy-function examples/functions/price_oracle.py --name price-oracle \
-        --runtime python --secret oracle-signing-key
+Deploy and invoke (README tour; without the secret it signs with the enclave key only):
+    r3e-tee-cli deploy-function examples/functions/price_oracle.py --name price-oracle --runtime python
     r3e-tee-cli invoke price-oracle --data '{"pair": "NEO/USD", "prices": [11.9, 12.1, 12.0]}'
+
+With the oracle key, deploy with `--secret oracle-signing-key`, then store the secret with a policy
+naming the measurement that deploy printed (README, Secrets): invocations fail with
+`unknown-secret` until it exists.
 """
 
 import base64
