@@ -105,6 +105,29 @@ def test_examples_deploy_invoke_and_receipts_verify_offline(live: LiveService) -
         verify_receipt(result["receipt"], {"keys": []})
 
 
+def test_verify_receipt_checks_the_output_of_a_saved_response(
+    live: LiveService, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A saved invoke response carries its output beside the receipt: an edited output there
+    must fail offline verification even without --output."""
+    from r3e_tee.cli.main import main
+
+    with live.client() as c:
+        deploy(c, "price-oracle-saved", "python", (EXAMPLES / "price_oracle.py").read_bytes())
+        result = c.post("/v1/functions/price-oracle-saved/invoke", content=json.dumps(EVENT).encode()).json()
+        (tmp_path / "jwks.json").write_text(json.dumps(c.get("/.well-known/jwks.json").json()))
+    saved = tmp_path / "response.json"
+    args = ["verify-receipt", str(saved), "--jwks", str(tmp_path / "jwks.json")]
+    saved.write_text(json.dumps(result))
+    assert main(args) == 0
+    assert "output matches" in capsys.readouterr().out
+    result["output"]["payload"]["price"] = 12.5
+    saved.write_text(json.dumps(result))
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    assert "output does not match" in captured.err and "valid receipt" not in captured.out
+
+
 def test_end_to_end_encryption_keeps_plaintext_from_the_operator(tmp_path: Path) -> None:
     secret_text = "confidentialmergerplan7f3a"
     live = start_service(tmp_path / "data", tmp_path / "state")

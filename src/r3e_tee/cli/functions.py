@@ -349,6 +349,7 @@ def verify_receipt_cmd(
             hint="pass the file written by `r3e-tee-cli invoke --save`, or a receipt from an invocation",
         )
     policy = Policy.from_file(policy_file) if policy_file else None
+    output_bytes = _read(output_file, "output") if output_file else _response_output(doc)
     c = service_client(ctx)
     try:
         trusted = _jwks(c, jwks)
@@ -356,7 +357,7 @@ def verify_receipt_cmd(
             receipt,
             trusted,
             input_bytes=_read(input_file, "input") if input_file else None,
-            output_bytes=_read(output_file, "output") if output_file else None,
+            output_bytes=output_bytes,
             policy=policy,
         )
         checks = list(check.checks)
@@ -373,6 +374,15 @@ def verify_receipt_cmd(
     console.print(
         f"valid receipt: {body['function']} v{body['version']} in enclave {body['enclave_id'][:12]}"
     )
+
+
+def _response_output(doc: Any) -> bytes | None:
+    """The plain output of a saved invoke or invocation response, which its receipt must hash:
+    otherwise an edited output beside a genuine receipt would pass as verified."""
+    saved = isinstance(doc, dict) and "receipt" in doc and doc.get("status") in ("ok", "succeeded")
+    if saved and doc.get("output") is not None:
+        return json.dumps(doc["output"]).encode()
+    return None
 
 
 def _check_evidence(
