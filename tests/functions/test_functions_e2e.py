@@ -486,3 +486,36 @@ def test_pipelined_async_invocations_survive_an_enclave_kill(live: LiveService) 
     failed = [s for s in done.values() if s["status"] != "succeeded"]
     assert not failed, failed[:3]
     assert sorted(s["output"]["n"] for s in done.values()) == list(range(300))
+
+
+def test_get_invocation_waits_verifies_and_refuses_an_edited_output(
+    live: LiveService, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The CLI reads an asynchronous result and shows its output only once the receipt, and the
+    output beside it, verify; an unknown id is a clear error."""
+    from r3e_tee.cli.main import main
+
+    with live.client() as c:
+        deploy(c, "price-oracle-async", "python", (EXAMPLES / "price_oracle.py").read_bytes())
+        queued = c.post("/v1/functions/price-oracle-async/invocations", content=json.dumps(EVENT).encode())
+        inv = queued.json()["invocation_id"]
+    cli = ["--server", live.url, "--token", live.token]
+    saved = tmp_path / "result.json"
+    assert main([*cli, "get-invocation", inv, "--wait", "30", "--save", str(saved)]) == 0
+    out = capsys.readouterr().out
+    assert '"price": 12.0' in out and "receipt verified" in out
+    result = json.loads(saved.read_text())
+    assert result["status"] == "succeeded"
+    assert main(["verify-receipt", str(saved), "--jwks", str(_jwks_file(live, tmp_path))]) == 0
+    result["output"]["payload"]["price"] = 99.0
+    saved.write_text(json.dumps(result))
+    assert main(["verify-receipt", str(saved), "--jwks", str(tmp_path / "jwks.json")]) == 1
+    assert "output does not match" in capsys.readouterr().err
+    assert main([*cli, "get-invocation", "0" * 32]) != 0
+    assert "no invocation" in capsys.readouterr().err
+
+
+def _jwks_file(live: LiveService, tmp_path: Path) -> Path:
+    with live.client() as c:
+        (tmp_path / "jwks.json").write_text(json.dumps(c.get("/.well-known/jwks.json").json()))
+    return tmp_path / "jwks.json"

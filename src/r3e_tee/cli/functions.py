@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -472,8 +473,75 @@ def _report_evidence(report: object, source: str) -> bytes:
     )
 
 
+_FINISHED = ("succeeded", "failed")
+
+
+def get_invocation(
+    ctx: typer.Context,
+    invocation_id: Annotated[str, typer.Argument(help="the id `invoke --async` printed")],
+    wait: Annotated[
+        float, typer.Option("--wait", min=0, max=3600, help="seconds to wait for it to finish (0: don't)")
+    ] = 0,
+    jwks: Annotated[
+        str | None, typer.Option("--jwks", help="JWKS URL or file to trust (default: the server's)")
+    ] = None,
+    receipt_out: Annotated[Path | None, typer.Option("--save", help="write the full response here")] = None,
+) -> None:
+    """An asynchronous invocation's status; once finished, its output, shown only after its
+    receipt verifies (exit 0 succeeded, 1 failed or not finished)."""
+    from r3e_tee.functions.receipts import verify_receipt
+
+    s = cli_state(ctx)
+    path = f"/v1/invocations/{segment(invocation_id, 'invocation id', listed_by='invoke --async')}"
+    if receipt_out is not None and not receipt_out.parent.is_dir():
+        raise InvalidRequestError(
+            f"--save {receipt_out}: the directory {receipt_out.parent} does not exist",
+            hint="create it first, or --save to a path in an existing directory",
+        )
+    c = service_client(ctx)
+    try:
+        deadline = time.monotonic() + wait
+        result = c.get(path)
+        while result.get("status") not in _FINISHED and time.monotonic() < deadline:
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+            result = c.get(path)
+        finished = result.get("status") in _FINISHED
+        check = None
+        if finished and result.get("receipt"):
+            check = verify_receipt(result["receipt"], _jwks(c, jwks), output_bytes=_response_output(result))
+    finally:
+        c.close()
+    if receipt_out is not None:
+        try:
+            receipt_out.write_text(json.dumps(result, indent=2))
+        except OSError as exc:
+            raise InvalidRequestError(
+                f"--save {receipt_out} failed: {exc.strerror}", hint="--save to a writable file"
+            ) from None
+    if s.json:
+        print_json({**result, "receipt_checks": check.checks if check else []})
+    elif not finished:
+        console.print(
+            f"invocation {escape(invocation_id)} is {escape(str(result.get('status')))} "
+            f"(attempt {result.get('attempts')})"
+        )
+    else:
+        if result["status"] == "succeeded":
+            if "output_encrypted" in result:
+                console.print("output sealed to the reply key the invocation named (output_encrypted)")
+            else:
+                console.print_json(json.dumps(result.get("output")))
+        else:
+            console.print(f"[red]failed:[/] {escape(str(result.get('error')))}")
+        if check is not None:
+            console.print(f"[green]receipt verified[/] ({len(check.checks)} checks)")
+    if result.get("status") != "succeeded":
+        raise typer.Exit(1)
+
+
 def register(app: typer.Typer) -> None:
     app.command("deploy-function")(deploy_function)
     app.command("list-functions")(list_functions)
     app.command("invoke")(invoke)
+    app.command("get-invocation")(get_invocation)
     app.command("verify-receipt")(verify_receipt_cmd)

@@ -226,6 +226,10 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
         "invoke pricing --data '{\"amount\": 3}'",
         "invoke pricing --data @event.json --encrypt --save receipt.json",
     ),
+    "get-invocation": (
+        "get-invocation INVOCATION_ID --wait 30",
+        "get-invocation INVOCATION_ID --save result.json",
+    ),
     "verify-receipt": (
         "verify-receipt receipt.json --input event.json",
         "verify-receipt receipt.json --jwks jwks.json --policy policy.yaml --evidence",
