@@ -477,3 +477,53 @@ def test_the_broker_key_is_measured_into_the_manifest(
             await p.destroy(a)
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("python_libdir", '/usr/lib"\nsgx.debug = true\n#'),  # ends its TOML string, adds a key
+        ("site_packages", '/opt/site", uri = "file:/etc" }, { path = "/x'),  # mounts /etc
+        ("arch_libdir", "/"),  # mounts and trusts the whole host
+        ("python", "/usr/bin/../../etc/shadow"),
+        ("arch_libdir", "lib/x86_64-linux-gnu"),  # relative: /usr/lib... and lib... are other dirs
+        ("python", "/usr/bin/python3 {{ gramine.libos }}"),
+    ],
+)
+def test_manifest_paths_cannot_break_out_of_their_toml_strings(
+    tmp_path: Path,
+    sgx_root: Path,
+    enclave_signing_key: tuple[Path, rsa.RSAPrivateKey],
+    sgx_env: dict[str, str],
+    call_log: Path,
+    option: str,
+    value: str,
+) -> None:
+    """Every host path rendered into the manifest is checked before anything is signed: one
+    that could end its TOML string, add keys or mount another host directory is a ConfigError
+    naming the option, at configuration time (gramine-manifest never sees it)."""
+    key = str(enclave_signing_key[0])
+    options: dict[str, Any] = {"signing_key": key, "host_root": str(sgx_root), option: value}
+    refused = f"options.{option}: .*cannot be rendered into the enclave manifest"
+    with pytest.raises(ConfigError, match=refused):
+        SgxProvider.from_config(TeeConfig(providers=(ProviderConfig(name="sgx", options=options),)), tmp_path)
+    with pytest.raises(ConfigError, match=f"options.{option}"):
+        p = provider(tmp_path, enclave_signing_key[0], sgx_root, sgx_env, **{option: value})
+        asyncio.run(p.build(enclave_size=64 * MIB, debug=False))
+    assert calls(call_log, "gramine-manifest") == []
+
+
+def test_manifest_integers_and_log_level_are_checked_when_given_directly(
+    tmp_path: Path,
+    sgx_root: Path,
+    enclave_signing_key: tuple[Path, rsa.RSAPrivateKey],
+    sgx_env: dict[str, str],
+) -> None:
+    for kw, match in (
+        ({"threads": 0}, "options.threads"),
+        ({"isvsvn": -1}, "options.isvsvn"),
+        ({"isvprodid": 1 << 16}, "options.isvprodid"),
+        ({"log_level": 'error"\nsgx.debug = true\n#'}, "options.log_level"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            provider(tmp_path, enclave_signing_key[0], sgx_root, sgx_env, **kw)

@@ -92,6 +92,8 @@ GIB = 1024 * MIB
 
 MANIFEST_NAME = "r3e-enclave"
 _BROKER_KEY_RE = re.compile(r"^[A-Za-z0-9_-]{43}$")  # 32 bytes, base64url without padding
+_MANIFEST_PATH_RE = re.compile(r"^(/[A-Za-z0-9._+@-]+)+$")
+LOG_LEVELS = ("none", "error", "warning", "debug", "trace", "all")
 DEFAULT_TEMPLATE = Path(__file__).parent / "templates" / f"{MANIFEST_NAME}.manifest.template"
 HELLO_LEN = 32
 _MISSING = "install Gramine in the worker image, or set providers[sgx].options.{option} to the tool"
@@ -303,6 +305,39 @@ def generate_dev_signing_key(path: Path) -> rsa.RSAPrivateKey:
     return key
 
 
+# --- manifest values ----------------------------------------------------------------------------
+
+
+def manifest_path(option: str, value: str) -> str:
+    """A host path as it may go into the manifest, or a ConfigError naming the option.
+
+    These paths are pasted into TOML strings, ``fs.mounts`` and ``sgx.trusted_files``: a quote,
+    backslash, newline or ``{{`` could end the string and add keys (``sgx.debug = true``, an
+    ``sgx.allowed_files`` entry), ``..`` or ``/`` would mount and trust host directories other than
+    the one meant. Only absolute, normalised paths of plain characters are rendered.
+    """
+    parts = value.split("/")[1:]
+    if not _MANIFEST_PATH_RE.match(value) or any(p in (".", "..") for p in parts):
+        raise ConfigError(
+            f"{value!r} cannot be rendered into the enclave manifest: give an absolute, normalised "
+            "path of letters, digits and . _ + @ - (not the root directory, no '..', quotes, "
+            "spaces or trailing slash)",
+            key_path=f"providers[sgx].options.{option}",
+            hint="point the option at the real directory (resolve symlinks and relative parts)",
+        )
+    return value
+
+
+def _manifest_int(option: str, value: int, minimum: int, maximum: int) -> int:
+    """An integer rendered bare into the manifest (so it must be an int, in range)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise ConfigError(
+            f"expected an integer from {minimum} to {maximum}, got {value!r}",
+            key_path=f"providers[sgx].options.{option}",
+        )
+    return value
+
+
 # --- sizes --------------------------------------------------------------------------------------
 
 
@@ -493,15 +528,21 @@ class SgxProvider(Provider):
         self.gramine_manifest = gramine_manifest
         self.gramine_sgx_sign = gramine_sgx_sign
         self.template = template
-        self.python = python or sys.executable
-        self.python_libdir = python_libdir or _python_libdir()
-        self.site_packages = site_packages or sysconfig.get_paths()["purelib"]
-        self.arch_libdir = arch_libdir
-        self.threads = threads
+        # every value rendered into the manifest is checked here, before any enclave is signed
+        self.python = manifest_path("python", python or sys.executable)
+        self.python_libdir = manifest_path("python_libdir", python_libdir or _python_libdir())
+        self.site_packages = manifest_path("site_packages", site_packages or sysconfig.get_paths()["purelib"])
+        self.arch_libdir = manifest_path("arch_libdir", arch_libdir)
+        self.threads = _manifest_int("threads", threads, 1, 65535)
         self.min_enclave_size = min_enclave_size
+        if log_level not in LOG_LEVELS:
+            raise ConfigError(
+                f"expected one of {', '.join(LOG_LEVELS)}, got {log_level!r}",
+                key_path="providers[sgx].options.log_level",
+            )
         self.log_level = log_level
-        self.isvprodid = isvprodid
-        self.isvsvn = isvsvn
+        self.isvprodid = _manifest_int("isvprodid", isvprodid, 0, 0xFFFF)
+        self.isvsvn = _manifest_int("isvsvn", isvsvn, 0, 0xFFFF)
         self.start_timeout = start_timeout
         self.build_timeout = build_timeout
         self.listen_host = listen_host
@@ -559,9 +600,7 @@ class SgxProvider(Provider):
             arch_libdir=opts.string("arch_libdir", "/lib/x86_64-linux-gnu"),
             threads=opts.integer("threads", 16, minimum=4),
             min_enclave_size=opts.size("min_enclave_size", 512 * MIB) or 0,
-            log_level=opts.choice(
-                "log_level", "error", ("none", "error", "warning", "debug", "trace", "all")
-            ),
+            log_level=opts.choice("log_level", "error", LOG_LEVELS),
             isvprodid=opts.integer("isvprodid", 1, maximum=0xFFFF),
             isvsvn=opts.integer("isvsvn", 1, maximum=0xFFFF),
             start_timeout=opts.seconds("start_timeout", 120.0),
