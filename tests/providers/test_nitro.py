@@ -396,3 +396,20 @@ def test_an_image_pinned_to_another_key_broker_is_refused_at_create(
         await p.stop()
 
     asyncio.run(main())
+
+
+def test_a_spec_whose_id_is_not_a_name_or_whose_size_is_negative_is_refused(
+    tmp_path: Path, eif: Path, state_dir: Path, nitro_env: dict[str, str], call_log: Path
+) -> None:
+    p = provider(tmp_path, eif, state_dir, nitro_env)
+    free = p.capacity().free_bytes
+    for bad, match in (
+        (EnclaveSpec(id="x y/../z", size_bytes=64 * MIB, evidence_format="nitro"), "enclave id"),
+        (EnclaveSpec(id="e1", size_bytes=-(1 << 40), evidence_format="nitro"), "positive number of bytes"),
+    ):
+        with pytest.raises(ProviderError, match=match):
+            p.reserve(bad)
+        with pytest.raises(ProviderError, match=match):
+            asyncio.run(p.create(bad))
+    assert p.capacity().free_bytes == free
+    assert calls(call_log, "nitro-cli") == []

@@ -527,3 +527,40 @@ def test_manifest_integers_and_log_level_are_checked_when_given_directly(
     ):
         with pytest.raises(ConfigError, match=match):
             provider(tmp_path, enclave_signing_key[0], sgx_root, sgx_env, **kw)
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        ({"id": "../../victim"}, "enclave id '../../victim'"),
+        ({"id": "-x"}, "enclave id '-x'"),
+        ({"size_bytes": -(1 << 40)}, "not a positive number of bytes"),
+        ({"cpu_seconds": -1}, "cpu_seconds -1"),
+    ],
+)
+def test_a_spec_whose_id_is_a_path_or_whose_sizes_are_negative_is_refused(
+    tmp_path: Path,
+    sgx_root: Path,
+    enclave_signing_key: tuple[Path, rsa.RSAPrivateKey],
+    sgx_env: dict[str, str],
+    call_log: Path,
+    bad: dict[str, Any],
+    match: str,
+) -> None:
+    """The enclave id names the run directory that destroy removes: '../../victim' would have
+    been created, written and rmtree'd outside data_dir/sgx/run. A negative size would have
+    handed EPC back on reserve, a negative cpu_seconds silently dropped RLIMIT_CPU."""
+    p = provider(tmp_path, enclave_signing_key[0], sgx_root, sgx_env)
+    victim = tmp_path / "data" / "victim"
+    victim.mkdir(parents=True)
+    (victim / "keep").write_text("x")
+    fields: dict[str, Any] = {"id": os.urandom(8).hex(), "size_bytes": 64 * MIB, **bad}
+    s = EnclaveSpec(**fields)
+    free = p.capacity().free_bytes
+    with pytest.raises(ProviderError, match=match):
+        p.reserve(s)
+    assert p.capacity().free_bytes == free
+    with pytest.raises(ProviderError, match=match):
+        asyncio.run(p.create(s))
+    assert (victim / "keep").read_text() == "x"
+    assert calls(call_log, "gramine-manifest") == []

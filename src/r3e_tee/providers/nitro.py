@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from r3e_tee.errors import CapacityError, EnclaveError, ProviderError, ProviderUnavailableError
-from r3e_tee.providers.base import EnclaveHandle, EnclaveSpec, Provider
+from r3e_tee.providers.base import EnclaveHandle, EnclaveSpec, Provider, check_spec
 from r3e_tee.providers.hardware import ProviderProbe, probe_nitro
 from r3e_tee.providers.nitro_allocator import read_allocator
 from r3e_tee.providers.sgx import ProviderOptions, call_on_exit, run_tool
@@ -281,6 +281,7 @@ class NitroProvider(Provider):
     def reserve(self, spec: EnclaveSpec) -> None:
         """Take whole MiB of the allocator pool and ``cpu_count`` of its CPUs, or refuse with both
         numbers."""
+        check_spec(spec)
         cap = self.capacity()
         self.check_capacity(cap, 0)
         cpus_used = cap.running * self.cpu_count
@@ -411,6 +412,7 @@ class NitroProvider(Provider):
         return cid
 
     async def create(self, spec: EnclaveSpec) -> EnclaveHandle:
+        check_spec(spec)  # its id names the enclave (terminated at start when left behind)
         probe = self.probe()
         if not probe.available:
             raise ProviderUnavailableError(probe.explanation(), hint="run r3e-tee-cli doctor on this node")

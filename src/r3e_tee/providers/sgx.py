@@ -75,7 +75,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from r3e_tee.config import parse_duration, parse_size
 from r3e_tee.errors import CapacityError, ConfigError, EnclaveError, ProviderError, ProviderUnavailableError
 from r3e_tee.fsio import create_exclusive
-from r3e_tee.providers.base import EnclaveHandle, EnclaveSpec, Provider
+from r3e_tee.providers.base import EnclaveHandle, EnclaveSpec, Provider, check_spec
 from r3e_tee.providers.hardware import ProviderProbe, probe_sgx
 from r3e_tee.providers.hardware import epc_bytes as hardware_epc_bytes
 from r3e_tee.runtime.channel import Channel
@@ -628,6 +628,7 @@ class SgxProvider(Provider):
 
     def reserve(self, spec: EnclaveSpec) -> None:
         """Take EPC for the enclave's whole (power-of-two) size; refuse with both numbers."""
+        check_spec(spec)
         cap = self.capacity()
         self.check_capacity(cap, 0)
         size = self.enclave_size(spec.size_bytes)
@@ -800,6 +801,7 @@ class SgxProvider(Provider):
             await self.destroy(record.handle)
 
     async def create(self, spec: EnclaveSpec) -> EnclaveHandle:
+        check_spec(spec)  # its id names the run directory removed on destroy
         probe = self.probe()
         if not probe.available:
             raise ProviderUnavailableError(probe.explanation(), hint="run r3e-tee-cli doctor on this node")
