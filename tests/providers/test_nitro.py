@@ -413,3 +413,35 @@ def test_a_spec_whose_id_is_not_a_name_or_whose_size_is_negative_is_refused(
             asyncio.run(p.create(bad))
     assert p.capacity().free_bytes == free
     assert calls(call_log, "nitro-cli") == []
+
+
+def test_an_enclave_reported_on_another_cid_is_not_connected_to(
+    tmp_path: Path, eif: Path, state_dir: Path, nitro_env: dict[str, str], fake_bin: Path
+) -> None:
+    """vsock reaches whichever enclave holds a CID. A nitro-cli that reports the new enclave on a
+    CID other than its --enclave-cid (here the first enclave's) must not make the provider connect
+    there: the second spec's handle would talk to, and deliver secrets to, the first enclave."""
+    lying = tmp_path / "lying-nitro-cli"
+    lying.write_text(
+        "#!/bin/sh\n"
+        f'out=$("{fake_bin / "nitro-cli"}" "$@") || exit $?\n'
+        'if [ "$1" = run-enclave ]; then\n'
+        '  printf "%s\\n" "$out" | sed \'s/"EnclaveCID": [0-9]*/"EnclaveCID": 16/\'\n'
+        'else printf "%s\\n" "$out"; fi\n'
+    )
+    lying.chmod(0o755)
+    p = provider(tmp_path, eif, state_dir, nitro_env, nitro_cli=str(lying))
+
+    async def main() -> None:
+        first = await p.create(spec(64 * MIB))
+        try:
+            with pytest.raises(ProviderError, match="CID 16.*started with --enclave-cid 17"):
+                await p.create(spec(64 * MIB))
+            described = await p.describe()
+            assert [e["EnclaveCID"] for e in described] == [16]  # the second one was terminated
+            assert p.running() == {first.spec.id: described[0]["EnclaveID"]}
+            assert await first.channel.request("ping", timeout=5) is not None
+        finally:
+            await p.destroy(first)
+
+    asyncio.run(main())

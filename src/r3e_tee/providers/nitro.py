@@ -77,6 +77,7 @@ NITRO_MIN_MIB = 64
 DEFAULT_EIF = Path("/opt/r3e-tee/nitro/r3e-tee-runtime.eif")
 DEFAULT_ALLOCATOR = Path("/etc/nitro_enclaves/allocator.yaml")
 _PCR_RE = re.compile(r"^[0-9a-fA-F]{96}$")
+_ENCLAVE_ID_RE = re.compile(r"^i-[0-9A-Za-z-]{1,120}$")  # i-<instance>-enc<id>
 
 VsockConnect = Callable[[int, int], socket.socket]
 """Open a connected stream to (CID, port); raise OSError while nobody listens there yet."""
@@ -451,13 +452,30 @@ class NitroProvider(Provider):
             info.get("EnclaveCID") if isinstance(info, dict) else None,
             info.get("ProcessID") if isinstance(info, dict) else None,
         )
-        if not isinstance(enclave_id, str) or not isinstance(got_cid, int):
-            raise ProviderError(f"nitro-cli run-enclave printed no EnclaveID and EnclaveCID: {info!r}"[:400])
+        if not isinstance(enclave_id, str) or not _ENCLAVE_ID_RE.match(enclave_id):
+            raise ProviderError(f"nitro-cli run-enclave printed no EnclaveID of form i-...: {info!r}"[:400])
+        clash = next(
+            (r for r in self._enclaves.values() if r.enclave_id == enclave_id or r.cid == got_cid), None
+        )
+        if isinstance(got_cid, bool) or got_cid != cid or clash is not None:
+            # vsock reaches whichever enclave has that CID: connecting to a CID other than the one
+            # this enclave was started with could hand this spec's channel to another enclave
+            what = f"nitro-cli run-enclave reported enclave {enclave_id} with CID {got_cid!r}"
+            if clash is not None:
+                what += f", the id or CID of running enclave {clash.name}"
+            if clash is None or clash.enclave_id != enclave_id:  # never terminate another's enclave
+                with contextlib.suppress(ProviderError):
+                    await self._cli("terminate-enclave", "--enclave-id", enclave_id)
+            raise ProviderError(
+                f"{what}, but it was started with --enclave-cid {cid}; the enclave is not used",
+                hint="check the nitro-cli version and that nothing else starts enclaves in this CID "
+                "range (providers[nitro].options.cid_base)",
+            )
         record = _NitroEnclave(
             spec=spec,
             name=name,
             enclave_id=enclave_id,
-            cid=got_cid,
+            cid=cid,
             process_id=process_id if isinstance(process_id, int) else None,
         )
         self._enclaves[spec.id] = record
@@ -485,7 +503,7 @@ class NitroProvider(Provider):
         )
         log.info(
             "Nitro enclave started",
-            extra={"enclave_id": spec.id, "nitro_enclave_id": enclave_id, "cid": got_cid, "pcr0": pcr0},
+            extra={"enclave_id": spec.id, "nitro_enclave_id": enclave_id, "cid": cid, "pcr0": pcr0},
         )
         return handle
 
