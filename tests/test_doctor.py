@@ -194,7 +194,9 @@ def test_kek_file_checks(tmp_path: Path) -> None:
     kek.write_bytes(b"\x01" * 16)
     assert kek_check()[0] == "fail" and "16 bytes" in kek_check()[1]
     kek.write_bytes(bytes(range(32)))
-    kek.chmod(0o644)
+    kek.chmod(0o644)  # the service refuses to open it (keys/kek.py), so the doctor fails it
+    assert kek_check()[0] == "fail" and "every user of this host" in kek_check()[1]
+    kek.chmod(0o640)  # the Secret volume's 0440 with this process's group: allowed, noted
     assert kek_check()[0] == "warn"
     kek.chmod(0o600)
     status, detail = kek_check()

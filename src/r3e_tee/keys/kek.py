@@ -31,7 +31,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from r3e_tee.fsio import create_exclusive
+from r3e_tee.fsio import create_exclusive, secret_file_exposure
 from r3e_tee.keys.errors import KekError, KeyIntegrityError
 
 log = logging.getLogger("r3e_tee.keys")
@@ -41,7 +41,7 @@ _FORMAT = b"\x01"
 _NONCE = 12
 _TAG = 16
 _DOMAIN = b"r3e-tee/kek-wrap/v1\0"
-CREATE_HINT = "create one with: openssl rand -out kek.key 32 (32 raw random bytes)"
+CREATE_HINT = "create one with: (umask 077; openssl rand -out kek.key 32) (32 raw random bytes, mode 0600)"
 
 
 def zeroize(buf: bytearray) -> None:
@@ -101,7 +101,8 @@ class FileKek(KekProvider):
 
     @classmethod
     def load(cls, path: Path) -> FileKek:
-        """Read and check a KEK file: exactly 32 raw bytes, not an obviously constant pattern."""
+        """Read and check a KEK file: private to the service, exactly 32 raw bytes, not an
+        obviously constant pattern. A KEK others can read or replace protects nothing."""
         try:
             st = path.stat()
         except FileNotFoundError:
@@ -123,11 +124,12 @@ class FileKek(KekProvider):
             ) from None
         try:
             _check_kek_bytes(data, path)
-            if st.st_mode & 0o007:
-                log.warning(
-                    "the KEK file is readable by every user of this host; restrict it (chmod 600, or "
-                    "defaultMode 0440 on the Secret volume)",
-                    extra={"kek_file": str(path)},
+            exposed = secret_file_exposure(st)
+            if exposed is not None:
+                raise KekError(
+                    f"KEK file {path} is not private: {exposed}",
+                    hint=f"chmod 600 {path} (owned by the service user), or defaultMode 0440 on the "
+                    "Secret volume with the pod's fsGroup",
                 )
             return cls(data, path=path)
         finally:
@@ -353,6 +355,13 @@ class Pkcs11Kek(KekProvider):
     ) -> Pkcs11Kek:
         if pin is None and pin_file is not None:
             try:
+                exposed = secret_file_exposure(pin_file.stat())
+                if exposed is not None:  # the PIN is the HSM's only guard of the KEK
+                    raise KekError(
+                        f"PKCS#11 PIN file {pin_file} is not private: {exposed}",
+                        hint=f"chmod 600 {pin_file}, or defaultMode 0440 on the Secret volume with the "
+                        "pod's fsGroup",
+                    )
                 pin = pin_file.read_text(encoding="utf-8").strip()
             except (OSError, UnicodeDecodeError) as exc:
                 reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
