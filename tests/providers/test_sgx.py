@@ -564,3 +564,25 @@ def test_a_spec_whose_id_is_a_path_or_whose_sizes_are_negative_is_refused(
         asyncio.run(p.create(s))
     assert (victim / "keep").read_text() == "x"
     assert calls(call_log, "gramine-manifest") == []
+
+
+def test_a_signing_key_others_can_read_is_refused(
+    tmp_path: Path,
+    sgx_root: Path,
+    enclave_signing_key: tuple[Path, rsa.RSAPrivateKey],
+    sgx_env: dict[str, str],
+) -> None:
+    """Whoever reads the enclave signing key signs enclaves with this MRSIGNER; before, a 0644
+    key file was used as it was."""
+    path = tmp_path / "signing-key.pem"
+    path.write_bytes(enclave_signing_key[0].read_bytes())
+    path.chmod(0o644)
+    with pytest.raises(ProviderError, match="signing key .* is not private: mode 644") as err:
+        load_signing_key(path)
+    assert err.value.hint and "chmod 600" in err.value.hint
+    with pytest.raises(ProviderError, match="is not private"):
+        provider(tmp_path, path, sgx_root, sgx_env)
+    path.chmod(0o600)
+    assert provider(tmp_path, path, sgx_root, sgx_env).mrsigner == mrsigner_of(
+        enclave_signing_key[1].public_key()
+    )

@@ -74,7 +74,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from r3e_tee.config import parse_duration, parse_size
 from r3e_tee.errors import CapacityError, ConfigError, EnclaveError, ProviderError, ProviderUnavailableError
-from r3e_tee.fsio import create_exclusive
+from r3e_tee.fsio import create_exclusive, secret_file_exposure
 from r3e_tee.providers.base import EnclaveHandle, EnclaveSpec, Provider, check_spec
 from r3e_tee.providers.hardware import ProviderProbe, probe_sgx
 from r3e_tee.providers.hardware import epc_bytes as hardware_epc_bytes
@@ -266,7 +266,8 @@ def parse_sigstruct(data: bytes, *, verify_signature: bool = True) -> Sigstruct:
 
 
 def load_signing_key(path: Path) -> rsa.RSAPrivateKey:
-    """The enclave signing key: RSA-3072 with public exponent 3, as SGX requires."""
+    """The enclave signing key: RSA-3072 with public exponent 3, as SGX requires, in a file
+    only this service can read (it is the MRSIGNER every policy and sealed secret trusts)."""
     hint = "generate one with: openssl genrsa -3 -out enclave-signing-key.pem 3072"
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
@@ -285,6 +286,16 @@ def load_signing_key(path: Path) -> rsa.RSAPrivateKey:
     ):
         raise ProviderError(
             f"the enclave signing key {path} must be RSA-3072 with public exponent 3", hint=hint
+        )
+    try:
+        exposed = secret_file_exposure(path.stat())
+    except OSError as exc:
+        raise ProviderError(f"cannot stat the enclave signing key {path}: {exc.strerror}") from None
+    if exposed is not None:
+        # whoever reads it can sign enclaves with this MRSIGNER (and unseal what they sealed)
+        raise ProviderError(
+            f"the enclave signing key {path} is not private: {exposed}",
+            hint=f"chmod 600 {path}, owned by the worker's user",
         )
     return key
 
