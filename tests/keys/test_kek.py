@@ -15,7 +15,7 @@ from r3e_tee.config import KeysConfig, parse_config
 from r3e_tee.keys.errors import KekError, KeyIntegrityError
 from r3e_tee.keys.kek import FileKek, Pkcs11Kek, open_kek, open_previous_kek
 
-from .conftest import HSM_KEYS, SoftHsm, write_kek
+from .conftest import HSM_KEYS, HSM_LEAKY_KEYS, SoftHsm, write_kek
 
 
 def test_openssl_rand_32_is_accepted_and_wraps(tmp_path: Path) -> None:
@@ -212,3 +212,17 @@ def test_a_pin_file_others_can_read_is_refused(softhsm: SoftHsm, tmp_path: Path)
     assert softhsm.pin not in str(err.value) + (err.value.hint or "")
     pin_file.chmod(0o600)
     Pkcs11Kek.from_config(softhsm.module, softhsm.token, HSM_KEYS[0], None, pin_file).close()
+
+
+@pytest.mark.softhsm
+@pytest.mark.parametrize("label", sorted(HSM_LEAKY_KEYS))
+def test_a_pkcs11_kek_that_can_leave_the_token_is_refused(softhsm: SoftHsm, label: str) -> None:
+    """Before, any AES-256 key allowed to encrypt was taken: one created non-sensitive (its value
+    readable with the PIN) or extractable (wrappable out) let the KEK leave the HSM."""
+    sensitive, extractable = HSM_LEAKY_KEYS[label]
+    with pytest.raises(
+        KekError, match=f"can leave the token \\(sensitive: {sensitive}, extractable: {extractable}"
+    ):
+        Pkcs11Kek(softhsm.module, softhsm.token, label, softhsm.pin)
+    # the refused provider released its login: a good key on the token still opens
+    Pkcs11Kek(softhsm.module, softhsm.token, HSM_KEYS[0], softhsm.pin).close()

@@ -327,6 +327,8 @@ class Pkcs11Kek(KekProvider):
                 )
                 length = int(self._key[pkcs11.Attribute.VALUE_LEN])
                 can = bool(self._key[pkcs11.Attribute.ENCRYPT]) and bool(self._key[pkcs11.Attribute.DECRYPT])
+                sensitive = bool(self._key[pkcs11.Attribute.SENSITIVE])
+                extractable = bool(self._key[pkcs11.Attribute.EXTRACTABLE])
         except p11e.NoSuchKey:
             self.close()
             raise KekError(
@@ -347,6 +349,17 @@ class Pkcs11Kek(KekProvider):
             raise KekError(
                 f"key {key_label!r} in token {token_label!r} must be a 256-bit AES key allowed to "
                 f"encrypt and decrypt (it is {length * 8}-bit, encrypt/decrypt allowed: {can})"
+            )
+        if not sensitive or extractable:
+            # a non-sensitive key's value can be read out, an extractable one wrapped out, by anyone
+            # holding the PIN: the KEK would no longer stay in the token
+            self.close()
+            raise KekError(
+                f"key {key_label!r} in token {token_label!r} can leave the token (sensitive: "
+                f"{sensitive}, extractable: {extractable}); the KEK must be sensitive and not extractable",
+                hint="create a new KEK in the HSM with CKA_SENSITIVE=true and CKA_EXTRACTABLE=false "
+                "(pkcs11-tool --keygen --key-type AES:32 --sensitive --label ...), then rotate to it "
+                "with keys.previous_kek",
             )
 
     @classmethod
