@@ -445,3 +445,21 @@ def test_an_enclave_reported_on_another_cid_is_not_connected_to(
             await p.destroy(first)
 
     asyncio.run(main())
+
+
+def test_vsock_port_and_cid_base_must_fit_32_bits(tmp_path: Path, eif: Path) -> None:
+    """Before, vsock_port 2**33 was accepted and Python's AF_VSOCK connect silently truncated it
+    to port 0 (a CID 2**32 + 16 to CID 16, another enclave's); now it is a ConfigError naming the
+    option."""
+    root = make_nitro_root(tmp_path / "host")
+    for bad, match in (
+        ({"vsock_port": 1 << 33}, "options.vsock_port: expected an integer from 1 to 4294967294"),
+        ({"cid_base": 1 << 32}, "options.cid_base: expected an integer from 4 to 4294967294"),
+    ):
+        opts: dict[str, Any] = {"eif_path": str(eif), "host_root": str(root), **bad}
+        with pytest.raises(ConfigError, match=match):
+            NitroProvider.from_config(
+                TeeConfig(providers=(ProviderConfig(name="nitro", options=opts),)), tmp_path
+            )
+        with pytest.raises(ConfigError, match=match.split(":")[0]):
+            NitroProvider(eif_path=eif, host_root=root, **bad)

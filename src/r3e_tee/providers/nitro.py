@@ -58,7 +58,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from r3e_tee.errors import CapacityError, EnclaveError, ProviderError, ProviderUnavailableError
+from r3e_tee.errors import CapacityError, ConfigError, EnclaveError, ProviderError, ProviderUnavailableError
 from r3e_tee.providers.base import EnclaveHandle, EnclaveSpec, Provider, check_spec
 from r3e_tee.providers.hardware import ProviderProbe, probe_nitro
 from r3e_tee.providers.nitro_allocator import read_allocator
@@ -77,6 +77,7 @@ NITRO_MIN_MIB = 64
 DEFAULT_EIF = Path("/opt/r3e-tee/nitro/r3e-tee-runtime.eif")
 DEFAULT_ALLOCATOR = Path("/etc/nitro_enclaves/allocator.yaml")
 _PCR_RE = re.compile(r"^[0-9a-fA-F]{96}$")
+VSOCK_MAX = 0xFFFFFFFE  # vsock ports and CIDs are 32 bits; 0xFFFFFFFF means "any"
 _ENCLAVE_ID_RE = re.compile(r"^i-[0-9A-Za-z-]{1,120}$")  # i-<instance>-enc<id>
 
 VsockConnect = Callable[[int, int], socket.socket]
@@ -196,6 +197,17 @@ class NitroProvider(Provider):
         env: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__()
+        for option, value, low, high in (
+            ("vsock_port", vsock_port, 1, VSOCK_MAX),
+            ("cid_base", cid_base, 4, VSOCK_MAX),
+            ("cpu_count", cpu_count, 1, 4096),
+        ):
+            # Python truncates AF_VSOCK ports and CIDs to 32 bits: 2**32 + 16 would reach CID 16
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ConfigError(
+                    f"expected an integer from {low} to {high}, got {value!r}",
+                    key_path=f"providers[nitro].options.{option}",
+                )
         self.eif_path = eif_path
         default_measurements = eif_path.with_name("measurements.json")
         self.measurements = measurements or (default_measurements if default_measurements.is_file() else None)
@@ -255,8 +267,8 @@ class NitroProvider(Provider):
             allocator=opts.path("allocator", None),
             memory_mib=memory_mib,
             pool_cpus=pool_cpus,
-            vsock_port=opts.integer("vsock_port", DEFAULT_VSOCK_PORT, minimum=1),
-            cid_base=opts.integer("cid_base", 16, minimum=4),
+            vsock_port=opts.integer("vsock_port", DEFAULT_VSOCK_PORT, minimum=1, maximum=VSOCK_MAX),
+            cid_base=opts.integer("cid_base", 16, minimum=4, maximum=VSOCK_MAX),
             connect_timeout=opts.seconds("connect_timeout", 60.0),
             command_timeout=opts.seconds("command_timeout", 120.0),
             poll_interval=opts.seconds("poll_interval", 5.0),
