@@ -226,3 +226,22 @@ def test_a_pkcs11_kek_that_can_leave_the_token_is_refused(softhsm: SoftHsm, labe
         Pkcs11Kek(softhsm.module, softhsm.token, label, softhsm.pin)
     # the refused provider released its login: a good key on the token still opens
     Pkcs11Kek(softhsm.module, softhsm.token, HSM_KEYS[0], softhsm.pin).close()
+
+
+@pytest.mark.softhsm
+def test_a_wrong_pin_is_refused_even_while_the_token_is_logged_in(softhsm: SoftHsm) -> None:
+    """PKCS#11 login belongs to the process, and the providers of one token share it. Before, a
+    second provider (keys.previous_kek on the same token, say) with a wrong PIN was handed the
+    existing login without its PIN ever being checked."""
+    a = Pkcs11Kek(softhsm.module, softhsm.token, HSM_KEYS[0], softhsm.pin)
+    try:
+        with pytest.raises(KekError, match="not the one this process logged in to it with") as err:
+            Pkcs11Kek(softhsm.module, softhsm.token, HSM_KEYS[1], "0000")
+        assert "0000" not in str(err.value) + (err.value.hint or "")
+        b = Pkcs11Kek(softhsm.module, softhsm.token, HSM_KEYS[1], softhsm.pin)
+        b.close()
+        assert bytes(a.unwrap(a.wrap(b"k" * 32, b"x"), b"x")) == b"k" * 32  # still logged in
+    finally:
+        a.close()
+    with pytest.raises(KekError, match="rejected the user PIN"):  # and the token itself says no
+        Pkcs11Kek(softhsm.module, softhsm.token, HSM_KEYS[1], "0000")

@@ -219,21 +219,37 @@ class _TokenSession:
 
     _registry: dict[tuple[str, str], _TokenSession] = {}
     _registry_lock = threading.Lock()
+    _pin_key = os.urandom(32)  # keys the PIN digests below; never leaves this process
 
-    def __init__(self, session: Any, key: tuple[str, str]) -> None:
+    def __init__(self, session: Any, key: tuple[str, str], pin_digest: bytes) -> None:
         self.session = session
         self.lock = threading.Lock()
         self.refs = 0
         self.key = key
+        self.pin_digest = pin_digest
+
+    @classmethod
+    def _digest(cls, pin: str) -> bytes:
+        return hmac.new(cls._pin_key, pin.encode(), hashlib.sha256).digest()
 
     @classmethod
     def acquire(cls, module: Path, token_label: str, pin: str) -> _TokenSession:
+        """The shared login; a caller with another PIN than the one that logged in is refused
+        (the token would otherwise never see, let alone reject, that PIN)."""
         key = (str(module), token_label)
+        digest = cls._digest(pin)
         with cls._registry_lock:
             existing = cls._registry.get(key)
             if existing is None:
-                existing = cls(_open_session(module, token_label, pin), key)
+                existing = cls(_open_session(module, token_label, pin), key, digest)
                 cls._registry[key] = existing
+            elif not hmac.compare_digest(existing.pin_digest, digest):
+                raise KekError(
+                    f"the user PIN given for PKCS#11 token {token_label!r} is not the one this process "
+                    "logged in to it with",
+                    hint="keys.pkcs11 and keys.previous_kek.pkcs11 on one token must use the same PIN "
+                    "(pin_file)",
+                )
             existing.refs += 1
             return existing
 
