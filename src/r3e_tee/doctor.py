@@ -235,6 +235,26 @@ def _kek_check(config: TeeConfig) -> Check:
                 "install the HSM's PKCS#11 library (SoftHSM2: apt-get install softhsm2) "
                 "or fix keys.pkcs11.module",
             )
+        pin_file = keys.pkcs11.pin_file
+        if pin_file is not None:  # the same checks the service makes before it reads the PIN
+            try:
+                exposed = secret_file_exposure(Path(pin_file).stat())
+            except OSError as exc:
+                return Check(
+                    "keys",
+                    "KEK (PKCS#11)",
+                    "fail",
+                    f"PIN file {pin_file}: {exc.strerror}",
+                    "mount the Secret r3e-tee-pkcs11-pin at keys.pkcs11.pin_file",
+                )
+            if exposed is not None:
+                return Check(
+                    "keys",
+                    "KEK (PKCS#11)",
+                    "fail",
+                    f"PIN file {pin_file} is not private: {exposed}",
+                    "chmod 600",
+                )
         return Check("keys", "KEK (PKCS#11)", "ok", f"module {module}, token {keys.pkcs11.token_label!r}")
     path = keys.file.path or config.server.data_dir / "kek.key"
     if not path.exists():
