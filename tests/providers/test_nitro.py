@@ -463,3 +463,27 @@ def test_vsock_port_and_cid_base_must_fit_32_bits(tmp_path: Path, eif: Path) -> 
             )
         with pytest.raises(ConfigError, match=match.split(":")[0]):
             NitroProvider(eif_path=eif, host_root=root, **bad)
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ("memory_mib: 512\ncpu_pool: '2,3'\n", (512, 2)),
+        ("memory_mib: 512\ncpu_pool: '2-5,8'\n", (512, 5)),
+        ("memory_mib: 512\ncpu_pool: '2,2,3,2-3'\n", (512, 2)),  # each CPU once (was 6)
+        ("memory_mib: 512\ncpu_pool: '9-2,1-12'\n", "runs backwards"),  # was -6 + 12 = 6 CPUs
+        ("memory_mib: 512\ncpu_pool: '1,x'\n", "not a CPU id"),
+        ("memory_mib: true\ncpu_count: 2\n", "memory_mib must be a positive integer"),  # was 1 MiB
+        ("memory_mib: 512\ncpu_count: -2\n", "cpu_count must be a positive integer"),
+    ],
+)
+def test_allocator_cpu_pool_counts_each_cpu_once(tmp_path: Path, body: str, expected: Any) -> None:
+    from r3e_tee.providers.nitro_allocator import read_allocator
+
+    path = tmp_path / "allocator.yaml"
+    path.write_text("---\n" + body)
+    if isinstance(expected, tuple):
+        assert read_allocator(path) == expected
+    else:
+        with pytest.raises(ValueError, match=expected):
+            read_allocator(path)
