@@ -586,3 +586,44 @@ def test_a_signing_key_others_can_read_is_refused(
     assert provider(tmp_path, path, sgx_root, sgx_env).mrsigner == mrsigner_of(
         enclave_signing_key[1].public_key()
     )
+
+
+def test_silent_connections_do_not_hold_back_the_enclaves_hello(
+    tmp_path: Path,
+    sgx_root: Path,
+    enclave_signing_key: tuple[Path, rsa.RSAPrivateKey],
+    sgx_env: dict[str, str],
+) -> None:
+    """Any local process can connect to an enclave's loopback port. Before, each connection's
+    hello was awaited in turn (5 s each): three silent connections made first kept the enclave's
+    own connection waiting past a 10 s start deadline. Now hellos are awaited together."""
+    p = provider(tmp_path, enclave_signing_key[0], sgx_root, sgx_env, start_timeout=10.0)
+    log_path = tmp_path / "enclave.log"
+    log_path.write_text("")
+    hello = os.urandom(32)
+
+    async def main() -> None:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listener.setblocking(False)
+        address = listener.getsockname()
+        process = await asyncio.create_subprocess_exec("sleep", "30")
+        silent = [socket.create_connection(address) for _ in range(3)]
+        enclave = socket.create_connection(address)
+        enclave.sendall(hello)
+        started = time.monotonic()
+        try:
+            conn = await p._accept(listener, process, hello, log_path)
+            assert time.monotonic() - started < 3
+            conn.sendall(b"ok")
+            assert enclave.recv(2) == b"ok"  # the connection that sent the hello, not a silent one
+            conn.close()
+        finally:
+            process.kill()
+            await process.wait()
+            listener.close()
+            for s in (*silent, enclave):
+                s.close()
+
+    asyncio.run(main())

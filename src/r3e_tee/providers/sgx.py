@@ -66,7 +66,7 @@ import sysconfig
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -96,6 +96,7 @@ _MANIFEST_PATH_RE = re.compile(r"^(/[A-Za-z0-9._+@-]+)+$")
 LOG_LEVELS = ("none", "error", "warning", "debug", "trace", "all")
 DEFAULT_TEMPLATE = Path(__file__).parent / "templates" / f"{MANIFEST_NAME}.manifest.template"
 HELLO_LEN = 32
+MAX_PENDING_HELLOS = 64  # connections to an enclave's port whose hello is awaited at once
 _MISSING = "install Gramine in the worker image, or set providers[sgx].options.{option} to the tool"
 OptionValue = str | int | float | bool
 
@@ -908,10 +909,17 @@ class SgxProvider(Provider):
         hello: bytes,
         log_path: Path,
     ) -> socket.socket:
-        """The enclave's connection: the first one that sends its hello before the deadline."""
+        """The enclave's connection: the first one that sends its hello before the deadline.
+
+        Hellos are awaited concurrently (at most ``MAX_PENDING_HELLOS`` at a time): checked one
+        after another, any local process could hold the start back 5 s per silent connection
+        until the deadline passed.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.start_timeout
         exited = asyncio.ensure_future(process.wait())
+        accepted: asyncio.Future[tuple[socket.socket, object]] | None = None
+        pending: dict[asyncio.Future[bool], socket.socket] = {}
         try:
             while True:
                 remaining = deadline - loop.time()
@@ -922,28 +930,38 @@ class SgxProvider(Provider):
                         hint="check the Gramine log above; raise providers[sgx].options.start_timeout "
                         "if the enclave only starts slowly",
                     )
-                accepted = asyncio.ensure_future(loop.sock_accept(listener))
-                done, _ = await asyncio.wait(
-                    {accepted, exited}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
-                )
-                if accepted not in done:
-                    accepted.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, OSError):
-                        await accepted
+                if accepted is None and len(pending) < MAX_PENDING_HELLOS:
+                    accepted = asyncio.ensure_future(loop.sock_accept(listener))
+                waiting: set[asyncio.Future[Any]] = {exited, *pending}
+                if accepted is not None:
+                    waiting.add(accepted)
+                done, _ = await asyncio.wait(waiting, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
                 if exited in done:
                     raise EnclaveError(
                         f"gramine-sgx exited with status {process.returncode} before the enclave runtime "
                         f"connected: {_tail(_read_tail(log_path))}",
                         hint="see the Gramine output above (r3e-tee-cli doctor checks the SGX setup)",
                     )
-                if accepted not in done:
-                    continue
-                conn, _ = accepted.result()
-                if await self._check_hello(conn, hello):
-                    return conn
-                conn.close()
-                log.warning("rejected a connection to an enclave's listening port that lacked its hello")
+                if accepted is not None and accepted in done:
+                    conn, _ = accepted.result()
+                    accepted = None
+                    pending[asyncio.ensure_future(self._check_hello(conn, hello))] = conn
+                for check in [c for c in pending if c in done]:
+                    conn = pending.pop(check)
+                    if check.result():
+                        return conn
+                    conn.close()
+                    log.warning("rejected a connection to an enclave's listening port that lacked its hello")
         finally:
+            if accepted is not None:
+                accepted.cancel()
+                with contextlib.suppress(asyncio.CancelledError, OSError):
+                    await accepted
+            for check, conn in pending.items():
+                check.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await check
+                conn.close()
             if not exited.done():
                 exited.cancel()
 
