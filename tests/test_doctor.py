@@ -194,8 +194,37 @@ def test_kek_file_checks(tmp_path: Path) -> None:
     kek.write_bytes(b"\x01" * 16)
     assert kek_check()[0] == "fail" and "16 bytes" in kek_check()[1]
     kek.write_bytes(bytes(range(32)))
-    kek.chmod(0o644)
+    kek.chmod(0o644)  # the service refuses to open it (keys/kek.py), so the doctor fails it
+    assert kek_check()[0] == "fail" and "every user of this host" in kek_check()[1]
+    kek.chmod(0o640)  # the Secret volume's 0440 with this process's group: allowed, noted
     assert kek_check()[0] == "warn"
     kek.chmod(0o600)
     status, detail = kek_check()
     assert status == "ok" and bytes(range(32)).hex() not in detail
+
+
+def test_pkcs11_pin_file_checks(tmp_path: Path) -> None:
+    """The service refuses a missing or exposed PIN file (keys/kek.py); the doctor used to call
+    the PKCS#11 KEK ok whenever the module existed."""
+    root = fake_root(tmp_path)
+    module, pin = tmp_path / "libfake-pkcs11.so", tmp_path / "pin"
+    module.write_bytes(b"")
+    cfg = parse_config(
+        f"keys:\n  kek_provider: pkcs11\n  pkcs11:\n    module: {module}\n    token_label: t\n"
+        f"    key_label: k\n    pin_file: {pin}\nproviders:\n  - name: sgx\n    enabled: false\n",
+        env={},
+    )
+
+    def pkcs11_check() -> tuple[str, str]:
+        c = next(
+            c for c in run_doctor(cfg, root=root, env={}, which=NO_TOOLS).checks if c.name == "KEK (PKCS#11)"
+        )
+        return c.status, c.detail
+
+    assert pkcs11_check() == ("fail", f"PIN file {pin}: No such file or directory")
+    pin.write_text("123456\n")
+    pin.chmod(0o644)
+    status, detail = pkcs11_check()
+    assert status == "fail" and "not private: mode 644" in detail and "123456" not in detail
+    pin.chmod(0o600)
+    assert pkcs11_check()[0] == "ok"

@@ -20,6 +20,7 @@ import httpx
 
 from r3e_tee.config import TeeConfig, check_key_files
 from r3e_tee.errors import StoreError
+from r3e_tee.fsio import secret_file_exposure
 from r3e_tee.providers.hardware import (
     Which,
     default_which,
@@ -234,6 +235,26 @@ def _kek_check(config: TeeConfig) -> Check:
                 "install the HSM's PKCS#11 library (SoftHSM2: apt-get install softhsm2) "
                 "or fix keys.pkcs11.module",
             )
+        pin_file = keys.pkcs11.pin_file
+        if pin_file is not None:  # the same checks the service makes before it reads the PIN
+            try:
+                exposed = secret_file_exposure(Path(pin_file).stat())
+            except OSError as exc:
+                return Check(
+                    "keys",
+                    "KEK (PKCS#11)",
+                    "fail",
+                    f"PIN file {pin_file}: {exc.strerror}",
+                    "mount the Secret r3e-tee-pkcs11-pin at keys.pkcs11.pin_file",
+                )
+            if exposed is not None:
+                return Check(
+                    "keys",
+                    "KEK (PKCS#11)",
+                    "fail",
+                    f"PIN file {pin_file} is not private: {exposed}",
+                    "chmod 600",
+                )
         return Check("keys", "KEK (PKCS#11)", "ok", f"module {module}, token {keys.pkcs11.token_label!r}")
     path = keys.file.path or config.server.data_dir / "kek.key"
     if not path.exists():
@@ -247,8 +268,8 @@ def _kek_check(config: TeeConfig) -> Check:
             "mount the Secret r3e-tee-kek (32 random bytes: openssl rand -out kek.key 32) at keys.file.path",
         )
     try:
-        size = path.stat().st_size
-        mode = path.stat().st_mode & 0o777
+        st = path.stat()
+        size, mode = st.st_size, st.st_mode & 0o777
     except OSError as exc:
         return Check(
             "keys", "KEK (file)", "fail", f"{path}: {exc.strerror}", "make it readable by the service"
@@ -257,6 +278,9 @@ def _kek_check(config: TeeConfig) -> Check:
         return Check(
             "keys", "KEK (file)", "fail", f"{path} holds {size} bytes, not 32", "write 32 raw random bytes"
         )
+    exposed = secret_file_exposure(st)
+    if exposed is not None:  # the service refuses to start with it (keys/kek.py)
+        return Check("keys", "KEK (file)", "fail", f"{path} is not private: {exposed}", "chmod 600")
     if mode & 0o077:
         return Check(
             "keys", "KEK (file)", "warn", f"{path} is readable by others (mode {mode:o})", "chmod 600"

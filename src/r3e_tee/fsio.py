@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -69,3 +70,20 @@ def replace_atomically(path: Path, data: bytes | bytearray, *, mode: int = 0o600
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def secret_file_exposure(st: os.stat_result) -> str | None:
+    """Why a file holding a secret (a KEK, a PIN, a signing key) is exposed, or None.
+
+    Any access for other users, or write access for the group, lets someone besides this service
+    read or replace the secret. Group read is accepted only for a group this process is in: that
+    is how a Kubernetes Secret volume is mounted (defaultMode 0440, group fsGroup).
+    """
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o007:
+        return f"mode {mode:o} gives every user of this host access to it"
+    if mode & 0o020:
+        return f"mode {mode:o} lets group {st.st_gid} replace it"
+    if mode & 0o040 and st.st_gid not in {os.getegid(), *os.getgroups()}:
+        return f"mode {mode:o} lets group {st.st_gid}, which this service is not in, read it"
+    return None

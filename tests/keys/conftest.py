@@ -87,7 +87,36 @@ def softhsm(tmp_path_factory: pytest.TempPathFactory) -> SoftHsm:
     )
     for label in HSM_KEYS:
         create_pkcs11_kek(SOFTHSM_MODULE, HSM_TOKEN, label, HSM_PIN)
+    _create_leaky_keys()
     return SoftHsm(conf, SOFTHSM_MODULE, HSM_TOKEN, HSM_PIN)
+
+
+HSM_LEAKY_KEYS = {"kek-readable": (False, False), "kek-extractable": (True, True)}  # (sensitive, extractable)
+
+
+def _create_leaky_keys() -> None:
+    """AES-256 keys that can leave the token (value readable, or wrappable out), to be refused."""
+    import pkcs11
+
+    from r3e_tee.keys.kek import _open_session
+
+    session = _open_session(SOFTHSM_MODULE, HSM_TOKEN, HSM_PIN, rw=True)
+    try:
+        for label, (sensitive, extractable) in HSM_LEAKY_KEYS.items():
+            session.generate_key(
+                pkcs11.KeyType.AES,
+                256,
+                label=label,
+                store=True,
+                template={
+                    pkcs11.Attribute.SENSITIVE: sensitive,
+                    pkcs11.Attribute.EXTRACTABLE: extractable,
+                    pkcs11.Attribute.ENCRYPT: True,
+                    pkcs11.Attribute.DECRYPT: True,
+                },
+            )
+    finally:
+        session.close()
 
 
 # --- file KEK ------------------------------------------------------------------------------------------

@@ -15,13 +15,14 @@ from r3e_tee.config import KeysConfig, parse_config
 from r3e_tee.keys.errors import KekError, KeyIntegrityError
 from r3e_tee.keys.kek import FileKek, Pkcs11Kek, open_kek, open_previous_kek
 
-from .conftest import HSM_KEYS, SoftHsm, write_kek
+from .conftest import HSM_KEYS, HSM_LEAKY_KEYS, SoftHsm, write_kek
 
 
 def test_openssl_rand_32_is_accepted_and_wraps(tmp_path: Path) -> None:
     path = tmp_path / "kek.key"
     if shutil.which("openssl"):
-        subprocess.run(["openssl", "rand", "-out", str(path), "32"], check=True)  # the chart's command
+        # the chart's command, private as the KEK hint says (FileKek refuses a world-readable file)
+        subprocess.run(["sh", "-c", 'umask 077; openssl rand -out "$0" 32', str(path)], check=True)
     else:
         write_kek(path)
     kek = FileKek.load(path)
@@ -156,6 +157,7 @@ def test_pkcs11_configuration_errors_are_clear(softhsm: SoftHsm, tmp_path: Path)
         Pkcs11Kek.from_config(softhsm.module, softhsm.token, HSM_KEYS[0], None, None)
     pin_file = tmp_path / "pin"
     pin_file.write_text(softhsm.pin + "\n")
+    pin_file.chmod(0o600)
     kek = Pkcs11Kek.from_config(softhsm.module, softhsm.token, HSM_KEYS[0], None, pin_file)
     kek.close()
     cfg = parse_config(
@@ -166,3 +168,80 @@ def test_pkcs11_configuration_errors_are_clear(softhsm: SoftHsm, tmp_path: Path)
     source = open_kek(cfg, tmp_path, allow_generate=True)
     assert source.kek.provider == "pkcs11" and not source.generated
     source.kek.close()
+
+
+@pytest.mark.parametrize(
+    ("mode", "gid", "why"),
+    [
+        (0o644, None, "every user of this host"),
+        (0o604, None, "every user of this host"),
+        (0o660, None, "replace it"),
+        (0o640, 54321, "group 54321, which this service is not in, read it"),
+    ],
+)
+def test_a_kek_file_others_can_read_or_replace_is_refused(
+    tmp_path: Path, mode: int, gid: int | None, why: str
+) -> None:
+    """Before, a world-readable KEK file was only logged and a group-writable or foreign-group
+    one accepted: every user of the host could read (or swap) the key wrapping all keys."""
+    path = write_kek(tmp_path / "kek.key")
+    if gid is not None:
+        os.chown(path, -1, gid)
+    path.chmod(mode)
+    with pytest.raises(KekError, match=f"KEK file {path} is not private: mode {mode:o} .*{why}") as err:
+        FileKek.load(path)
+    assert err.value.hint and "chmod 600" in err.value.hint
+    assert path.read_bytes().hex() not in str(err.value)
+
+
+def test_a_kek_file_readable_by_the_services_own_group_is_accepted(tmp_path: Path) -> None:
+    """The Helm chart mounts the KEK Secret with defaultMode 0440 and the pod's fsGroup."""
+    path = write_kek(tmp_path / "kek.key")
+    os.chown(path, -1, os.getegid())
+    path.chmod(0o440)
+    FileKek.load(path).close()
+
+
+@pytest.mark.softhsm
+def test_a_pin_file_others_can_read_is_refused(softhsm: SoftHsm, tmp_path: Path) -> None:
+    pin_file = tmp_path / "pin"
+    pin_file.write_text(softhsm.pin + "\n")
+    pin_file.chmod(0o644)
+    with pytest.raises(KekError, match="PIN file .* is not private: mode 644") as err:
+        Pkcs11Kek.from_config(softhsm.module, softhsm.token, HSM_KEYS[0], None, pin_file)
+    assert softhsm.pin not in str(err.value) + (err.value.hint or "")
+    pin_file.chmod(0o600)
+    Pkcs11Kek.from_config(softhsm.module, softhsm.token, HSM_KEYS[0], None, pin_file).close()
+
+
+@pytest.mark.softhsm
+@pytest.mark.parametrize("label", sorted(HSM_LEAKY_KEYS))
+def test_a_pkcs11_kek_that_can_leave_the_token_is_refused(softhsm: SoftHsm, label: str) -> None:
+    """Before, any AES-256 key allowed to encrypt was taken: one created non-sensitive (its value
+    readable with the PIN) or extractable (wrappable out) let the KEK leave the HSM."""
+    sensitive, extractable = HSM_LEAKY_KEYS[label]
+    with pytest.raises(
+        KekError, match=f"can leave the token \\(sensitive: {sensitive}, extractable: {extractable}"
+    ):
+        Pkcs11Kek(softhsm.module, softhsm.token, label, softhsm.pin)
+    # the refused provider released its login: a good key on the token still opens
+    Pkcs11Kek(softhsm.module, softhsm.token, HSM_KEYS[0], softhsm.pin).close()
+
+
+@pytest.mark.softhsm
+def test_a_wrong_pin_is_refused_even_while_the_token_is_logged_in(softhsm: SoftHsm) -> None:
+    """PKCS#11 login belongs to the process, and the providers of one token share it. Before, a
+    second provider (keys.previous_kek on the same token, say) with a wrong PIN was handed the
+    existing login without its PIN ever being checked."""
+    a = Pkcs11Kek(softhsm.module, softhsm.token, HSM_KEYS[0], softhsm.pin)
+    try:
+        with pytest.raises(KekError, match="not the one this process logged in to it with") as err:
+            Pkcs11Kek(softhsm.module, softhsm.token, HSM_KEYS[1], "0000")
+        assert "0000" not in str(err.value) + (err.value.hint or "")
+        b = Pkcs11Kek(softhsm.module, softhsm.token, HSM_KEYS[1], softhsm.pin)
+        b.close()
+        assert bytes(a.unwrap(a.wrap(b"k" * 32, b"x"), b"x")) == b"k" * 32  # still logged in
+    finally:
+        a.close()
+    with pytest.raises(KekError, match="rejected the user PIN"):  # and the token itself says no
+        Pkcs11Kek(softhsm.module, softhsm.token, HSM_KEYS[1], "0000")

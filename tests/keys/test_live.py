@@ -325,6 +325,7 @@ def test_service_with_a_pkcs11_kek(
 ) -> None:
     pin = tmp_path / "pin"
     pin.write_text(softhsm.pin + "\n")
+    pin.chmod(0o600)
     base = (
         f"keys:\n  kek_provider: pkcs11\n  pkcs11:\n    module: {softhsm.module}\n"
         f"    token_label: {softhsm.token}\n    pin_file: {pin}\n"

@@ -396,3 +396,94 @@ def test_an_image_pinned_to_another_key_broker_is_refused_at_create(
         await p.stop()
 
     asyncio.run(main())
+
+
+def test_a_spec_whose_id_is_not_a_name_or_whose_size_is_negative_is_refused(
+    tmp_path: Path, eif: Path, state_dir: Path, nitro_env: dict[str, str], call_log: Path
+) -> None:
+    p = provider(tmp_path, eif, state_dir, nitro_env)
+    free = p.capacity().free_bytes
+    for bad, match in (
+        (EnclaveSpec(id="x y/../z", size_bytes=64 * MIB, evidence_format="nitro"), "enclave id"),
+        (EnclaveSpec(id="e1", size_bytes=-(1 << 40), evidence_format="nitro"), "positive number of bytes"),
+    ):
+        with pytest.raises(ProviderError, match=match):
+            p.reserve(bad)
+        with pytest.raises(ProviderError, match=match):
+            asyncio.run(p.create(bad))
+    assert p.capacity().free_bytes == free
+    assert calls(call_log, "nitro-cli") == []
+
+
+def test_an_enclave_reported_on_another_cid_is_not_connected_to(
+    tmp_path: Path, eif: Path, state_dir: Path, nitro_env: dict[str, str], fake_bin: Path
+) -> None:
+    """vsock reaches whichever enclave holds a CID. A nitro-cli that reports the new enclave on a
+    CID other than its --enclave-cid (here the first enclave's) must not make the provider connect
+    there: the second spec's handle would talk to, and deliver secrets to, the first enclave."""
+    lying = tmp_path / "lying-nitro-cli"
+    lying.write_text(
+        "#!/bin/sh\n"
+        f'out=$("{fake_bin / "nitro-cli"}" "$@") || exit $?\n'
+        'if [ "$1" = run-enclave ]; then\n'
+        '  printf "%s\\n" "$out" | sed \'s/"EnclaveCID": [0-9]*/"EnclaveCID": 16/\'\n'
+        'else printf "%s\\n" "$out"; fi\n'
+    )
+    lying.chmod(0o755)
+    p = provider(tmp_path, eif, state_dir, nitro_env, nitro_cli=str(lying))
+
+    async def main() -> None:
+        first = await p.create(spec(64 * MIB))
+        try:
+            with pytest.raises(ProviderError, match="CID 16.*started with --enclave-cid 17"):
+                await p.create(spec(64 * MIB))
+            described = await p.describe()
+            assert [e["EnclaveCID"] for e in described] == [16]  # the second one was terminated
+            assert p.running() == {first.spec.id: described[0]["EnclaveID"]}
+            assert await first.channel.request("ping", timeout=5) is not None
+        finally:
+            await p.destroy(first)
+
+    asyncio.run(main())
+
+
+def test_vsock_port_and_cid_base_must_fit_32_bits(tmp_path: Path, eif: Path) -> None:
+    """Before, vsock_port 2**33 was accepted and Python's AF_VSOCK connect silently truncated it
+    to port 0 (a CID 2**32 + 16 to CID 16, another enclave's); now it is a ConfigError naming the
+    option."""
+    root = make_nitro_root(tmp_path / "host")
+    for bad, match in (
+        ({"vsock_port": 1 << 33}, "options.vsock_port: expected an integer from 1 to 4294967294"),
+        ({"cid_base": 1 << 32}, "options.cid_base: expected an integer from 4 to 4294967294"),
+    ):
+        opts: dict[str, Any] = {"eif_path": str(eif), "host_root": str(root), **bad}
+        with pytest.raises(ConfigError, match=match):
+            NitroProvider.from_config(
+                TeeConfig(providers=(ProviderConfig(name="nitro", options=opts),)), tmp_path
+            )
+        with pytest.raises(ConfigError, match=match.split(":")[0]):
+            NitroProvider(eif_path=eif, host_root=root, **bad)
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ("memory_mib: 512\ncpu_pool: '2,3'\n", (512, 2)),
+        ("memory_mib: 512\ncpu_pool: '2-5,8'\n", (512, 5)),
+        ("memory_mib: 512\ncpu_pool: '2,2,3,2-3'\n", (512, 2)),  # each CPU once (was 6)
+        ("memory_mib: 512\ncpu_pool: '9-2,1-12'\n", "runs backwards"),  # was -6 + 12 = 6 CPUs
+        ("memory_mib: 512\ncpu_pool: '1,x'\n", "not a CPU id"),
+        ("memory_mib: true\ncpu_count: 2\n", "memory_mib must be a positive integer"),  # was 1 MiB
+        ("memory_mib: 512\ncpu_count: -2\n", "cpu_count must be a positive integer"),
+    ],
+)
+def test_allocator_cpu_pool_counts_each_cpu_once(tmp_path: Path, body: str, expected: Any) -> None:
+    from r3e_tee.providers.nitro_allocator import read_allocator
+
+    path = tmp_path / "allocator.yaml"
+    path.write_text("---\n" + body)
+    if isinstance(expected, tuple):
+        assert read_allocator(path) == expected
+    else:
+        with pytest.raises(ValueError, match=expected):
+            read_allocator(path)

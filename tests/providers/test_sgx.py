@@ -477,3 +477,153 @@ def test_the_broker_key_is_measured_into_the_manifest(
             await p.destroy(a)
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("python_libdir", '/usr/lib"\nsgx.debug = true\n#'),  # ends its TOML string, adds a key
+        ("site_packages", '/opt/site", uri = "file:/etc" }, { path = "/x'),  # mounts /etc
+        ("arch_libdir", "/"),  # mounts and trusts the whole host
+        ("python", "/usr/bin/../../etc/shadow"),
+        ("arch_libdir", "lib/x86_64-linux-gnu"),  # relative: /usr/lib... and lib... are other dirs
+        ("python", "/usr/bin/python3 {{ gramine.libos }}"),
+    ],
+)
+def test_manifest_paths_cannot_break_out_of_their_toml_strings(
+    tmp_path: Path,
+    sgx_root: Path,
+    enclave_signing_key: tuple[Path, rsa.RSAPrivateKey],
+    sgx_env: dict[str, str],
+    call_log: Path,
+    option: str,
+    value: str,
+) -> None:
+    """Every host path rendered into the manifest is checked before anything is signed: one
+    that could end its TOML string, add keys or mount another host directory is a ConfigError
+    naming the option, at configuration time (gramine-manifest never sees it)."""
+    key = str(enclave_signing_key[0])
+    options: dict[str, Any] = {"signing_key": key, "host_root": str(sgx_root), option: value}
+    refused = f"options.{option}: .*cannot be rendered into the enclave manifest"
+    with pytest.raises(ConfigError, match=refused):
+        SgxProvider.from_config(TeeConfig(providers=(ProviderConfig(name="sgx", options=options),)), tmp_path)
+    with pytest.raises(ConfigError, match=f"options.{option}"):
+        p = provider(tmp_path, enclave_signing_key[0], sgx_root, sgx_env, **{option: value})
+        asyncio.run(p.build(enclave_size=64 * MIB, debug=False))
+    assert calls(call_log, "gramine-manifest") == []
+
+
+def test_manifest_integers_and_log_level_are_checked_when_given_directly(
+    tmp_path: Path,
+    sgx_root: Path,
+    enclave_signing_key: tuple[Path, rsa.RSAPrivateKey],
+    sgx_env: dict[str, str],
+) -> None:
+    for kw, match in (
+        ({"threads": 0}, "options.threads"),
+        ({"isvsvn": -1}, "options.isvsvn"),
+        ({"isvprodid": 1 << 16}, "options.isvprodid"),
+        ({"log_level": 'error"\nsgx.debug = true\n#'}, "options.log_level"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            provider(tmp_path, enclave_signing_key[0], sgx_root, sgx_env, **kw)
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        ({"id": "../../victim"}, "enclave id '../../victim'"),
+        ({"id": "-x"}, "enclave id '-x'"),
+        ({"size_bytes": -(1 << 40)}, "not a positive number of bytes"),
+        ({"cpu_seconds": -1}, "cpu_seconds -1"),
+    ],
+)
+def test_a_spec_whose_id_is_a_path_or_whose_sizes_are_negative_is_refused(
+    tmp_path: Path,
+    sgx_root: Path,
+    enclave_signing_key: tuple[Path, rsa.RSAPrivateKey],
+    sgx_env: dict[str, str],
+    call_log: Path,
+    bad: dict[str, Any],
+    match: str,
+) -> None:
+    """The enclave id names the run directory that destroy removes: '../../victim' would have
+    been created, written and rmtree'd outside data_dir/sgx/run. A negative size would have
+    handed EPC back on reserve, a negative cpu_seconds silently dropped RLIMIT_CPU."""
+    p = provider(tmp_path, enclave_signing_key[0], sgx_root, sgx_env)
+    victim = tmp_path / "data" / "victim"
+    victim.mkdir(parents=True)
+    (victim / "keep").write_text("x")
+    fields: dict[str, Any] = {"id": os.urandom(8).hex(), "size_bytes": 64 * MIB, **bad}
+    s = EnclaveSpec(**fields)
+    free = p.capacity().free_bytes
+    with pytest.raises(ProviderError, match=match):
+        p.reserve(s)
+    assert p.capacity().free_bytes == free
+    with pytest.raises(ProviderError, match=match):
+        asyncio.run(p.create(s))
+    assert (victim / "keep").read_text() == "x"
+    assert calls(call_log, "gramine-manifest") == []
+
+
+def test_a_signing_key_others_can_read_is_refused(
+    tmp_path: Path,
+    sgx_root: Path,
+    enclave_signing_key: tuple[Path, rsa.RSAPrivateKey],
+    sgx_env: dict[str, str],
+) -> None:
+    """Whoever reads the enclave signing key signs enclaves with this MRSIGNER; before, a 0644
+    key file was used as it was."""
+    path = tmp_path / "signing-key.pem"
+    path.write_bytes(enclave_signing_key[0].read_bytes())
+    path.chmod(0o644)
+    with pytest.raises(ProviderError, match="signing key .* is not private: mode 644") as err:
+        load_signing_key(path)
+    assert err.value.hint and "chmod 600" in err.value.hint
+    with pytest.raises(ProviderError, match="is not private"):
+        provider(tmp_path, path, sgx_root, sgx_env)
+    path.chmod(0o600)
+    assert provider(tmp_path, path, sgx_root, sgx_env).mrsigner == mrsigner_of(
+        enclave_signing_key[1].public_key()
+    )
+
+
+def test_silent_connections_do_not_hold_back_the_enclaves_hello(
+    tmp_path: Path,
+    sgx_root: Path,
+    enclave_signing_key: tuple[Path, rsa.RSAPrivateKey],
+    sgx_env: dict[str, str],
+) -> None:
+    """Any local process can connect to an enclave's loopback port. Before, each connection's
+    hello was awaited in turn (5 s each): three silent connections made first kept the enclave's
+    own connection waiting past a 10 s start deadline. Now hellos are awaited together."""
+    p = provider(tmp_path, enclave_signing_key[0], sgx_root, sgx_env, start_timeout=10.0)
+    log_path = tmp_path / "enclave.log"
+    log_path.write_text("")
+    hello = os.urandom(32)
+
+    async def main() -> None:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listener.setblocking(False)
+        address = listener.getsockname()
+        process = await asyncio.create_subprocess_exec("sleep", "30")
+        silent = [socket.create_connection(address) for _ in range(3)]
+        enclave = socket.create_connection(address)
+        enclave.sendall(hello)
+        started = time.monotonic()
+        try:
+            conn = await p._accept(listener, process, hello, log_path)
+            assert time.monotonic() - started < 3
+            conn.sendall(b"ok")
+            assert enclave.recv(2) == b"ok"  # the connection that sent the hello, not a silent one
+            conn.close()
+        finally:
+            process.kill()
+            await process.wait()
+            listener.close()
+            for s in (*silent, enclave):
+                s.close()
+
+    asyncio.run(main())

@@ -31,7 +31,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from r3e_tee.fsio import create_exclusive
+from r3e_tee.fsio import create_exclusive, secret_file_exposure
 from r3e_tee.keys.errors import KekError, KeyIntegrityError
 
 log = logging.getLogger("r3e_tee.keys")
@@ -41,7 +41,7 @@ _FORMAT = b"\x01"
 _NONCE = 12
 _TAG = 16
 _DOMAIN = b"r3e-tee/kek-wrap/v1\0"
-CREATE_HINT = "create one with: openssl rand -out kek.key 32 (32 raw random bytes)"
+CREATE_HINT = "create one with: (umask 077; openssl rand -out kek.key 32) (32 raw random bytes, mode 0600)"
 
 
 def zeroize(buf: bytearray) -> None:
@@ -101,7 +101,8 @@ class FileKek(KekProvider):
 
     @classmethod
     def load(cls, path: Path) -> FileKek:
-        """Read and check a KEK file: exactly 32 raw bytes, not an obviously constant pattern."""
+        """Read and check a KEK file: private to the service, exactly 32 raw bytes, not an
+        obviously constant pattern. A KEK others can read or replace protects nothing."""
         try:
             st = path.stat()
         except FileNotFoundError:
@@ -123,11 +124,12 @@ class FileKek(KekProvider):
             ) from None
         try:
             _check_kek_bytes(data, path)
-            if st.st_mode & 0o007:
-                log.warning(
-                    "the KEK file is readable by every user of this host; restrict it (chmod 600, or "
-                    "defaultMode 0440 on the Secret volume)",
-                    extra={"kek_file": str(path)},
+            exposed = secret_file_exposure(st)
+            if exposed is not None:
+                raise KekError(
+                    f"KEK file {path} is not private: {exposed}",
+                    hint=f"chmod 600 {path} (owned by the service user), or defaultMode 0440 on the "
+                    "Secret volume with the pod's fsGroup",
                 )
             return cls(data, path=path)
         finally:
@@ -217,21 +219,37 @@ class _TokenSession:
 
     _registry: dict[tuple[str, str], _TokenSession] = {}
     _registry_lock = threading.Lock()
+    _pin_key = os.urandom(32)  # keys the PIN digests below; never leaves this process
 
-    def __init__(self, session: Any, key: tuple[str, str]) -> None:
+    def __init__(self, session: Any, key: tuple[str, str], pin_digest: bytes) -> None:
         self.session = session
         self.lock = threading.Lock()
         self.refs = 0
         self.key = key
+        self.pin_digest = pin_digest
+
+    @classmethod
+    def _digest(cls, pin: str) -> bytes:
+        return hmac.new(cls._pin_key, pin.encode(), hashlib.sha256).digest()
 
     @classmethod
     def acquire(cls, module: Path, token_label: str, pin: str) -> _TokenSession:
+        """The shared login; a caller with another PIN than the one that logged in is refused
+        (the token would otherwise never see, let alone reject, that PIN)."""
         key = (str(module), token_label)
+        digest = cls._digest(pin)
         with cls._registry_lock:
             existing = cls._registry.get(key)
             if existing is None:
-                existing = cls(_open_session(module, token_label, pin), key)
+                existing = cls(_open_session(module, token_label, pin), key, digest)
                 cls._registry[key] = existing
+            elif not hmac.compare_digest(existing.pin_digest, digest):
+                raise KekError(
+                    f"the user PIN given for PKCS#11 token {token_label!r} is not the one this process "
+                    "logged in to it with",
+                    hint="keys.pkcs11 and keys.previous_kek.pkcs11 on one token must use the same PIN "
+                    "(pin_file)",
+                )
             existing.refs += 1
             return existing
 
@@ -325,6 +343,8 @@ class Pkcs11Kek(KekProvider):
                 )
                 length = int(self._key[pkcs11.Attribute.VALUE_LEN])
                 can = bool(self._key[pkcs11.Attribute.ENCRYPT]) and bool(self._key[pkcs11.Attribute.DECRYPT])
+                sensitive = bool(self._key[pkcs11.Attribute.SENSITIVE])
+                extractable = bool(self._key[pkcs11.Attribute.EXTRACTABLE])
         except p11e.NoSuchKey:
             self.close()
             raise KekError(
@@ -346,6 +366,17 @@ class Pkcs11Kek(KekProvider):
                 f"key {key_label!r} in token {token_label!r} must be a 256-bit AES key allowed to "
                 f"encrypt and decrypt (it is {length * 8}-bit, encrypt/decrypt allowed: {can})"
             )
+        if not sensitive or extractable:
+            # a non-sensitive key's value can be read out, an extractable one wrapped out, by anyone
+            # holding the PIN: the KEK would no longer stay in the token
+            self.close()
+            raise KekError(
+                f"key {key_label!r} in token {token_label!r} can leave the token (sensitive: "
+                f"{sensitive}, extractable: {extractable}); the KEK must be sensitive and not extractable",
+                hint="create a new KEK in the HSM with CKA_SENSITIVE=true and CKA_EXTRACTABLE=false "
+                "(pkcs11-tool --keygen --key-type AES:32 --sensitive --label ...), then rotate to it "
+                "with keys.previous_kek",
+            )
 
     @classmethod
     def from_config(
@@ -353,6 +384,13 @@ class Pkcs11Kek(KekProvider):
     ) -> Pkcs11Kek:
         if pin is None and pin_file is not None:
             try:
+                exposed = secret_file_exposure(pin_file.stat())
+                if exposed is not None:  # the PIN is the HSM's only guard of the KEK
+                    raise KekError(
+                        f"PKCS#11 PIN file {pin_file} is not private: {exposed}",
+                        hint=f"chmod 600 {pin_file}, or defaultMode 0440 on the Secret volume with the "
+                        "pod's fsGroup",
+                    )
                 pin = pin_file.read_text(encoding="utf-8").strip()
             except (OSError, UnicodeDecodeError) as exc:
                 reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"

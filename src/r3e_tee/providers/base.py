@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from r3e_tee.providers.hardware import ProviderProbe
 from r3e_tee.runtime.channel import Channel
 
 EVIDENCE_FORMATS = ("sgx-dcap", "nitro")
+_SPEC_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,28 @@ class Provider(abc.ABC):
                 f"requested {_mib(size)} but only {_mib(cap.free_bytes)} of {_mib(cap.total_bytes)} is free",
                 hint="ask for less, destroy enclaves, or add capacity",
             )
+
+
+def check_spec(spec: EnclaveSpec) -> None:
+    """Refuse a spec a hardware provider must not act on.
+
+    Its id becomes a directory that is later removed (SGX) and an enclave name (Nitro), so it
+    must be one plain path component; a size or CPU budget that is not a positive integer would
+    free capacity on reserve or silently drop the RLIMIT_CPU.
+    """
+    from r3e_tee.errors import ProviderError
+
+    if not isinstance(spec.id, str) or not _SPEC_ID_RE.match(spec.id):
+        raise ProviderError(
+            f"enclave id {spec.id!r} is not 1-128 letters, digits, '_' or '-' (starting with a letter "
+            "or digit)",
+            hint="enclave ids come from the service (a UUID); check what sent this request",
+        )
+    if isinstance(spec.size_bytes, bool) or not isinstance(spec.size_bytes, int) or spec.size_bytes <= 0:
+        raise ProviderError(f"enclave {spec.id}: size {spec.size_bytes!r} is not a positive number of bytes")
+    cpu = spec.cpu_seconds
+    if cpu is not None and (isinstance(cpu, bool) or not isinstance(cpu, int) or cpu <= 0):
+        raise ProviderError(f"enclave {spec.id}: cpu_seconds {cpu!r} is not a positive integer")
 
 
 def _mib(n: int) -> str:

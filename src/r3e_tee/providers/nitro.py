@@ -58,8 +58,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from r3e_tee.errors import CapacityError, EnclaveError, ProviderError, ProviderUnavailableError
-from r3e_tee.providers.base import EnclaveHandle, EnclaveSpec, Provider
+from r3e_tee.errors import CapacityError, ConfigError, EnclaveError, ProviderError, ProviderUnavailableError
+from r3e_tee.providers.base import EnclaveHandle, EnclaveSpec, Provider, check_spec
 from r3e_tee.providers.hardware import ProviderProbe, probe_nitro
 from r3e_tee.providers.nitro_allocator import read_allocator
 from r3e_tee.providers.sgx import ProviderOptions, call_on_exit, run_tool
@@ -77,6 +77,8 @@ NITRO_MIN_MIB = 64
 DEFAULT_EIF = Path("/opt/r3e-tee/nitro/r3e-tee-runtime.eif")
 DEFAULT_ALLOCATOR = Path("/etc/nitro_enclaves/allocator.yaml")
 _PCR_RE = re.compile(r"^[0-9a-fA-F]{96}$")
+VSOCK_MAX = 0xFFFFFFFE  # vsock ports and CIDs are 32 bits; 0xFFFFFFFF means "any"
+_ENCLAVE_ID_RE = re.compile(r"^i-[0-9A-Za-z-]{1,120}$")  # i-<instance>-enc<id>
 
 VsockConnect = Callable[[int, int], socket.socket]
 """Open a connected stream to (CID, port); raise OSError while nobody listens there yet."""
@@ -195,6 +197,17 @@ class NitroProvider(Provider):
         env: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__()
+        for option, value, low, high in (
+            ("vsock_port", vsock_port, 1, VSOCK_MAX),
+            ("cid_base", cid_base, 4, VSOCK_MAX),
+            ("cpu_count", cpu_count, 1, 4096),
+        ):
+            # Python truncates AF_VSOCK ports and CIDs to 32 bits: 2**32 + 16 would reach CID 16
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ConfigError(
+                    f"expected an integer from {low} to {high}, got {value!r}",
+                    key_path=f"providers[nitro].options.{option}",
+                )
         self.eif_path = eif_path
         default_measurements = eif_path.with_name("measurements.json")
         self.measurements = measurements or (default_measurements if default_measurements.is_file() else None)
@@ -254,8 +267,8 @@ class NitroProvider(Provider):
             allocator=opts.path("allocator", None),
             memory_mib=memory_mib,
             pool_cpus=pool_cpus,
-            vsock_port=opts.integer("vsock_port", DEFAULT_VSOCK_PORT, minimum=1),
-            cid_base=opts.integer("cid_base", 16, minimum=4),
+            vsock_port=opts.integer("vsock_port", DEFAULT_VSOCK_PORT, minimum=1, maximum=VSOCK_MAX),
+            cid_base=opts.integer("cid_base", 16, minimum=4, maximum=VSOCK_MAX),
             connect_timeout=opts.seconds("connect_timeout", 60.0),
             command_timeout=opts.seconds("command_timeout", 120.0),
             poll_interval=opts.seconds("poll_interval", 5.0),
@@ -281,6 +294,7 @@ class NitroProvider(Provider):
     def reserve(self, spec: EnclaveSpec) -> None:
         """Take whole MiB of the allocator pool and ``cpu_count`` of its CPUs, or refuse with both
         numbers."""
+        check_spec(spec)
         cap = self.capacity()
         self.check_capacity(cap, 0)
         cpus_used = cap.running * self.cpu_count
@@ -411,6 +425,7 @@ class NitroProvider(Provider):
         return cid
 
     async def create(self, spec: EnclaveSpec) -> EnclaveHandle:
+        check_spec(spec)  # its id names the enclave (terminated at start when left behind)
         probe = self.probe()
         if not probe.available:
             raise ProviderUnavailableError(probe.explanation(), hint="run r3e-tee-cli doctor on this node")
@@ -449,13 +464,30 @@ class NitroProvider(Provider):
             info.get("EnclaveCID") if isinstance(info, dict) else None,
             info.get("ProcessID") if isinstance(info, dict) else None,
         )
-        if not isinstance(enclave_id, str) or not isinstance(got_cid, int):
-            raise ProviderError(f"nitro-cli run-enclave printed no EnclaveID and EnclaveCID: {info!r}"[:400])
+        if not isinstance(enclave_id, str) or not _ENCLAVE_ID_RE.match(enclave_id):
+            raise ProviderError(f"nitro-cli run-enclave printed no EnclaveID of form i-...: {info!r}"[:400])
+        clash = next(
+            (r for r in self._enclaves.values() if r.enclave_id == enclave_id or r.cid == got_cid), None
+        )
+        if isinstance(got_cid, bool) or got_cid != cid or clash is not None:
+            # vsock reaches whichever enclave has that CID: connecting to a CID other than the one
+            # this enclave was started with could hand this spec's channel to another enclave
+            what = f"nitro-cli run-enclave reported enclave {enclave_id} with CID {got_cid!r}"
+            if clash is not None:
+                what += f", the id or CID of running enclave {clash.name}"
+            if clash is None or clash.enclave_id != enclave_id:  # never terminate another's enclave
+                with contextlib.suppress(ProviderError):
+                    await self._cli("terminate-enclave", "--enclave-id", enclave_id)
+            raise ProviderError(
+                f"{what}, but it was started with --enclave-cid {cid}; the enclave is not used",
+                hint="check the nitro-cli version and that nothing else starts enclaves in this CID "
+                "range (providers[nitro].options.cid_base)",
+            )
         record = _NitroEnclave(
             spec=spec,
             name=name,
             enclave_id=enclave_id,
-            cid=got_cid,
+            cid=cid,
             process_id=process_id if isinstance(process_id, int) else None,
         )
         self._enclaves[spec.id] = record
@@ -483,7 +515,7 @@ class NitroProvider(Provider):
         )
         log.info(
             "Nitro enclave started",
-            extra={"enclave_id": spec.id, "nitro_enclave_id": enclave_id, "cid": got_cid, "pcr0": pcr0},
+            extra={"enclave_id": spec.id, "nitro_enclave_id": enclave_id, "cid": cid, "pcr0": pcr0},
         )
         return handle
 

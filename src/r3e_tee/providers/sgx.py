@@ -66,7 +66,7 @@ import sysconfig
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -74,8 +74,8 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from r3e_tee.config import parse_duration, parse_size
 from r3e_tee.errors import CapacityError, ConfigError, EnclaveError, ProviderError, ProviderUnavailableError
-from r3e_tee.fsio import create_exclusive
-from r3e_tee.providers.base import EnclaveHandle, EnclaveSpec, Provider
+from r3e_tee.fsio import create_exclusive, secret_file_exposure
+from r3e_tee.providers.base import EnclaveHandle, EnclaveSpec, Provider, check_spec
 from r3e_tee.providers.hardware import ProviderProbe, probe_sgx
 from r3e_tee.providers.hardware import epc_bytes as hardware_epc_bytes
 from r3e_tee.runtime.channel import Channel
@@ -92,8 +92,11 @@ GIB = 1024 * MIB
 
 MANIFEST_NAME = "r3e-enclave"
 _BROKER_KEY_RE = re.compile(r"^[A-Za-z0-9_-]{43}$")  # 32 bytes, base64url without padding
+_MANIFEST_PATH_RE = re.compile(r"^(/[A-Za-z0-9._+@-]+)+$")
+LOG_LEVELS = ("none", "error", "warning", "debug", "trace", "all")
 DEFAULT_TEMPLATE = Path(__file__).parent / "templates" / f"{MANIFEST_NAME}.manifest.template"
 HELLO_LEN = 32
+MAX_PENDING_HELLOS = 64  # connections to an enclave's port whose hello is awaited at once
 _MISSING = "install Gramine in the worker image, or set providers[sgx].options.{option} to the tool"
 OptionValue = str | int | float | bool
 
@@ -264,7 +267,8 @@ def parse_sigstruct(data: bytes, *, verify_signature: bool = True) -> Sigstruct:
 
 
 def load_signing_key(path: Path) -> rsa.RSAPrivateKey:
-    """The enclave signing key: RSA-3072 with public exponent 3, as SGX requires."""
+    """The enclave signing key: RSA-3072 with public exponent 3, as SGX requires, in a file
+    only this service can read (it is the MRSIGNER every policy and sealed secret trusts)."""
     hint = "generate one with: openssl genrsa -3 -out enclave-signing-key.pem 3072"
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
@@ -284,6 +288,16 @@ def load_signing_key(path: Path) -> rsa.RSAPrivateKey:
         raise ProviderError(
             f"the enclave signing key {path} must be RSA-3072 with public exponent 3", hint=hint
         )
+    try:
+        exposed = secret_file_exposure(path.stat())
+    except OSError as exc:
+        raise ProviderError(f"cannot stat the enclave signing key {path}: {exc.strerror}") from None
+    if exposed is not None:
+        # whoever reads it can sign enclaves with this MRSIGNER (and unseal what they sealed)
+        raise ProviderError(
+            f"the enclave signing key {path} is not private: {exposed}",
+            hint=f"chmod 600 {path}, owned by the worker's user",
+        )
     return key
 
 
@@ -301,6 +315,39 @@ def generate_dev_signing_key(path: Path) -> rsa.RSAPrivateKey:
     if not create_exclusive(path, pem):
         return load_signing_key(path)
     return key
+
+
+# --- manifest values ----------------------------------------------------------------------------
+
+
+def manifest_path(option: str, value: str) -> str:
+    """A host path as it may go into the manifest, or a ConfigError naming the option.
+
+    These paths are pasted into TOML strings, ``fs.mounts`` and ``sgx.trusted_files``: a quote,
+    backslash, newline or ``{{`` could end the string and add keys (``sgx.debug = true``, an
+    ``sgx.allowed_files`` entry), ``..`` or ``/`` would mount and trust host directories other than
+    the one meant. Only absolute, normalised paths of plain characters are rendered.
+    """
+    parts = value.split("/")[1:]
+    if not _MANIFEST_PATH_RE.match(value) or any(p in (".", "..") for p in parts):
+        raise ConfigError(
+            f"{value!r} cannot be rendered into the enclave manifest: give an absolute, normalised "
+            "path of letters, digits and . _ + @ - (not the root directory, no '..', quotes, "
+            "spaces or trailing slash)",
+            key_path=f"providers[sgx].options.{option}",
+            hint="point the option at the real directory (resolve symlinks and relative parts)",
+        )
+    return value
+
+
+def _manifest_int(option: str, value: int, minimum: int, maximum: int) -> int:
+    """An integer rendered bare into the manifest (so it must be an int, in range)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise ConfigError(
+            f"expected an integer from {minimum} to {maximum}, got {value!r}",
+            key_path=f"providers[sgx].options.{option}",
+        )
+    return value
 
 
 # --- sizes --------------------------------------------------------------------------------------
@@ -493,15 +540,21 @@ class SgxProvider(Provider):
         self.gramine_manifest = gramine_manifest
         self.gramine_sgx_sign = gramine_sgx_sign
         self.template = template
-        self.python = python or sys.executable
-        self.python_libdir = python_libdir or _python_libdir()
-        self.site_packages = site_packages or sysconfig.get_paths()["purelib"]
-        self.arch_libdir = arch_libdir
-        self.threads = threads
+        # every value rendered into the manifest is checked here, before any enclave is signed
+        self.python = manifest_path("python", python or sys.executable)
+        self.python_libdir = manifest_path("python_libdir", python_libdir or _python_libdir())
+        self.site_packages = manifest_path("site_packages", site_packages or sysconfig.get_paths()["purelib"])
+        self.arch_libdir = manifest_path("arch_libdir", arch_libdir)
+        self.threads = _manifest_int("threads", threads, 1, 65535)
         self.min_enclave_size = min_enclave_size
+        if log_level not in LOG_LEVELS:
+            raise ConfigError(
+                f"expected one of {', '.join(LOG_LEVELS)}, got {log_level!r}",
+                key_path="providers[sgx].options.log_level",
+            )
         self.log_level = log_level
-        self.isvprodid = isvprodid
-        self.isvsvn = isvsvn
+        self.isvprodid = _manifest_int("isvprodid", isvprodid, 0, 0xFFFF)
+        self.isvsvn = _manifest_int("isvsvn", isvsvn, 0, 0xFFFF)
         self.start_timeout = start_timeout
         self.build_timeout = build_timeout
         self.listen_host = listen_host
@@ -559,9 +612,7 @@ class SgxProvider(Provider):
             arch_libdir=opts.string("arch_libdir", "/lib/x86_64-linux-gnu"),
             threads=opts.integer("threads", 16, minimum=4),
             min_enclave_size=opts.size("min_enclave_size", 512 * MIB) or 0,
-            log_level=opts.choice(
-                "log_level", "error", ("none", "error", "warning", "debug", "trace", "all")
-            ),
+            log_level=opts.choice("log_level", "error", LOG_LEVELS),
             isvprodid=opts.integer("isvprodid", 1, maximum=0xFFFF),
             isvsvn=opts.integer("isvsvn", 1, maximum=0xFFFF),
             start_timeout=opts.seconds("start_timeout", 120.0),
@@ -589,6 +640,7 @@ class SgxProvider(Provider):
 
     def reserve(self, spec: EnclaveSpec) -> None:
         """Take EPC for the enclave's whole (power-of-two) size; refuse with both numbers."""
+        check_spec(spec)
         cap = self.capacity()
         self.check_capacity(cap, 0)
         size = self.enclave_size(spec.size_bytes)
@@ -761,6 +813,7 @@ class SgxProvider(Provider):
             await self.destroy(record.handle)
 
     async def create(self, spec: EnclaveSpec) -> EnclaveHandle:
+        check_spec(spec)  # its id names the run directory removed on destroy
         probe = self.probe()
         if not probe.available:
             raise ProviderUnavailableError(probe.explanation(), hint="run r3e-tee-cli doctor on this node")
@@ -856,10 +909,17 @@ class SgxProvider(Provider):
         hello: bytes,
         log_path: Path,
     ) -> socket.socket:
-        """The enclave's connection: the first one that sends its hello before the deadline."""
+        """The enclave's connection: the first one that sends its hello before the deadline.
+
+        Hellos are awaited concurrently (at most ``MAX_PENDING_HELLOS`` at a time): checked one
+        after another, any local process could hold the start back 5 s per silent connection
+        until the deadline passed.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.start_timeout
         exited = asyncio.ensure_future(process.wait())
+        accepted: asyncio.Future[tuple[socket.socket, object]] | None = None
+        pending: dict[asyncio.Future[bool], socket.socket] = {}
         try:
             while True:
                 remaining = deadline - loop.time()
@@ -870,28 +930,38 @@ class SgxProvider(Provider):
                         hint="check the Gramine log above; raise providers[sgx].options.start_timeout "
                         "if the enclave only starts slowly",
                     )
-                accepted = asyncio.ensure_future(loop.sock_accept(listener))
-                done, _ = await asyncio.wait(
-                    {accepted, exited}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
-                )
-                if accepted not in done:
-                    accepted.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, OSError):
-                        await accepted
+                if accepted is None and len(pending) < MAX_PENDING_HELLOS:
+                    accepted = asyncio.ensure_future(loop.sock_accept(listener))
+                waiting: set[asyncio.Future[Any]] = {exited, *pending}
+                if accepted is not None:
+                    waiting.add(accepted)
+                done, _ = await asyncio.wait(waiting, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
                 if exited in done:
                     raise EnclaveError(
                         f"gramine-sgx exited with status {process.returncode} before the enclave runtime "
                         f"connected: {_tail(_read_tail(log_path))}",
                         hint="see the Gramine output above (r3e-tee-cli doctor checks the SGX setup)",
                     )
-                if accepted not in done:
-                    continue
-                conn, _ = accepted.result()
-                if await self._check_hello(conn, hello):
-                    return conn
-                conn.close()
-                log.warning("rejected a connection to an enclave's listening port that lacked its hello")
+                if accepted is not None and accepted in done:
+                    conn, _ = accepted.result()
+                    accepted = None
+                    pending[asyncio.ensure_future(self._check_hello(conn, hello))] = conn
+                for check in [c for c in pending if c in done]:
+                    conn = pending.pop(check)
+                    if check.result():
+                        return conn
+                    conn.close()
+                    log.warning("rejected a connection to an enclave's listening port that lacked its hello")
         finally:
+            if accepted is not None:
+                accepted.cancel()
+                with contextlib.suppress(asyncio.CancelledError, OSError):
+                    await accepted
+            for check, conn in pending.items():
+                check.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await check
+                conn.close()
             if not exited.done():
                 exited.cancel()
 
