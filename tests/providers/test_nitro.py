@@ -388,12 +388,21 @@ def test_an_image_pinned_to_another_key_broker_is_refused_at_create(
         with pytest.raises(ProviderError, match=f"pins key broker {theirs}") as err:
             await p.create(for_broker(mine))
         assert f"R3E_TEE_BROKER_KEY={mine} deploy/nitro/build-eif.sh" in (err.value.hint or "")
-        for key in (mine, "unsafe-unpinned"):
-            pinned(key)
-            os.utime(eif)  # a rebuilt image: measurements are read again
-            handle = await p.create(for_broker(mine))
-            await p.destroy(handle)
+        pinned(mine)
+        os.utime(eif)  # a rebuilt image: measurements are read again
+        await p.destroy(await p.create(for_broker(mine)))
+        # an unpinned image takes secrets from any key its host names: only when asked for
+        pinned("unsafe-unpinned")
+        os.utime(eif)
+        with pytest.raises(ProviderError, match="built unsafe-unpinned") as err:
+            await p.create(for_broker(mine))
+        assert "unsafe_allow_unpinned_image" in (err.value.hint or "")
         await p.stop()
+        unsafe = provider(
+            tmp_path, eif, state_dir, nitro_env, measurements=measurements, unsafe_allow_unpinned_image=True
+        )
+        await unsafe.destroy(await unsafe.create(for_broker(mine)))
+        await unsafe.stop()
 
     asyncio.run(main())
 

@@ -168,6 +168,7 @@ NITRO_OPTIONS = (
     "enclave_name_prefix",
     "terminate_orphans",
     "host_root",
+    "unsafe_allow_unpinned_image",
 )
 
 
@@ -193,6 +194,7 @@ class NitroProvider(Provider):
         terminate_orphans: bool = True,
         host_root: Path = Path("/"),
         max_enclaves: int = 256,
+        unsafe_allow_unpinned_image: bool = False,
         connect: VsockConnect | None = None,
         env: Mapping[str, str] | None = None,
     ) -> None:
@@ -222,6 +224,7 @@ class NitroProvider(Provider):
         self.terminate_orphans = terminate_orphans
         self.host_root = host_root
         self.max_enclaves = max_enclaves
+        self.unsafe_allow_unpinned_image = unsafe_allow_unpinned_image
         self._connect_fn: VsockConnect = connect or vsock_connect
         self._env = dict(env if env is not None else os.environ)
         self.allocator = allocator or host_root / str(DEFAULT_ALLOCATOR).lstrip("/")
@@ -276,6 +279,7 @@ class NitroProvider(Provider):
             terminate_orphans=opts.boolean("terminate_orphans", True),
             host_root=opts.path("host_root", Path("/")) or Path("/"),
             max_enclaves=config.workers.max_enclaves,
+            unsafe_allow_unpinned_image=opts.boolean("unsafe_allow_unpinned_image", False),
         )
 
     # -- capacity ------------------------------------------------------------------------------
@@ -436,6 +440,16 @@ class NitroProvider(Provider):
                 f"the enclave image {self.eif_path} pins key broker {self._broker_key}, but this "
                 f"service's broker is {wanted}: its enclaves would accept no secret from it",
                 hint=f"rebuild it: R3E_TEE_BROKER_KEY={wanted} deploy/nitro/build-eif.sh",
+            )
+        if self._broker_key == UNSAFE_UNPINNED and not self.unsafe_allow_unpinned_image:
+            # such an enclave opens secrets sealed by whatever key its host names: the host could
+            # plant values, or a sealing key it knows
+            raise ProviderError(
+                f"the enclave image {self.eif_path} was built unsafe-unpinned: its enclaves would "
+                "take secrets from any key the host names",
+                hint=f"rebuild it pinned: R3E_TEE_BROKER_KEY={wanted if isinstance(wanted, str) else 'KEY'} "
+                "deploy/nitro/build-eif.sh (r3e-tee-cli list-keys shows the broker key); for "
+                "development only, set providers[nitro].options.unsafe_allow_unpinned_image: true",
             )
         mib = nitro_memory_mib(spec.size_bytes)
         name = f"{self.name_prefix}{spec.id}"
