@@ -13,6 +13,7 @@ import anyio.to_thread
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, Response
 
+from r3e_tee.functions.model import MAX_CODE_BYTES
 from r3e_tee.functions.registry import config_from_request
 from r3e_tee.functions.service import FunctionsService, decode_reply_key
 from r3e_tee.service.app import FastRequest, FastRoute, ServiceContext
@@ -25,6 +26,18 @@ Admin = Annotated[Principal, Depends(require(Scope.ADMIN))]
 Invoker = Annotated[Principal, Depends(require(Scope.INVOKE))]
 Reader = Annotated[Principal, Depends(require(Scope.READ))]
 ENCRYPTED_TYPE = "application/r3e-hpke"
+#: an invocation's input (sync or queued): what one event reasonably carries; bigger data belongs
+#: in storage the function reads
+MAX_INPUT_BYTES = 6 * 1024 * 1024
+#: a deploy: the code (at most MAX_CODE_BYTES) in base64, and the settings around it
+MAX_DEPLOY_BYTES = (MAX_CODE_BYTES + 2) // 3 * 4 + 1024 * 1024
+
+
+def set_body_limits(app: Any) -> None:
+    """The routes whose bodies may exceed the service's default limit (the fast invoke route
+    sets its own, for both of its paths)."""
+    app.body_limits.set("POST", "/v1/functions", MAX_DEPLOY_BYTES)
+    app.body_limits.set("POST", "/v1/functions/{name}/invocations", MAX_INPUT_BYTES)
 
 
 def functions(ctx: ServiceContext) -> FunctionsService:
@@ -112,7 +125,7 @@ def fast_invoke(ctx: ServiceContext) -> FastRoute:
         )
         return 200, result.to_json_bytes()
 
-    return FastRoute("POST", "/v1/functions/{name}/invoke", handler)
+    return FastRoute("POST", "/v1/functions/{name}/invoke", handler, max_body=MAX_INPUT_BYTES)
 
 
 @router.post(

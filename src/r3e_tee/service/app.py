@@ -20,11 +20,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from r3e_tee import __version__
 from r3e_tee.config import TeeConfig
-from r3e_tee.errors import R3ETeeError
+from r3e_tee.errors import InvalidRequestError, PayloadTooLargeError, R3ETeeError
 from r3e_tee.ids import new_id
 from r3e_tee.logging import access_log, request_id_var
 from r3e_tee.service.auth import TokenAuthority
@@ -34,6 +35,9 @@ from r3e_tee.store import Store
 log = logging.getLogger("r3e_tee.service")
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+#: the body limit of a route that sets none: room for a 1 MiB secret in base64, DCAP collateral
+MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
 @dataclass
@@ -161,12 +165,13 @@ class ClientDisconnected(Exception):
 class FastRequest:
     """What a fast route's handler sees: path parameters, headers, the body on demand."""
 
-    __slots__ = ("scope", "params", "_receive")
+    __slots__ = ("scope", "params", "_receive", "_limit")
 
-    def __init__(self, scope: Scope, receive: Receive, params: tuple[str, ...]) -> None:
+    def __init__(self, scope: Scope, receive: Receive, params: tuple[str, ...], limit: int) -> None:
         self.scope = scope
         self.params = params
         self._receive = receive
+        self._limit = limit
 
     def header(self, name: bytes) -> str | None:
         """The first value of a header (lower-case name), as Starlette's ``headers.get``."""
@@ -176,13 +181,18 @@ class FastRequest:
         return None
 
     async def body(self) -> bytes:
+        """The whole body; a chunked one longer than the route's limit stops being read (413)."""
         chunks: list[bytes] = []
+        size = 0
         while True:
             message = await self._receive()
             if message["type"] == "http.disconnect":
                 raise ClientDisconnected
             chunk = message.get("body", b"")
             if chunk:
+                size += len(chunk)
+                if size > self._limit:
+                    raise too_large(self._limit)
                 chunks.append(chunk)
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -205,12 +215,115 @@ class FastRoute:
     method: str
     template: str
     handler: FastHandler
+    max_body: int = MAX_BODY_BYTES
     pattern: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        # Starlette's default "str" convertor: one non-empty path segment
-        regex = re.sub(r"\\\{[A-Za-z_][A-Za-z0-9_]*\\\}", "([^/]+)", re.escape(self.template))
-        object.__setattr__(self, "pattern", re.compile(f"^{regex}$"))
+        object.__setattr__(self, "pattern", template_pattern(self.template))
+
+
+def template_pattern(template: str) -> re.Pattern[str]:
+    """A route template as a regex (Starlette's default "str" convertor: one non-empty segment)."""
+    regex = re.sub(r"\\\{[A-Za-z_][A-Za-z0-9_]*\\\}", "([^/]+)", re.escape(template))
+    return re.compile(f"^{regex}$")
+
+
+def too_large(limit: int) -> PayloadTooLargeError:
+    return PayloadTooLargeError(
+        f"the request body is larger than this route's limit of {limit} bytes",
+        hint="send a smaller body (function code: at most 10 MiB; large inputs belong in storage "
+        "the function reads, not in the invocation)",
+    )
+
+
+def check_declared_length(scope: Scope, limit: int) -> None:
+    """413 for a Content-Length over ``limit``, before a byte of the body is read."""
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                declared = int(value)
+            except ValueError:
+                raise InvalidRequestError("Content-Length is not a number") from None
+            if declared > limit:
+                raise too_large(limit)
+            return
+
+
+class BodyLimits:
+    """Per-route body limits, looked up before routing (a template's regex, else the default)."""
+
+    def __init__(self, default: int = MAX_BODY_BYTES) -> None:
+        self.default = default
+        self._routes: list[tuple[str, re.Pattern[str], int]] = []
+
+    def set(self, method: str, template: str, limit: int) -> None:
+        self._routes.append((method, template_pattern(template), limit))
+
+    def for_request(self, method: str, path: str) -> int:
+        for route_method, pattern, limit in self._routes:
+            if route_method == method and pattern.match(path):
+                return limit
+        return self.default
+
+
+class BodyLimitMiddleware:
+    """Refuses a body over its route's limit with a typed 413 instead of buffering it: at once
+    for a declared Content-Length, and as soon as a chunked body passes the limit (the app then
+    sees the client leave, and its own answer is replaced by the 413)."""
+
+    def __init__(self, app: ASGIApp, limits: BodyLimits) -> None:
+        self.app = app
+        self.limits = limits
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limits.for_request(scope["method"], route_path(scope))
+        try:
+            check_declared_length(scope, limit)
+        except R3ETeeError as exc:
+            await _send_typed_error(send, exc)
+            return
+        received = 0
+        refused = False
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    refused = True
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if refused:
+                return  # the 413 below answers instead
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except ClientDisconnect:
+            if not refused:
+                raise
+        if refused and not started:
+            await _send_typed_error(send, too_large(limit))
+
+
+async def _send_typed_error(send: Send, exc: R3ETeeError) -> None:
+    status, content, extra = typed_error_response(exc)
+    body = json_body(content)
+    headers = [(b"content-length", str(len(body)).encode()), (b"content-type", b"application/json")]
+    headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (extra or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def route_path(scope: Scope) -> str:
@@ -233,9 +346,12 @@ class ServiceApp(FastAPI):
         self.fast_routes: list[FastRoute] = []
         self.fast_routes_enabled = True  # False serves every request through FastAPI (tests)
         self.http_metrics: _Metrics | None = None
+        self.body_limits = BodyLimits()
 
     def add_fast_route(self, route: FastRoute) -> None:
+        """Serve ``route`` fast; its FastAPI twin gets the same body limit."""
         self.fast_routes.append(route)
+        self.body_limits.set(route.method, route.template, route.max_body)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and self.fast_routes and self.fast_routes_enabled:
@@ -262,7 +378,8 @@ class ServiceApp(FastAPI):
         try:
             headers: list[tuple[bytes, bytes]] = []
             try:
-                status, body = await route.handler(FastRequest(scope, receive, params))
+                check_declared_length(scope, route.max_body)
+                status, body = await route.handler(FastRequest(scope, receive, params, route.max_body))
             except R3ETeeError as exc:
                 status, content, extra = typed_error_response(exc)
                 body = json_body(content)
@@ -353,5 +470,7 @@ def create_app(ctx: ServiceContext) -> ServiceApp:
         register(app)
 
     app.http_metrics = _Metrics(ctx.registry)
+    # added first: inside the request context, so a 413 carries the request id and is counted
+    app.add_middleware(BodyLimitMiddleware, limits=app.body_limits)
     app.add_middleware(RequestContextMiddleware, metrics=app.http_metrics)
     return app
