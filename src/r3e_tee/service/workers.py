@@ -5,17 +5,26 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import hmac
 import json
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import cbor2
 import httpx
 
 from r3e_tee.attestation.verify import Verifier
-from r3e_tee.errors import CapacityError, ConflictError, EnclaveError, NotFoundError, ProviderUnavailableError
+from r3e_tee.errors import (
+    CapacityError,
+    ConflictError,
+    EnclaveError,
+    NotFoundError,
+    PermissionDeniedError,
+    ProviderUnavailableError,
+)
 from r3e_tee.providers.base import EnclaveSpec
 from r3e_tee.runtime.channel import ChannelClosed, RemoteError
 from r3e_tee.store import Store
@@ -195,18 +204,36 @@ class WorkerDirectory:
         providers: list[str],
         capacity: dict[str, Any],
         simulation_roots: dict[str, str] | None = None,
+        *,
+        owner: str,
+        owner_live: Callable[[str], bool] = lambda digest: True,
+        take_over: bool = False,
     ) -> str:
         """(Re)register; returns the secret the service will use to call the worker.
 
+        ``owner`` (the SHA-256 of the caller's token) owns the id from now on. An id another
+        token registered stays that token's while it is ``owner_live`` (not revoked), unless
+        ``take_over`` (an admin): a worker's token cannot redirect another worker's enclaves.
         ``simulation_roots`` (PEM by evidence kind) are trusted for the worker's simulated
         enclaves only, and what they sign is always marked simulated."""
+        row = self.store.fetchone("SELECT token_hash FROM workers WHERE id = ?", (worker_id,))
+        previous = str(row["token_hash"] or "") if row is not None else ""
+        if previous and not take_over and not hmac.compare_digest(previous, owner) and owner_live(previous):
+            raise PermissionDeniedError(
+                f"worker id {worker_id} is registered by another token",
+                hint="give each worker its own id (R3E_TEE_WORKER_ID); to move an id to a new token, "
+                "revoke the old token or register once with an admin token",
+            )
         secret = secrets.token_urlsafe(32)
         now = time.time()
         with self.store.transaction() as tx:
-            tx.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
             tx.execute(
+                "DELETE FROM workers WHERE id = ? AND COALESCE(token_hash, '') = ?", (worker_id, previous)
+            )
+            inserted = tx.fetchone(
                 "INSERT INTO workers (id, url, providers, capacity, secret, simulation_roots, started_at, "
-                "last_heartbeat) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "last_heartbeat, token_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (id) DO NOTHING RETURNING id",
                 (
                     worker_id,
                     url,
@@ -216,9 +243,44 @@ class WorkerDirectory:
                     json.dumps(simulation_roots) if simulation_roots else None,
                     now,
                     now,
+                    owner,
                 ),
             )
+        if inserted is None:
+            raise ConflictError(f"worker id {worker_id} was registered concurrently", hint="register again")
         return secret
+
+    def check_caller(self, worker_id: str, caller: str) -> None:
+        """The worker ``worker_id`` was registered by the token with SHA-256 ``caller``.
+
+        An unknown id, or one registered before ids had owners, is "not registered": the worker
+        registers again by itself and so claims it."""
+        row = self.store.fetchone("SELECT token_hash FROM workers WHERE id = ?", (worker_id,))
+        if row is None or not row["token_hash"]:
+            raise NotFoundError(
+                f"worker {worker_id} is not registered", hint="the worker re-registers by itself"
+            )
+        if not hmac.compare_digest(str(row["token_hash"]), caller):
+            raise PermissionDeniedError(
+                f"worker {worker_id} was registered by another token",
+                hint="a worker speaks only for itself: use the token it registered with",
+            )
+
+    def check_enclave_caller(self, enclave_id: str, caller: str) -> None:
+        """The enclave runs on a worker the token with SHA-256 ``caller`` registered (what an
+        enclave-scope token may attest as)."""
+        row = self.store.fetchone(
+            "SELECT e.worker_id AS worker_id, w.token_hash AS token_hash FROM enclaves e "
+            "LEFT JOIN workers w ON w.id = e.worker_id WHERE e.id = ?",
+            (enclave_id,),
+        )
+        if row is None:
+            raise NotFoundError(f"no enclave {enclave_id}", hint="attest enclaves the service launched")
+        if not row["token_hash"] or not hmac.compare_digest(str(row["token_hash"]), caller):
+            raise PermissionDeniedError(
+                f"enclave {enclave_id} does not run on a worker this token registered",
+                hint="a worker attests only its own enclaves",
+            )
 
     def heartbeat(self, worker_id: str, capacity: dict[str, Any]) -> None:
         if (

@@ -50,9 +50,25 @@ class StateReport(BaseModel):
     worker_id: str | None = None
 
 
+def _check_caller(ctx: ServiceContext, worker_id: str, principal: Principal) -> None:
+    """A worker speaks only for the id its token registered (an admin for any)."""
+    if not principal.allows(Scope.ADMIN):
+        directory(ctx).check_caller(worker_id, principal.token_hash)
+
+
 @router.post("", summary="Register a worker; returns the secret the service calls it with")
-def register(body: Registration, ctx: Ctx, _: Worker) -> dict[str, str]:
-    secret = directory(ctx).register(body.id, body.url, body.providers, body.capacity, body.simulation_roots)
+def register(body: Registration, ctx: Ctx, principal: Worker) -> dict[str, str]:
+    """The id becomes the calling token's: another worker's token cannot take it over."""
+    secret = directory(ctx).register(
+        body.id,
+        body.url,
+        body.providers,
+        body.capacity,
+        body.simulation_roots,
+        owner=principal.token_hash,
+        owner_live=ctx.tokens.is_live,
+        take_over=principal.allows(Scope.ADMIN),
+    )
     return {"worker_id": body.id, "secret": secret}
 
 
@@ -62,17 +78,20 @@ def list_workers(ctx: Ctx, _: Reader) -> list[dict[str, Any]]:
 
 
 @router.post("/{worker_id}/heartbeat", status_code=204, summary="Capacity and liveness")
-def heartbeat(worker_id: str, body: Heartbeat, ctx: Ctx, _: Worker) -> None:
+def heartbeat(worker_id: str, body: Heartbeat, ctx: Ctx, principal: Worker) -> None:
+    _check_caller(ctx, worker_id, principal)
     directory(ctx).heartbeat(worker_id, body.capacity)
 
 
 @router.get("/{worker_id}/enclaves", summary="Enclaves the store assigns to a worker (reconciliation)")
-async def owned(worker_id: str, ctx: Ctx, _: Worker) -> list[dict[str, Any]]:
+async def owned(worker_id: str, ctx: Ctx, principal: Worker) -> list[dict[str, Any]]:
+    _check_caller(ctx, worker_id, principal)
     return await StoreSink(ctx.store).owned(worker_id)
 
 
 @router.post("/{worker_id}/enclaves/{enclave_id}", status_code=204, summary="A worker reports enclave state")
-def report(worker_id: str, enclave_id: str, body: StateReport, ctx: Ctx, _: Worker) -> None:
+def report(worker_id: str, enclave_id: str, body: StateReport, ctx: Ctx, principal: Worker) -> None:
+    _check_caller(ctx, worker_id, principal)
     directory(ctx).check_owner(worker_id, enclave_id)
     fields = body.model_dump(exclude_unset=True)
     fields.pop("worker_id", None)

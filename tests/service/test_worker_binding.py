@@ -1,0 +1,97 @@
+"""A remote worker's id belongs to the token that registered it.
+
+Every worker host is untrusted in this design, and every worker holds an enclave-scope token:
+one compromised host must not take over another worker's id (and with it the function inputs,
+code and secrets the service sends there), heartbeat for it, report its enclaves' state, or
+attest evidence as one of its enclaves.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from typing import Any
+
+from fastapi.testclient import TestClient
+
+from r3e_tee.service.auth import Scope, token_hash
+
+ADMIN = {"Authorization": "Bearer r3e_test-admin-token-0123456789"}
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _registration(url: str) -> dict[str, Any]:
+    return {"id": "w1", "url": url, "providers": ["simulation"], "capacity": {}}
+
+
+def _register(client: TestClient, token: str, url: str) -> int:
+    return client.post("/v1/workers", json=_registration(url), headers=_bearer(token)).status_code
+
+
+def _enclave_of(client: TestClient, worker_id: str, enclave_id: str) -> None:
+    now = time.time()
+    client.app.state.ctx.store.execute(  # type: ignore[attr-defined]
+        "INSERT INTO enclaves (id, provider, size_bytes, debug, evidence_format, state, worker_id, "
+        "created_at, updated_at) VALUES (?, 'simulation', 1, 0, 'sgx-dcap', 'creating', ?, ?, ?)",
+        (enclave_id, worker_id, now, now),
+    )
+
+
+def test_a_worker_id_belongs_to_the_token_that_registered_it(client: TestClient) -> None:
+    tokens = client.app.state.ctx.tokens  # type: ignore[attr-defined]
+    mine, other = tokens.issue(Scope.ENCLAVE, "worker w1"), tokens.issue(Scope.ENCLAVE, "worker w2")
+    assert _register(client, mine, "http://w1") == 200
+    # another worker's token cannot take the id over (and redirect the service's calls)
+    r = client.post("/v1/workers", json=_registration("http://evil"), headers=_bearer(other))
+    assert r.status_code == 403 and "w1" in r.json()["message"], r.text
+    assert [w["url"] for w in client.get("/v1/workers", headers=ADMIN).json()] == ["http://w1"]
+    # the same token registers again after a restart
+    assert _register(client, mine, "http://w1") == 200
+    # heartbeats, reconciliation and state reports: the owner only
+    hb = {"capacity": {"simulation": {"free_bytes": 1}}}
+    assert client.post("/v1/workers/w1/heartbeat", json=hb, headers=_bearer(other)).status_code == 403
+    assert client.post("/v1/workers/w1/heartbeat", json=hb, headers=_bearer(mine)).status_code == 204
+    assert client.get("/v1/workers/w1/enclaves", headers=_bearer(other)).status_code == 403
+    assert client.get("/v1/workers/w1/enclaves", headers=_bearer(mine)).status_code == 200
+    _enclave_of(client, "w1", "e1")
+    report = {"state": "failed", "reason": "spoofed"}
+    r = client.post("/v1/workers/w1/enclaves/e1", json=report, headers=_bearer(other))
+    assert r.status_code == 403, r.text
+    assert client.get("/v1/enclaves/e1", headers=ADMIN).json()["state"] == "creating"
+    r = client.post("/v1/workers/w1/enclaves/e1", json={"state": "starting"}, headers=_bearer(mine))
+    assert r.status_code == 204, r.text
+    # a revoked owner's id can be registered by the worker's new token
+    tokens.revoke(token_hash(mine))
+    assert _register(client, other, "http://w1b") == 200
+    assert client.post("/v1/workers/w1/heartbeat", json=hb, headers=_bearer(other)).status_code == 204
+
+
+def test_a_worker_attests_only_as_its_own_enclaves(client: TestClient) -> None:
+    tokens = client.app.state.ctx.tokens  # type: ignore[attr-defined]
+    mine, other = tokens.issue(Scope.ENCLAVE, "worker w1"), tokens.issue(Scope.ENCLAVE, "worker w2")
+    assert _register(client, mine, "http://w1") == 200
+    _enclave_of(client, "w1", "e1")
+    _enclave_of(client, "embedded-host", "e2")  # an enclave of no registered worker
+    key = base64.b64encode(b"k" * 32).decode()
+    body: dict[str, Any] = {
+        "evidence": base64.b64encode(b"not evidence").decode(),
+        "public_keys": {"x25519": key, "p256": base64.b64encode(b"\x04" + b"p" * 64).decode()},
+        "provider": "simulation",
+    }
+    for token, enclave_id in ((other, "e1"), (mine, "e2"), (other, "e2")):
+        nonce = client.post("/v1/attestation/nonce", headers=_bearer(token)).json()["nonce"]
+        r = client.post(
+            "/v1/attestation/verify",
+            json={**body, "nonce": nonce, "enclave_id": enclave_id},
+            headers=_bearer(token),
+        )
+        assert r.status_code == 403 and enclave_id in r.json()["message"], r.text
+    # its own enclave gets as far as the evidence (which does not parse here)
+    nonce = client.post("/v1/attestation/nonce", headers=_bearer(mine)).json()["nonce"]
+    r = client.post(
+        "/v1/attestation/verify", json={**body, "nonce": nonce, "enclave_id": "e1"}, headers=_bearer(mine)
+    )
+    assert r.status_code == 400, r.text
