@@ -125,13 +125,29 @@ class RequestContextMiddleware:
                 message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
             await send(message)
 
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send_wrapper(message)
+
         try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
-            finish_request(self.metrics, scope, template, status, time.perf_counter() - start)
-            request_id_var.reset(token)
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            # the app's 500 handler runs outside this middleware: answer here, with the request
+            # id (body and header), and leave the id set so the handler's log line carries it
+            if not started:
+                await send_json(send_wrapper, 500, json_body(internal_error_body()))
+            self._finish(scope, status, start)
+            raise
+        self._finish(scope, status, start)
+        request_id_var.reset(token)
+
+    def _finish(self, scope: Scope, status: int, start: float) -> None:
+        route = scope.get("route")
+        template = getattr(route, "path", None) or "unmatched"
+        finish_request(self.metrics, scope, template, status, time.perf_counter() - start)
 
 
 def json_body(content: Any) -> bytes:
@@ -317,13 +333,19 @@ class BodyLimitMiddleware:
             await _send_typed_error(send, too_large(limit))
 
 
+async def send_json(
+    send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    """A whole JSON response from ASGI code (where no Starlette response is at hand)."""
+    headers = [(b"content-length", str(len(body)).encode()), (b"content-type", b"application/json")]
+    await send({"type": "http.response.start", "status": status, "headers": headers + (extra or [])})
+    await send({"type": "http.response.body", "body": body})
+
+
 async def _send_typed_error(send: Send, exc: R3ETeeError) -> None:
     status, content, extra = typed_error_response(exc)
-    body = json_body(content)
-    headers = [(b"content-length", str(len(body)).encode()), (b"content-type", b"application/json")]
-    headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (extra or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (extra or {}).items()]
+    await send_json(send, status, json_body(content), headers)
 
 
 def route_path(scope: Scope) -> str:
