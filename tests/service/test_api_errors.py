@@ -6,6 +6,7 @@ import io
 import json
 import logging
 
+import pytest
 from fastapi.testclient import TestClient
 
 from r3e_tee.logging import JsonFormatter
@@ -40,3 +41,34 @@ def test_an_unexpected_error_answers_with_the_request_id_that_locates_it(client:
     assert len(errors) == 1 and errors[0]["request_id"] == "req-500", lines
     assert "secret detail" not in stream.getvalue()
     assert 'route="/v1/functions",status="500"' in c.get("/metrics").text
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "body"),
+    [
+        ("GET", "/v1/functions/nope?version=100000000000000000000000000", None),
+        ("GET", "/v1/audit?after=100000000000000000000000000", None),
+        ("POST", "/v1/enclaves", {"provider": "simulation", "size": 10**30}),
+        ("POST", "/v1/enclaves", {"provider": "simulation", "size": "99999999999999T"}),
+        (
+            "POST",
+            "/v1/functions",
+            {"name": "big", "runtime": "python", "code": "eD0x", "enclave_size": 10**30, "memory": 10**20},
+        ),
+        # secret names no secret can have: every enclave launch of the function would fail
+        ("POST", "/v1/functions", {"name": "s", "runtime": "python", "code": "eD0x", "secrets": ["a/b"]}),
+        ("POST", "/v1/functions", {"name": "s", "runtime": "python", "code": "eD0x", "secrets": ["x" * 200]}),
+        (
+            "POST",
+            "/v1/functions",
+            {"name": "s", "runtime": "python", "code": "eD0x", "secrets": [f"s{i}" for i in range(65)]},
+        ),
+    ],
+)
+def test_numbers_beyond_what_the_store_holds_are_refused(
+    client: TestClient, method: str, url: str, body: object
+) -> None:
+    """Before: a 500 (the store cannot hold the integer), or a function stored with an enclave
+    size no enclave could be created with, or with secrets no enclave could be given."""
+    r = TestClient(client.app, raise_server_exceptions=False).request(method, url, json=body, headers=AUTH)
+    assert r.status_code in (400, 422), r.text

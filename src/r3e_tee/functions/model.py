@@ -19,6 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from r3e_tee.config import parse_duration, parse_size
 from r3e_tee.errors import InvalidRequestError
+from r3e_tee.keys.broker import MAX_NAMES
+from r3e_tee.keys.broker import NAME_RE as SECRET_NAME_RE
+from r3e_tee.providers.base import MAX_ENCLAVE_BYTES
 
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 MAX_CODE_BYTES = 10 * 1024 * 1024
@@ -45,7 +48,7 @@ class FunctionConfig(BaseModel):
     concurrency: int = Field(2, ge=1, le=64)  # sandboxes per enclave
     idempotent: bool = False
     cooldown: float = 60.0  # idle seconds before an enclave above min_enclaves is retired
-    secrets: list[str] = []
+    secrets: list[str] = Field([], max_length=MAX_NAMES)
     release_policy: dict[str, Any] = {}
 
     @field_validator("name")
@@ -67,7 +70,22 @@ class FunctionConfig(BaseModel):
     @field_validator("enclave_size", "memory", mode="before")
     @classmethod
     def _size(cls, v: object) -> int:
-        return parse_size(v)
+        size = parse_size(v)
+        if size > MAX_ENCLAVE_BYTES:
+            raise ValueError(f"{size} bytes is more than any enclave ({MAX_ENCLAVE_BYTES} bytes at most)")
+        return size
+
+    @field_validator("secrets")
+    @classmethod
+    def _secrets(cls, v: list[str]) -> list[str]:
+        # names no secret can have would fail every enclave launch, at launch
+        for name in v:
+            if not SECRET_NAME_RE.match(name):
+                raise ValueError(
+                    f"{name[:140]!r} is not a secret name (1-128 letters, digits, '.', '_' and '-', "
+                    "starting with a letter or digit)"
+                )
+        return v
 
     @field_validator("cooldown", mode="before")
     @classmethod

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import anyio.to_thread
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from r3e_tee.functions.model import MAX_CODE_BYTES
@@ -59,7 +59,9 @@ def list_functions(ctx: Ctx, _: Reader) -> list[dict[str, Any]]:
 
 
 @router.get("/v1/functions/{name}", summary="One function version (default: latest)")
-def get_function(name: str, ctx: Ctx, _: Reader, version: int | None = None) -> dict[str, Any]:
+def get_function(
+    name: str, ctx: Ctx, _: Reader, version: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None
+) -> dict[str, Any]:
     return functions(ctx).registry.get(name, version).describe()
 
 
