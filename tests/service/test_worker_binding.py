@@ -95,3 +95,51 @@ def test_a_worker_attests_only_as_its_own_enclaves(client: TestClient) -> None:
         "/v1/attestation/verify", json={**body, "nonce": nonce, "enclave_id": "e1"}, headers=_bearer(mine)
     )
     assert r.status_code == 400, r.text
+
+
+def test_registration_and_heartbeats_must_be_well_formed(client: TestClient) -> None:
+    """Before: any JSON was stored as a worker's capacity, URL and simulated roots. One worker
+    heartbeating ``{"simulation": {"free_bytes": "lots"}}`` made every simulation enclave
+    placed on remote workers a 500 (placement reads every worker's capacity); a ``file://`` URL or roots of an
+    unknown kind failed only when the service used them."""
+    token = client.app.state.ctx.tokens.issue(Scope.ENCLAVE, "worker w1")  # type: ignore[attr-defined]
+    good = {
+        "simulation": {"total_bytes": 8, "used_bytes": 0, "free_bytes": 8, "running": 0, "max_enclaves": 4}
+    }
+    bad_capacities: list[Any] = [
+        {"simulation": {"free_bytes": "lots"}},
+        {"simulation": "x"},
+        {"simulation": {"free_bytes": -1}},
+        {"simulation": {"free_bytes": 10**30}},
+    ]
+    for capacity in bad_capacities:
+        body = {**_registration("http://w1"), "capacity": capacity}
+        r = client.post("/v1/workers", json=body, headers=_bearer(token))
+        assert r.status_code == 422, (capacity, r.text)
+    for changed in (
+        {"url": "file:///etc/passwd"},
+        {"url": "http://w1\r\nX-Injected: 1"},
+        {"providers": ["simulation", "a b"]},
+        {"simulation_roots": {"bogus-kind": "x"}},
+    ):
+        r = client.post("/v1/workers", json={**_registration("http://w1"), **changed}, headers=_bearer(token))
+        assert r.status_code == 422, (changed, r.text)
+    r = client.post(
+        "/v1/workers",
+        json={**_registration("http://w1"), "simulation_roots": {"sgx-dcap": "not a certificate"}},
+        headers=_bearer(token),
+    )
+    assert r.status_code == 400 and "simulation_roots" in r.json()["message"], r.text
+    r = client.post(
+        "/v1/workers", json={**_registration("https://w1:8443/"), "capacity": good}, headers=_bearer(token)
+    )
+    assert r.status_code == 200, r.text
+    for capacity in bad_capacities:
+        r = client.post("/v1/workers/w1/heartbeat", json={"capacity": capacity}, headers=_bearer(token))
+        assert r.status_code == 422, (capacity, r.text)
+    assert (
+        client.post("/v1/workers/w1/heartbeat", json={"capacity": good}, headers=_bearer(token)).status_code
+        == 204
+    )
+    # placement (of a service without an embedded worker) reads every worker's capacity
+    assert client.app.state.ctx.components["workers"].choose("simulation", 1).worker_id == "w1"  # type: ignore[attr-defined]
