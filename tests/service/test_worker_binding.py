@@ -9,6 +9,7 @@ attest evidence as one of its enclaves.
 from __future__ import annotations
 
 import base64
+import json
 import time
 from typing import Any
 
@@ -61,7 +62,7 @@ def test_a_worker_id_belongs_to_the_token_that_registered_it(client: TestClient)
     r = client.post("/v1/workers/w1/enclaves/e1", json=report, headers=_bearer(other))
     assert r.status_code == 403, r.text
     assert client.get("/v1/enclaves/e1", headers=ADMIN).json()["state"] == "creating"
-    r = client.post("/v1/workers/w1/enclaves/e1", json={"state": "starting"}, headers=_bearer(mine))
+    r = client.post("/v1/workers/w1/enclaves/e1", json={"state": "attesting"}, headers=_bearer(mine))
     assert r.status_code == 204, r.text
     # a revoked owner's id can be registered by the worker's new token
     tokens.revoke(token_hash(mine))
@@ -143,3 +144,50 @@ def test_registration_and_heartbeats_must_be_well_formed(client: TestClient) -> 
     )
     # placement (of a service without an embedded worker) reads every worker's capacity
     assert client.app.state.ctx.components["workers"].choose("simulation", 1).worker_id == "w1"  # type: ignore[attr-defined]
+
+
+def _attestation(
+    client: TestClient, att_id: str, enclave_id: str, x25519: bytes, verdict: str = "valid"
+) -> None:
+    keys = {"x25519": base64.urlsafe_b64encode(x25519).rstrip(b"=").decode()}
+    client.app.state.ctx.store.execute(  # type: ignore[attr-defined]
+        "INSERT INTO attestations (id, enclave_id, provider, verdict, evidence, evidence_sha256, "
+        "public_keys, created_at) VALUES (?, ?, 'simulation', ?, ?, 'x', ?, ?)",
+        (att_id, enclave_id, verdict, b"evidence", json.dumps(keys), time.time()),
+    )
+
+
+def test_a_worker_reports_only_the_keys_its_enclave_attested(client: TestClient) -> None:
+    """Before: a worker's state report set an enclave's public keys (what GET
+    /v1/functions/NAME/enclave hands clients to encrypt their inputs to), its attestation id and
+    'ready' to anything. A hostile worker host could so have clients seal inputs to its own key.
+    Now keys come only with an accepted attestation of that enclave, and must be its keys."""
+    token = client.app.state.ctx.tokens.issue(Scope.ENCLAVE, "worker w1")  # type: ignore[attr-defined]
+    assert _register(client, token, "http://w1") == 200
+    _enclave_of(client, "w1", "e1")
+    _enclave_of(client, "w1", "e2")
+    attested, hostile = b"\x01" * 32, b"\x02" * 32
+    _attestation(client, "a-e1", "e1", attested)
+    _attestation(client, "a-e2", "e2", hostile)
+    _attestation(client, "a-bad", "e1", hostile, verdict="invalid")
+    url = "/v1/workers/w1/enclaves/e1"
+    for report in (
+        {"state": "ready", "public_keys": {"x25519": hostile.hex()}},  # keys without an attestation
+        {"state": "ready"},  # ready without one
+        {"state": "ready", "attestation_id": "a-e1", "public_keys": {"x25519": hostile.hex()}},
+        {"state": "ready", "attestation_id": "a-e2", "public_keys": {"x25519": hostile.hex()}},
+        {"state": "ready", "attestation_id": "a-bad", "public_keys": {"x25519": hostile.hex()}},
+        {"state": "ready", "attestation_id": "nope", "public_keys": {"x25519": hostile.hex()}},
+        {"state": "resurrected"},
+    ):
+        r = client.post(url, json=report, headers=_bearer(token))
+        assert r.status_code in (409, 422), (report, r.text)
+    enclave = client.get("/v1/enclaves/e1", headers=ADMIN).json()
+    assert enclave["state"] == "creating" and not enclave.get("public_keys"), enclave
+    ready = {"state": "ready", "attestation_id": "a-e1", "public_keys": {"x25519": attested.hex()}}
+    assert client.post(url, json=ready, headers=_bearer(token)).status_code == 204
+    assert client.get("/v1/enclaves/e1", headers=ADMIN).json()["state"] == "ready"
+    # a re-attestation reports the new attestation alone
+    _attestation(client, "a-e1-2", "e1", attested)
+    assert client.post(url, json={"attestation_id": "a-e1-2"}, headers=_bearer(token)).status_code == 204
+    assert client.post(url, json={"state": "terminated"}, headers=_bearer(token)).status_code == 204

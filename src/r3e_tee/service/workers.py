@@ -4,6 +4,7 @@ that register, heartbeat their capacity and accept enclave commands over HTTP.""
 from __future__ import annotations
 
 import abc
+import base64
 import dataclasses
 import hmac
 import json
@@ -395,9 +396,51 @@ class WorkerDirectory:
                     lost.append(str(row["id"]))
         return lost
 
+    def check_attested(self, enclave_id: str, fields: dict[str, Any]) -> None:
+        """A worker's state report may set an enclave's public keys (what clients seal inputs to)
+        and call it ready only with an accepted, unrevoked attestation of that enclave, and the
+        keys must be the attested ones: the worker's host is not trusted with them."""
+        att_id = fields.get("attestation_id")
+        if att_id is None:
+            if fields.get("public_keys") is not None:
+                raise ConflictError(
+                    f"enclave {enclave_id}: public keys are reported with the attestation that binds them",
+                    hint="send attestation_id with public_keys",
+                )
+            if fields.get("state") == "ready":
+                row = self.store.fetchone("SELECT attestation_id FROM enclaves WHERE id = ?", (enclave_id,))
+                if row is None or not row["attestation_id"]:
+                    raise ConflictError(
+                        f"enclave {enclave_id} is not ready before it is attested",
+                        hint="report ready with the attestation_id the service returned",
+                    )
+            return
+        row = self.store.fetchone(
+            "SELECT enclave_id, verdict, revoked_at, public_keys FROM attestations WHERE id = ?", (att_id,)
+        )
+        if row is None or row["enclave_id"] != enclave_id or row["verdict"] != "valid" or row["revoked_at"]:
+            raise ConflictError(
+                f"attestation {att_id} is no accepted attestation of enclave {enclave_id}",
+                hint="report the attestation_id POST /v1/attestation/verify returned for this enclave",
+            )
+        reported = fields.get("public_keys")
+        if reported is not None:
+            attested = {k: _b64u_hex(v) for k, v in json.loads(row["public_keys"] or "{}").items()}
+            if reported != attested:
+                raise ConflictError(
+                    f"enclave {enclave_id}: the reported public keys are not the ones attestation {att_id} "
+                    "bound",
+                    hint="report the keys the enclave attested with",
+                )
+
     def check_owner(self, worker_id: str, enclave_id: str) -> None:
         row = self.store.fetchone("SELECT worker_id FROM enclaves WHERE id = ?", (enclave_id,))
         if row is None:
             raise NotFoundError(f"no enclave {enclave_id}")
         if row["worker_id"] != worker_id:
             raise ConflictError(f"enclave {enclave_id} belongs to worker {row['worker_id']}, not {worker_id}")
+
+
+def _b64u_hex(value: str) -> str:
+    """A stored (base64url) attested key as the hex an enclave row holds."""
+    return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).hex()

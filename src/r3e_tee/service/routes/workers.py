@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
@@ -85,7 +85,7 @@ def _roots(roots: dict[EvidenceKind, str] | None) -> dict[str, str] | None:
 
 
 class StateReport(BaseModel):
-    state: str | None = None
+    state: Literal["creating", "attesting", "ready", "draining", "terminated", "failed"] | None = None
     reason: str | None = None
     measurement: str | None = None
     attestation_id: str | None = None
@@ -141,6 +141,7 @@ def report(worker_id: str, enclave_id: str, body: StateReport, ctx: Ctx, princip
     directory(ctx).check_owner(worker_id, enclave_id)
     fields = body.model_dump(exclude_unset=True)
     fields.pop("worker_id", None)
+    directory(ctx).check_attested(enclave_id, fields)
     StoreSink(ctx.store).update_sync(enclave_id, **fields)
     if fields.get("state") in ("terminated", "failed"):
         ctx.components["attestation"].revoke_enclave(enclave_id)
