@@ -72,3 +72,21 @@ def test_numbers_beyond_what_the_store_holds_are_refused(
     size no enclave could be created with, or with secrets no enclave could be given."""
     r = TestClient(client.app, raise_server_exceptions=False).request(method, url, json=body, headers=AUTH)
     assert r.status_code in (400, 422), r.text
+
+
+def test_client_chosen_methods_do_not_grow_the_metrics(client: TestClient) -> None:
+    """Before: every distinct HTTP method a client sent (any token is a method to HTTP/1.1)
+    became a new labelled series of the request counter and histogram, kept for the life of
+    the process: an unauthenticated client could grow memory and /metrics without bound. Now
+    methods outside the standard ones are counted as OTHER."""
+    for i in range(50):
+        client.request(f"M{i}", "/v1/version")
+        client.request(f"X{i}", "/healthz")
+    text = client.get("/metrics").text
+    methods = {
+        line.split('method="', 1)[1].split('"', 1)[0]
+        for line in text.splitlines()
+        if line.startswith("r3e_tee_http_request") and 'method="' in line
+    }
+    assert methods <= {"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "OTHER"}, methods
+    assert 'method="OTHER",route="/v1/version",status="405"' in text

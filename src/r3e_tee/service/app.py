@@ -56,6 +56,9 @@ class ServiceContext:
     on_shutdown: list[Callable[[], None]] = field(default_factory=list)
 
 
+_METHODS = frozenset(("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"))
+
+
 class _Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.requests = LatencyMetrics(
@@ -71,9 +74,11 @@ class _Metrics:
         self._labels: dict[tuple[str, str, int], tuple[str, str, str]] = {}
 
     def observe(self, method: str, template: str, status: int, elapsed: float) -> None:
+        if method not in _METHODS:  # any token is a method to HTTP/1.1: one series for the rest
+            method = "OTHER"
         labels = self._labels.get((method, template, status))
         if labels is None:
-            if len(self._labels) > 10_000:  # methods are client-chosen: bound the cache
+            if len(self._labels) > 10_000:
                 self._labels.clear()
             labels = self._labels[(method, template, status)] = (method, template, str(status))
         self.requests.observe(labels, elapsed)
