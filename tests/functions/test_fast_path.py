@@ -369,3 +369,36 @@ def test_bodies_over_the_limit_are_refused_early_with_413(
     assert r.status_code == 413, r.text
     metrics = client.get("/metrics").text
     assert 'route="unmatched",status="413"' in metrics  # refused before routing
+
+
+def test_the_encrypted_media_type_is_recognised_in_any_case(
+    app_and_channel: tuple[TestClient, _Channel],
+) -> None:
+    """Media types are case-insensitive (RFC 9110). Before, ``Application/R3E-HPKE`` was taken
+    for a plaintext JSON event: the ciphertext went to the function as its input (and a queued
+    one was stored as plaintext). Now it is the encrypted path on both invoke routes."""
+    client, channel = app_and_channel
+    auth = {"Authorization": f"Bearer {ADMIN}", "X-Request-ID": "req-case"}
+    for content_type in ("Application/R3E-HPKE", "APPLICATION/r3e-hpke; charset=binary"):
+        channel.last = {}
+        fast, ref = _both(
+            client,
+            channel,
+            [OUTPUTS[0]],
+            content=b"\x00sealed",
+            headers={**auth, "Content-Type": content_type},
+        )
+        _same(fast, ref)
+        assert fast.status_code == 400 and "X-R3E-Enclave" in fast.json()["message"], fast.text
+        assert channel.last == {}
+        queued = client.post(
+            "/v1/functions/echo/invocations",
+            content=b"\x00sealed",
+            headers={**auth, "Content-Type": content_type, "X-R3E-Enclave": "e" * 32},
+        )
+        assert queued.status_code == 202, queued.text
+        ctx = client.app.state.ctx  # type: ignore[attr-defined]
+        row = ctx.store.fetchone(
+            "SELECT encrypted FROM invocations WHERE id = ?", (queued.json()["invocation_id"],)
+        )
+        assert row["encrypted"] == 1

@@ -75,10 +75,17 @@ async def function_enclave(name: str, ctx: Ctx, _: Invoker) -> dict[str, Any]:
     return await functions(ctx).enclave_for(name)
 
 
+def is_encrypted(content_type: str | None) -> bool:
+    """Whether the body is an HPKE ciphertext (media types are case-insensitive, RFC 9110)."""
+    if not content_type:
+        return False
+    return content_type.split(";", 1)[0].strip().lower() == ENCRYPTED_TYPE
+
+
 def _encryption(
     request: Request, enclave: str | None, reply_key: str | None
 ) -> tuple[bool, bytes | None, str | None]:
-    encrypted = request.headers.get("content-type", "").split(";")[0].strip() == ENCRYPTED_TYPE
+    encrypted = is_encrypted(request.headers.get("content-type"))
     key = decode_reply_key(reply_key) if reply_key else None
     return encrypted, key, enclave
 
@@ -116,7 +123,7 @@ def fast_invoke(ctx: ServiceContext) -> FastRoute:
         if principal is None:
             principal = await anyio.to_thread.run_sync(tokens.authenticate, authorization)
         TokenAuthority.require(principal, Scope.INVOKE)
-        encrypted = (request.header(b"content-type") or "").split(";")[0].strip() == ENCRYPTED_TYPE
+        encrypted = is_encrypted(request.header(b"content-type"))
         reply_key = request.header(b"x-r3e-reply-key")
         result = await functions(ctx).invoke(
             request.params[0],
