@@ -64,6 +64,13 @@ def test_a_worker_id_belongs_to_the_token_that_registered_it(client: TestClient)
     assert client.get("/v1/enclaves/e1", headers=ADMIN).json()["state"] == "creating"
     r = client.post("/v1/workers/w1/enclaves/e1", json={"state": "attesting"}, headers=_bearer(mine))
     assert r.status_code == 204, r.text
+    # an admin frees the id: the next worker token to register claims it
+    third = tokens.issue(Scope.ENCLAVE, "worker w1, new token")
+    assert client.post("/v1/workers", json=_registration("http://w1"), headers=ADMIN).status_code == 200
+    assert _register(client, third, "http://w1") == 200
+    assert _register(client, mine, "http://w1") == 403
+    assert client.post("/v1/workers/w1/heartbeat", json=hb, headers=_bearer(third)).status_code == 204
+    tokens.revoke(token_hash(third))
     # a revoked owner's id can be registered by the worker's new token
     tokens.revoke(token_hash(mine))
     assert _register(client, other, "http://w1b") == 200

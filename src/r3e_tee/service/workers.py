@@ -206,24 +206,29 @@ class WorkerDirectory:
         capacity: dict[str, Any],
         simulation_roots: dict[str, str] | None = None,
         *,
-        owner: str,
+        owner: str | None,
         owner_live: Callable[[str], bool] = lambda digest: True,
-        take_over: bool = False,
     ) -> str:
         """(Re)register; returns the secret the service will use to call the worker.
 
         ``owner`` (the SHA-256 of the caller's token) owns the id from now on. An id another
-        token registered stays that token's while it is ``owner_live`` (not revoked), unless
-        ``take_over`` (an admin): a worker's token cannot redirect another worker's enclaves.
+        token registered stays that token's while it is ``owner_live`` (not revoked): a worker's
+        token cannot redirect another worker's enclaves. ``owner`` None (an admin) registers the
+        id unowned: the next worker token to register it claims it.
         ``simulation_roots`` (PEM by evidence kind) are trusted for the worker's simulated
         enclaves only, and what they sign is always marked simulated."""
         row = self.store.fetchone("SELECT token_hash FROM workers WHERE id = ?", (worker_id,))
         previous = str(row["token_hash"] or "") if row is not None else ""
-        if previous and not take_over and not hmac.compare_digest(previous, owner) and owner_live(previous):
+        if (
+            previous
+            and owner is not None
+            and not hmac.compare_digest(previous, owner)
+            and owner_live(previous)
+        ):
             raise PermissionDeniedError(
                 f"worker id {worker_id} is registered by another token",
                 hint="give each worker its own id (R3E_TEE_WORKER_ID); to move an id to a new token, "
-                "revoke the old token or register once with an admin token",
+                "revoke the old token, or register the id once with an admin token (which frees it)",
             )
         secret = secrets.token_urlsafe(32)
         now = time.time()

@@ -104,16 +104,16 @@ def _check_caller(ctx: ServiceContext, worker_id: str, principal: Principal) -> 
 
 @router.post("", summary="Register a worker; returns the secret the service calls it with")
 def register(body: Registration, ctx: Ctx, principal: Worker) -> dict[str, str]:
-    """The id becomes the calling token's: another worker's token cannot take it over."""
+    """The id becomes the calling token's: another worker's token cannot take it over (an
+    admin's registration frees it for the next worker token)."""
     secret = directory(ctx).register(
         body.id,
         body.url,
         list(body.providers),
         _capacity(body.capacity),
         _roots(body.simulation_roots),
-        owner=principal.token_hash,
+        owner=None if principal.allows(Scope.ADMIN) else principal.token_hash,
         owner_live=ctx.tokens.is_live,
-        take_over=principal.allows(Scope.ADMIN),
     )
     return {"worker_id": body.id, "secret": secret}
 
