@@ -90,3 +90,27 @@ def test_client_chosen_methods_do_not_grow_the_metrics(client: TestClient) -> No
     }
     assert methods <= {"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "OTHER"}, methods
     assert 'method="OTHER",route="/v1/version",status="405"' in text
+
+
+def test_framework_errors_are_typed_like_every_other_error(client: TestClient) -> None:
+    """Before: an unknown route, a wrong method and a body the JSON parser gave up on (nested
+    100 000 deep) answered Starlette's ``{"detail": ...}``: no error type, no fix, no request
+    id. Now they have the service's error shape."""
+    rid = {"X-Request-ID": "req-typed"}
+    deep = b"[" * 100_000 + b"]" * 100_000
+    cases = [
+        (client.get("/v1/nope", headers=rid), 404, "not_found"),
+        (client.delete("/v1/version", headers=rid), 405, "method_not_allowed"),
+        (
+            client.post(
+                "/v1/functions", content=deep, headers={**AUTH, **rid, "Content-Type": "application/json"}
+            ),
+            400,
+            "invalid_request",
+        ),
+    ]
+    for r, status, error in cases:
+        body = r.json()
+        assert r.status_code == status and body["error"] == error, r.text
+        assert body["message"] and body["request_id"] == "req-typed" and "detail" not in body, body
+    assert cases[1][0].headers["allow"]  # what the method would have had to be

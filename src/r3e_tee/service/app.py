@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -177,6 +178,18 @@ def internal_error_body() -> dict[str, Any]:
         "message": "internal error; the request id locates it in the service log",
         "request_id": request_id_var.get(),
     }
+
+
+#: Starlette's own HTTP errors as (error, message, hint)
+_FRAMEWORK_ERRORS: dict[int, tuple[str, str, str | None]] = {
+    400: (
+        "invalid_request",
+        "the request body could not be parsed",
+        "send JSON (UTF-8, nested at most a few hundred levels)",
+    ),
+    404: ("not_found", "no such route", "the API is described at /docs and /openapi.json"),
+    405: ("method_not_allowed", "the route does not take this method", "the Allow header lists the methods"),
+}
 
 
 class ClientDisconnected(Exception):
@@ -483,6 +496,18 @@ def create_app(ctx: ServiceContext) -> ServiceApp:
             },
             status_code=422,
         )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _framework_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # routing and body parsing fail with these: give them the service's error shape
+        code, message, hint = _FRAMEWORK_ERRORS.get(exc.status_code, ("http_error", str(exc.detail), None))
+        if exc.status_code in (404, 405):
+            message = f"{message}: {request.method} {request.url.path}"
+        body: dict[str, Any] = {"error": code, "message": message}
+        if hint:
+            body["hint"] = hint
+        body["request_id"] = request_id_var.get()
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
