@@ -48,6 +48,7 @@ def test_sound_zips_deploy(client: TestClient) -> None:
     assert _deploy(client, _zip(("app/__init__.py", HANDLER)), handler="app.handler")[0] == 201
 
 
+@pytest.mark.filterwarnings("ignore:Duplicate name")  # the zip with a name twice is built on purpose
 @pytest.mark.parametrize(
     ("entries", "handler", "problem"),
     [
