@@ -102,6 +102,13 @@ class InvalidRequestError(R3ETeeError):
     exit_code = 2
 
 
+class PayloadTooLargeError(InvalidRequestError):
+    """A request body over the route's limit, refused before it is buffered."""
+
+    code = "too_large"
+    http_status = 413
+
+
 # --- authentication ----------------------------------------------------------------------------
 
 

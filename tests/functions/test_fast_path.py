@@ -322,3 +322,83 @@ def test_an_input_the_enclave_refuses_is_a_400_and_does_not_cost_the_enclave(
 
 async def _raise(exc: Exception) -> dict[str, Any]:
     raise exc
+
+
+def test_bodies_over_the_limit_are_refused_early_with_413(
+    app_and_channel: tuple[TestClient, _Channel],
+) -> None:
+    """Before: any body was buffered whole (a multi-gigabyte invoke input, deploy or token
+    request), by the fast route and FastAPI alike. Now a declared Content-Length over the
+    route's limit is a 413 before anything is read, a chunked body is cut off at the limit,
+    and both invoke routes answer the same bytes."""
+    from r3e_tee.functions.routes import MAX_INPUT_BYTES
+
+    client, channel = app_and_channel
+    auth = {"Authorization": f"Bearer {ADMIN}", "X-Request-ID": "req-big"}
+    big = b" " * (MAX_INPUT_BYTES + 1)
+    # declared length
+    channel.last = {}
+    fast, ref = _both(client, channel, [OUTPUTS[0]], content=big, headers=auth)
+    _same(fast, ref)
+    assert fast.status_code == 413, fast.text
+    assert fast.json()["error"] == "too_large" and str(MAX_INPUT_BYTES) in fast.json()["message"]
+    assert channel.last == {}, "the oversized input reached the enclave"
+    # no Content-Length (chunked): counted as it arrives (a fresh iterator for each route)
+    app = client.app
+    assert isinstance(app, ServiceApp)
+    answers = []
+    for fast_on in (True, False):
+        app.fast_routes_enabled = fast_on
+        answers.append(client.post("/v1/functions/echo/invoke", content=iter([big]), headers=auth))
+    app.fast_routes_enabled = True
+    _same(*answers)
+    assert answers[0].status_code == 413 and channel.last == {}, answers[0].text
+    # at the limit is fine
+    fast, ref = _both(client, channel, [OUTPUTS[0]], content=big[:-1], headers=auth)
+    assert fast.status_code == ref.status_code == 200
+    # the queued route, a deploy and any other route have their limits too, token or not
+    r = client.post("/v1/functions/echo/invocations", content=big, headers=auth)
+    assert r.status_code == 413 and r.headers["x-request-id"] == "req-big", r.text
+    r = client.post("/v1/functions/echo/invocations", content=iter([big]), headers=auth)
+    assert r.status_code == 413, r.text
+    r = client.post("/v1/functions", content=b" " * (40 * 1024 * 1024), headers=auth)
+    assert r.status_code == 413, r.text
+    r = client.post("/v1/tokens", content=iter([b" " * (8 * 1024 * 1024)]), headers=auth)
+    assert r.status_code == 413 and r.json()["error"] == "too_large", r.text
+    r = client.post("/v1/tokens", content=b" " * (8 * 1024 * 1024))
+    assert r.status_code == 413, r.text
+    metrics = client.get("/metrics").text
+    assert 'route="unmatched",status="413"' in metrics  # refused before routing
+
+
+def test_the_encrypted_media_type_is_recognised_in_any_case(
+    app_and_channel: tuple[TestClient, _Channel],
+) -> None:
+    """Media types are case-insensitive (RFC 9110). Before, ``Application/R3E-HPKE`` was taken
+    for a plaintext JSON event: the ciphertext went to the function as its input (and a queued
+    one was stored as plaintext). Now it is the encrypted path on both invoke routes."""
+    client, channel = app_and_channel
+    auth = {"Authorization": f"Bearer {ADMIN}", "X-Request-ID": "req-case"}
+    for content_type in ("Application/R3E-HPKE", "APPLICATION/r3e-hpke; charset=binary"):
+        channel.last = {}
+        fast, ref = _both(
+            client,
+            channel,
+            [OUTPUTS[0]],
+            content=b"\x00sealed",
+            headers={**auth, "Content-Type": content_type},
+        )
+        _same(fast, ref)
+        assert fast.status_code == 400 and "X-R3E-Enclave" in fast.json()["message"], fast.text
+        assert channel.last == {}
+        queued = client.post(
+            "/v1/functions/echo/invocations",
+            content=b"\x00sealed",
+            headers={**auth, "Content-Type": content_type, "X-R3E-Enclave": "e" * 32},
+        )
+        assert queued.status_code == 202, queued.text
+        ctx = client.app.state.ctx  # type: ignore[attr-defined]
+        row = ctx.store.fetchone(
+            "SELECT encrypted FROM invocations WHERE id = ?", (queued.json()["invocation_id"],)
+        )
+        assert row["encrypted"] == 1

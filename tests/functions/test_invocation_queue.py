@@ -368,3 +368,30 @@ def test_an_invocation_whose_worker_is_killed_is_run_by_another_replica(
 
 async def _ok(tag: str) -> dict[str, Any]:
     return _result(tag)
+
+
+def test_stop_waits_for_the_claim_in_flight() -> None:
+    """Before: stop() cancelled the dispatcher's loop without waiting for it, so the service went
+    on to close the store while a claim still ran in a worker thread: SQLite then crashed the
+    process (a segmentation fault at shutdown). Now stop() returns after the claim is done."""
+    started, finished = threading.Event(), threading.Event()
+
+    class SlowQueue:
+        def claim(self, limit: int, lease: float) -> list[dict[str, Any]]:
+            started.set()
+            time.sleep(0.3)
+            finished.set()
+            return []
+
+    async def run(row: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    async def main() -> None:
+        dispatcher = Dispatcher(SlowQueue(), run)  # type: ignore[arg-type]
+        dispatcher.start()
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        await dispatcher.stop()
+        assert finished.is_set(), "stop() returned while a claim was still using the store"
+
+    asyncio.run(main())

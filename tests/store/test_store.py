@@ -154,3 +154,12 @@ def test_sqlite_file_is_private_and_in_wal_mode(tmp_path: Path) -> None:
         assert ((tmp_path / "d" / "s.sqlite3").stat().st_mode & 0o777) == 0o600
     finally:
         s.close()
+
+
+def test_redaction_covers_passwords_in_the_query_string() -> None:
+    """libpq takes ``?password=`` too; before, such a URL reached errors whole, and the store's
+    errors are what the unauthenticated /readyz shows."""
+    redacted = redact_url("postgresql://u@h/db?sslmode=require&password=hunter2&sslpassword=k3y")
+    assert "hunter2" not in redacted and "k3y" not in redacted, redacted
+    assert redacted == "postgresql://u@h/db?sslmode=require&password=***&sslpassword=***"
+    assert redact_url("postgresql://u:pw@h/db?password=pw2") == "postgresql://u:***@h/db?password=***"

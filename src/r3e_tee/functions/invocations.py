@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import hmac
 import json
@@ -24,9 +25,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
-
-import anyio
+from typing import Any, TypeVar
 
 from r3e_tee.errors import ConflictError, NotFoundError, R3ETeeError
 from r3e_tee.store import Store
@@ -34,6 +33,7 @@ from r3e_tee.store import Store
 log = logging.getLogger("r3e_tee.functions")
 
 MAX_ATTEMPTS = 5
+T = TypeVar("T")
 Runner = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
@@ -246,6 +246,16 @@ class Dispatcher:
         self._running = 0
         self._task: asyncio.Task[None] | None = None
         self._attempts: set[asyncio.Task[None]] = set()
+        self._calls: set[asyncio.Future[Any]] = set()
+
+    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` (a store call) in a worker thread. Cancelling the caller does not stop
+        the thread, so :meth:`stop` waits for every call still running: the service closes the
+        store right after, and SQLite crashes on a connection closed under a running query."""
+        call = asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args))
+        self._calls.add(call)
+        call.add_done_callback(self._calls.discard)
+        return await asyncio.shield(call)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop())
@@ -259,12 +269,13 @@ class Dispatcher:
         for task in attempts:
             task.cancel()
         await asyncio.gather(*attempts, return_exceptions=True)
+        await asyncio.gather(*list(self._calls), return_exceptions=True)
 
     async def _loop(self) -> None:
         while True:
             free = self.concurrency - self._running
             try:
-                rows = await anyio.to_thread.run_sync(self.queue.claim, free, self.lease) if free > 0 else []
+                rows = await self._in_thread(self.queue.claim, free, self.lease) if free > 0 else []
             except R3ETeeError as exc:
                 # the store is unreachable for now: keep the dispatcher alive and try again
                 log.warning("claiming queued invocations failed", extra={"error": exc.message})
@@ -286,7 +297,7 @@ class Dispatcher:
         while True:
             await asyncio.sleep(self.lease / 3)
             try:
-                held = await anyio.to_thread.run_sync(self.queue.renew, inv_id, attempt, self.lease)
+                held = await self._in_thread(self.queue.renew, inv_id, attempt, self.lease)
             except R3ETeeError as exc:
                 log.warning("renewing a lease failed", extra={"invocation_id": inv_id, "error": exc.message})
                 continue
@@ -306,7 +317,7 @@ class Dispatcher:
             except Exception as exc:  # noqa: BLE001 - the queue must still retry or fail it
                 error = f"internal error ({type(exc).__name__})"
             else:
-                done = await anyio.to_thread.run_sync(self.queue.complete, inv_id, attempt, result)
+                done = await self._in_thread(self.queue.complete, inv_id, attempt, result)
                 if not done:
                     log.warning(
                         "invocation result discarded: a newer attempt holds it",
@@ -314,7 +325,7 @@ class Dispatcher:
                     )
                 return
             log.warning("invocation attempt failed", extra={"invocation_id": inv_id, "error": error})
-            await anyio.to_thread.run_sync(self.queue.retry_or_fail, inv_id, attempt, error)
+            await self._in_thread(self.queue.retry_or_fail, inv_id, attempt, error)
         except asyncio.CancelledError:
             # shutting down: a blocking call, as nothing may be awaited in a cancelled task
             try:

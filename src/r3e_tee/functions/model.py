@@ -10,16 +10,24 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+import stat
 import zipfile
+import zlib
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from r3e_tee.config import parse_duration, parse_size
 from r3e_tee.errors import InvalidRequestError
+from r3e_tee.keys.broker import MAX_NAMES
+from r3e_tee.keys.broker import NAME_RE as SECRET_NAME_RE
+from r3e_tee.providers.base import MAX_ENCLAVE_BYTES
 
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 MAX_CODE_BYTES = 10 * 1024 * 1024
+#: what a function zip may unpack to (the enclave unpacks it into its own memory) and hold
+MAX_UNZIPPED_BYTES = 64 * 1024 * 1024
+MAX_ZIP_ENTRIES = 10_000
 
 
 class FunctionConfig(BaseModel):
@@ -40,7 +48,7 @@ class FunctionConfig(BaseModel):
     concurrency: int = Field(2, ge=1, le=64)  # sandboxes per enclave
     idempotent: bool = False
     cooldown: float = 60.0  # idle seconds before an enclave above min_enclaves is retired
-    secrets: list[str] = []
+    secrets: list[str] = Field([], max_length=MAX_NAMES)
     release_policy: dict[str, Any] = {}
 
     @field_validator("name")
@@ -62,7 +70,22 @@ class FunctionConfig(BaseModel):
     @field_validator("enclave_size", "memory", mode="before")
     @classmethod
     def _size(cls, v: object) -> int:
-        return parse_size(v)
+        size = parse_size(v)
+        if size > MAX_ENCLAVE_BYTES:
+            raise ValueError(f"{size} bytes is more than any enclave ({MAX_ENCLAVE_BYTES} bytes at most)")
+        return size
+
+    @field_validator("secrets")
+    @classmethod
+    def _secrets(cls, v: list[str]) -> list[str]:
+        # names no secret can have would fail every enclave launch, at launch
+        for name in v:
+            if not SECRET_NAME_RE.match(name):
+                raise ValueError(
+                    f"{name[:140]!r} is not a secret name (1-128 letters, digits, '.', '_' and '-', "
+                    "starting with a letter or digit)"
+                )
+        return v
 
     @field_validator("cooldown", mode="before")
     @classmethod
@@ -95,6 +118,7 @@ def check_code(config: FunctionConfig, code: bytes) -> None:
     if zipfile.is_zipfile(io.BytesIO(code)):
         if config.runtime != "python":
             raise InvalidRequestError("zip archives are for Python functions; give JavaScript as one file")
+        check_zip(code, config.handler)
         return
     if config.runtime == "python":
         try:
@@ -108,6 +132,75 @@ def check_code(config: FunctionConfig, code: bytes) -> None:
             code.decode()
         except UnicodeDecodeError:
             raise InvalidRequestError("JavaScript code must be UTF-8 text") from None
+
+
+def _zip_problem(problem: str, hint: str = "rebuild the zip from the function's directory") -> Exception:
+    return InvalidRequestError(f"the function zip {problem}", hint=hint)
+
+
+def check_zip(code: bytes, handler: str) -> None:
+    """Refuse, at deploy, a zip every enclave would fail to unpack or import: members that
+    escape the code directory (``..``, absolute paths), symbolic links, a name given twice, too
+    many members, more than MAX_UNZIPPED_BYTES unpacked (counted by decompressing, so a lying
+    header cannot hide a bomb), corrupt or encrypted members, and no file for the handler's
+    module (``module.fn``: module.py; ``fn`` alone: main.py), which the enclave would otherwise
+    look up on its own path (the runtime's standard library included)."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(code))
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError) as exc:
+        raise _zip_problem(f"does not open: {exc}") from None
+    with archive:
+        infos = archive.infolist()
+        if len(infos) > MAX_ZIP_ENTRIES:
+            raise _zip_problem(
+                f"has {len(infos)} members; the limit is {MAX_ZIP_ENTRIES}",
+                hint="leave out what the function does not import (tests, caches, docs)",
+            )
+        names: set[str] = set()
+        for info in infos:
+            name = info.filename
+            parts = name.replace("\\", "/").split("/")
+            if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in parts:
+                raise _zip_problem(f"member {name!r} would be written outside the code directory")
+            if stat.S_ISLNK(info.external_attr >> 16):
+                raise _zip_problem(
+                    f"member {name!r} is a symbolic link", hint="put the file itself in the zip"
+                )
+            if name in names:
+                raise _zip_problem(f"holds {name!r} twice")
+            names.add(name)
+        unpacked = 0
+        for info in infos:
+            if info.is_dir():
+                continue
+            try:
+                with archive.open(info) as member:
+                    while chunk := member.read(1024 * 1024):
+                        unpacked += len(chunk)
+                        if unpacked > MAX_UNZIPPED_BYTES:
+                            raise _zip_problem(
+                                f"unpacks to more than {MAX_UNZIPPED_BYTES} bytes",
+                                hint="leave out large data; functions read it from storage",
+                            )
+            except (
+                zipfile.BadZipFile,
+                NotImplementedError,
+                RuntimeError,
+                ValueError,
+                OSError,
+                EOFError,
+                zlib.error,
+            ) as exc:
+                raise _zip_problem(f"member {info.filename!r} does not unpack: {exc}") from None
+    module = (handler.rpartition(".")[0] or "main").replace(".", "/")
+    if not any(
+        n in names
+        for n in (f"{module}.py", f"{module}.pyc", f"{module}/__init__.py", f"{module}/__init__.pyc")
+    ) and not any(n.startswith(f"{module}.") and n.endswith(".so") for n in names):
+        raise _zip_problem(
+            f"has no {module}.py (or {module}/__init__.py) for handler {handler!r}",
+            hint="name the handler module.function of a module in the zip (a bare function: main.py)",
+        )
 
 
 def enclave_payload(

@@ -10,9 +10,10 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import anyio.to_thread
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 
+from r3e_tee.functions.model import MAX_CODE_BYTES
 from r3e_tee.functions.registry import config_from_request
 from r3e_tee.functions.service import FunctionsService, decode_reply_key
 from r3e_tee.service.app import FastRequest, FastRoute, ServiceContext
@@ -25,6 +26,18 @@ Admin = Annotated[Principal, Depends(require(Scope.ADMIN))]
 Invoker = Annotated[Principal, Depends(require(Scope.INVOKE))]
 Reader = Annotated[Principal, Depends(require(Scope.READ))]
 ENCRYPTED_TYPE = "application/r3e-hpke"
+#: an invocation's input (sync or queued): what one event reasonably carries; bigger data belongs
+#: in storage the function reads
+MAX_INPUT_BYTES = 6 * 1024 * 1024
+#: a deploy: the code (at most MAX_CODE_BYTES) in base64, and the settings around it
+MAX_DEPLOY_BYTES = (MAX_CODE_BYTES + 2) // 3 * 4 + 1024 * 1024
+
+
+def set_body_limits(app: Any) -> None:
+    """The routes whose bodies may exceed the service's default limit (the fast invoke route
+    sets its own, for both of its paths)."""
+    app.body_limits.set("POST", "/v1/functions", MAX_DEPLOY_BYTES)
+    app.body_limits.set("POST", "/v1/functions/{name}/invocations", MAX_INPUT_BYTES)
 
 
 def functions(ctx: ServiceContext) -> FunctionsService:
@@ -46,7 +59,9 @@ def list_functions(ctx: Ctx, _: Reader) -> list[dict[str, Any]]:
 
 
 @router.get("/v1/functions/{name}", summary="One function version (default: latest)")
-def get_function(name: str, ctx: Ctx, _: Reader, version: int | None = None) -> dict[str, Any]:
+def get_function(
+    name: str, ctx: Ctx, _: Reader, version: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None
+) -> dict[str, Any]:
     return functions(ctx).registry.get(name, version).describe()
 
 
@@ -60,10 +75,17 @@ async def function_enclave(name: str, ctx: Ctx, _: Invoker) -> dict[str, Any]:
     return await functions(ctx).enclave_for(name)
 
 
+def is_encrypted(content_type: str | None) -> bool:
+    """Whether the body is an HPKE ciphertext (media types are case-insensitive, RFC 9110)."""
+    if not content_type:
+        return False
+    return content_type.split(";", 1)[0].strip().lower() == ENCRYPTED_TYPE
+
+
 def _encryption(
     request: Request, enclave: str | None, reply_key: str | None
 ) -> tuple[bool, bytes | None, str | None]:
-    encrypted = request.headers.get("content-type", "").split(";")[0].strip() == ENCRYPTED_TYPE
+    encrypted = is_encrypted(request.headers.get("content-type"))
     key = decode_reply_key(reply_key) if reply_key else None
     return encrypted, key, enclave
 
@@ -101,7 +123,7 @@ def fast_invoke(ctx: ServiceContext) -> FastRoute:
         if principal is None:
             principal = await anyio.to_thread.run_sync(tokens.authenticate, authorization)
         TokenAuthority.require(principal, Scope.INVOKE)
-        encrypted = (request.header(b"content-type") or "").split(";")[0].strip() == ENCRYPTED_TYPE
+        encrypted = is_encrypted(request.header(b"content-type"))
         reply_key = request.header(b"x-r3e-reply-key")
         result = await functions(ctx).invoke(
             request.params[0],
@@ -112,7 +134,7 @@ def fast_invoke(ctx: ServiceContext) -> FastRoute:
         )
         return 200, result.to_json_bytes()
 
-    return FastRoute("POST", "/v1/functions/{name}/invoke", handler)
+    return FastRoute("POST", "/v1/functions/{name}/invoke", handler, max_body=MAX_INPUT_BYTES)
 
 
 @router.post(

@@ -259,5 +259,6 @@ def install(ctx: ServiceContext) -> None:
         app.include_router(function_routes.router)
         if hasattr(app, "add_fast_route"):
             app.add_fast_route(function_routes.fast_invoke(ctx))
+            function_routes.set_body_limits(app)
 
     ctx.components["routers"].append(routes)

@@ -379,7 +379,7 @@ async def rotate(ctx: Ctx, principal: Admin, body: RotateRequest | None = None) 
 def audit_entries(
     ctx: Ctx,
     _: Admin,
-    after: Annotated[int, Query(ge=0, description="entries after this sequence number")] = 0,
+    after: Annotated[int, Query(ge=0, le=2**63 - 1, description="entries after this sequence number")] = 0,
     limit: Annotated[int, Query(ge=1, le=10000)] = 100,
     action: Annotated[str | None, Query(description="only this action, e.g. secret.release")] = None,
     subject: Annotated[str | None, Query(description="only this subject, e.g. a secret name")] = None,

@@ -28,6 +28,11 @@ class EnclaveSpec:
     payload: dict[str, Any] = field(default_factory=dict)
 
 
+#: no enclave is larger (256 TiB, far past any machine's enclave memory); bounds client-given
+#: sizes below what the store's 64-bit integers hold
+MAX_ENCLAVE_BYTES = 2**48
+
+
 @dataclass(frozen=True)
 class Capacity:
     total_bytes: int

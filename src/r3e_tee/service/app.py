@@ -20,11 +20,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from r3e_tee import __version__
 from r3e_tee.config import TeeConfig
-from r3e_tee.errors import R3ETeeError
+from r3e_tee.errors import InvalidRequestError, PayloadTooLargeError, R3ETeeError
 from r3e_tee.ids import new_id
 from r3e_tee.logging import access_log, request_id_var
 from r3e_tee.service.auth import TokenAuthority
@@ -34,6 +36,9 @@ from r3e_tee.store import Store
 log = logging.getLogger("r3e_tee.service")
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+#: the body limit of a route that sets none: room for a 1 MiB secret in base64, DCAP collateral
+MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
 @dataclass
@@ -52,6 +57,9 @@ class ServiceContext:
     on_shutdown: list[Callable[[], None]] = field(default_factory=list)
 
 
+_METHODS = frozenset(("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"))
+
+
 class _Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.requests = LatencyMetrics(
@@ -67,9 +75,11 @@ class _Metrics:
         self._labels: dict[tuple[str, str, int], tuple[str, str, str]] = {}
 
     def observe(self, method: str, template: str, status: int, elapsed: float) -> None:
+        if method not in _METHODS:  # any token is a method to HTTP/1.1: one series for the rest
+            method = "OTHER"
         labels = self._labels.get((method, template, status))
         if labels is None:
-            if len(self._labels) > 10_000:  # methods are client-chosen: bound the cache
+            if len(self._labels) > 10_000:
                 self._labels.clear()
             labels = self._labels[(method, template, status)] = (method, template, str(status))
         self.requests.observe(labels, elapsed)
@@ -121,13 +131,29 @@ class RequestContextMiddleware:
                 message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
             await send(message)
 
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send_wrapper(message)
+
         try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
-            finish_request(self.metrics, scope, template, status, time.perf_counter() - start)
-            request_id_var.reset(token)
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            # the app's 500 handler runs outside this middleware: answer here, with the request
+            # id (body and header), and leave the id set so the handler's log line carries it
+            if not started:
+                await send_json(send_wrapper, 500, json_body(internal_error_body()))
+            self._finish(scope, status, start)
+            raise
+        self._finish(scope, status, start)
+        request_id_var.reset(token)
+
+    def _finish(self, scope: Scope, status: int, start: float) -> None:
+        route = scope.get("route")
+        template = getattr(route, "path", None) or "unmatched"
+        finish_request(self.metrics, scope, template, status, time.perf_counter() - start)
 
 
 def json_body(content: Any) -> bytes:
@@ -154,6 +180,18 @@ def internal_error_body() -> dict[str, Any]:
     }
 
 
+#: Starlette's own HTTP errors as (error, message, hint)
+_FRAMEWORK_ERRORS: dict[int, tuple[str, str, str | None]] = {
+    400: (
+        "invalid_request",
+        "the request body could not be parsed",
+        "send JSON (UTF-8, nested at most a few hundred levels)",
+    ),
+    404: ("not_found", "no such route", "the API is described at /docs and /openapi.json"),
+    405: ("method_not_allowed", "the route does not take this method", "the Allow header lists the methods"),
+}
+
+
 class ClientDisconnected(Exception):
     """The client went away before its request body arrived."""
 
@@ -161,12 +199,13 @@ class ClientDisconnected(Exception):
 class FastRequest:
     """What a fast route's handler sees: path parameters, headers, the body on demand."""
 
-    __slots__ = ("scope", "params", "_receive")
+    __slots__ = ("scope", "params", "_receive", "_limit")
 
-    def __init__(self, scope: Scope, receive: Receive, params: tuple[str, ...]) -> None:
+    def __init__(self, scope: Scope, receive: Receive, params: tuple[str, ...], limit: int) -> None:
         self.scope = scope
         self.params = params
         self._receive = receive
+        self._limit = limit
 
     def header(self, name: bytes) -> str | None:
         """The first value of a header (lower-case name), as Starlette's ``headers.get``."""
@@ -176,13 +215,18 @@ class FastRequest:
         return None
 
     async def body(self) -> bytes:
+        """The whole body; a chunked one longer than the route's limit stops being read (413)."""
         chunks: list[bytes] = []
+        size = 0
         while True:
             message = await self._receive()
             if message["type"] == "http.disconnect":
                 raise ClientDisconnected
             chunk = message.get("body", b"")
             if chunk:
+                size += len(chunk)
+                if size > self._limit:
+                    raise too_large(self._limit)
                 chunks.append(chunk)
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -205,12 +249,121 @@ class FastRoute:
     method: str
     template: str
     handler: FastHandler
+    max_body: int = MAX_BODY_BYTES
     pattern: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        # Starlette's default "str" convertor: one non-empty path segment
-        regex = re.sub(r"\\\{[A-Za-z_][A-Za-z0-9_]*\\\}", "([^/]+)", re.escape(self.template))
-        object.__setattr__(self, "pattern", re.compile(f"^{regex}$"))
+        object.__setattr__(self, "pattern", template_pattern(self.template))
+
+
+def template_pattern(template: str) -> re.Pattern[str]:
+    """A route template as a regex (Starlette's default "str" convertor: one non-empty segment)."""
+    regex = re.sub(r"\\\{[A-Za-z_][A-Za-z0-9_]*\\\}", "([^/]+)", re.escape(template))
+    return re.compile(f"^{regex}$")
+
+
+def too_large(limit: int) -> PayloadTooLargeError:
+    return PayloadTooLargeError(
+        f"the request body is larger than this route's limit of {limit} bytes",
+        hint="send a smaller body (function code: at most 10 MiB; large inputs belong in storage "
+        "the function reads, not in the invocation)",
+    )
+
+
+def check_declared_length(scope: Scope, limit: int) -> None:
+    """413 for a Content-Length over ``limit``, before a byte of the body is read."""
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                declared = int(value)
+            except ValueError:
+                raise InvalidRequestError("Content-Length is not a number") from None
+            if declared > limit:
+                raise too_large(limit)
+            return
+
+
+class BodyLimits:
+    """Per-route body limits, looked up before routing (a template's regex, else the default)."""
+
+    def __init__(self, default: int = MAX_BODY_BYTES) -> None:
+        self.default = default
+        self._routes: list[tuple[str, re.Pattern[str], int]] = []
+
+    def set(self, method: str, template: str, limit: int) -> None:
+        self._routes.append((method, template_pattern(template), limit))
+
+    def for_request(self, method: str, path: str) -> int:
+        for route_method, pattern, limit in self._routes:
+            if route_method == method and pattern.match(path):
+                return limit
+        return self.default
+
+
+class BodyLimitMiddleware:
+    """Refuses a body over its route's limit with a typed 413 instead of buffering it: at once
+    for a declared Content-Length, and as soon as a chunked body passes the limit (the app then
+    sees the client leave, and its own answer is replaced by the 413)."""
+
+    def __init__(self, app: ASGIApp, limits: BodyLimits) -> None:
+        self.app = app
+        self.limits = limits
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limits.for_request(scope["method"], route_path(scope))
+        try:
+            check_declared_length(scope, limit)
+        except R3ETeeError as exc:
+            await _send_typed_error(send, exc)
+            return
+        received = 0
+        refused = False
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    refused = True
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if refused:
+                return  # the 413 below answers instead
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except ClientDisconnect:
+            if not refused:
+                raise
+        if refused and not started:
+            await _send_typed_error(send, too_large(limit))
+
+
+async def send_json(
+    send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    """A whole JSON response from ASGI code (where no Starlette response is at hand)."""
+    headers = [(b"content-length", str(len(body)).encode()), (b"content-type", b"application/json")]
+    await send({"type": "http.response.start", "status": status, "headers": headers + (extra or [])})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _send_typed_error(send: Send, exc: R3ETeeError) -> None:
+    status, content, extra = typed_error_response(exc)
+    headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (extra or {}).items()]
+    await send_json(send, status, json_body(content), headers)
 
 
 def route_path(scope: Scope) -> str:
@@ -233,9 +386,12 @@ class ServiceApp(FastAPI):
         self.fast_routes: list[FastRoute] = []
         self.fast_routes_enabled = True  # False serves every request through FastAPI (tests)
         self.http_metrics: _Metrics | None = None
+        self.body_limits = BodyLimits()
 
     def add_fast_route(self, route: FastRoute) -> None:
+        """Serve ``route`` fast; its FastAPI twin gets the same body limit."""
         self.fast_routes.append(route)
+        self.body_limits.set(route.method, route.template, route.max_body)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and self.fast_routes and self.fast_routes_enabled:
@@ -262,7 +418,8 @@ class ServiceApp(FastAPI):
         try:
             headers: list[tuple[bytes, bytes]] = []
             try:
-                status, body = await route.handler(FastRequest(scope, receive, params))
+                check_declared_length(scope, route.max_body)
+                status, body = await route.handler(FastRequest(scope, receive, params, route.max_body))
             except R3ETeeError as exc:
                 status, content, extra = typed_error_response(exc)
                 body = json_body(content)
@@ -340,6 +497,18 @@ def create_app(ctx: ServiceContext) -> ServiceApp:
             status_code=422,
         )
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _framework_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # routing and body parsing fail with these: give them the service's error shape
+        code, message, hint = _FRAMEWORK_ERRORS.get(exc.status_code, ("http_error", str(exc.detail), None))
+        if exc.status_code in (404, 405):
+            message = f"{message}: {request.method} {request.url.path}"
+        body: dict[str, Any] = {"error": code, "message": message}
+        if hint:
+            body["hint"] = hint
+        body["request_id"] = request_id_var.get()
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.error("unhandled error", extra={"exc_type": type(exc).__name__})
@@ -353,5 +522,7 @@ def create_app(ctx: ServiceContext) -> ServiceApp:
         register(app)
 
     app.http_metrics = _Metrics(ctx.registry)
+    # added first: inside the request context, so a 413 carries the request id and is counted
+    app.add_middleware(BodyLimitMiddleware, limits=app.body_limits)
     app.add_middleware(RequestContextMiddleware, metrics=app.http_metrics)
     return app

@@ -123,6 +123,15 @@ class TokenAuthority:
             self._cache.pop(digest, None)
         return self._store.execute("DELETE FROM admin_tokens WHERE token_hash = ?", (digest,)) > 0
 
+    def is_live(self, digest: str) -> bool:
+        """Whether the token with this SHA-256 still authenticates (static, or issued and not
+        revoked)."""
+        live = False
+        for known in self._static:
+            if hmac.compare_digest(known, digest):
+                live = True
+        return live or self._lookup(digest) is not None
+
     def authenticate(self, authorization: str | None) -> Principal:
         principal, digest = self._static_check(authorization)
         if principal is None:

@@ -11,7 +11,7 @@ from typing import Any
 
 from r3e_tee.config import KNOWN_PROVIDERS, TeeConfig, parse_size
 from r3e_tee.errors import InvalidRequestError, NotFoundError, ProviderUnavailableError
-from r3e_tee.providers.base import EVIDENCE_FORMATS, EnclaveSpec
+from r3e_tee.providers.base import EVIDENCE_FORMATS, MAX_ENCLAVE_BYTES, EnclaveSpec
 from r3e_tee.providers.hardware import probe_provider
 from r3e_tee.service.workers import WorkerClient, WorkerDirectory
 from r3e_tee.store import Store
@@ -156,6 +156,11 @@ class EnclaveRegistry:
             size_bytes = parse_size(size)
         except ValueError as exc:
             raise InvalidRequestError(f"size: {exc}", hint="write sizes as 128M, 512Mi or 2G") from None
+        if size_bytes > MAX_ENCLAVE_BYTES:
+            raise InvalidRequestError(
+                f"size: {size_bytes} bytes is more than any enclave ({MAX_ENCLAVE_BYTES} bytes at most)",
+                hint="write sizes as 128M, 512Mi or 2G",
+            )
         fmt = evidence_format or ("nitro" if provider == "nitro" else "sgx-dcap")
         if fmt not in EVIDENCE_FORMATS:
             raise InvalidRequestError(

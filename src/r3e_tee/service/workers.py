@@ -4,18 +4,28 @@ that register, heartbeat their capacity and accept enclave commands over HTTP.""
 from __future__ import annotations
 
 import abc
+import base64
 import dataclasses
+import hmac
 import json
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import cbor2
 import httpx
 
 from r3e_tee.attestation.verify import Verifier
-from r3e_tee.errors import CapacityError, ConflictError, EnclaveError, NotFoundError, ProviderUnavailableError
+from r3e_tee.errors import (
+    CapacityError,
+    ConflictError,
+    EnclaveError,
+    NotFoundError,
+    PermissionDeniedError,
+    ProviderUnavailableError,
+)
 from r3e_tee.providers.base import EnclaveSpec
 from r3e_tee.runtime.channel import ChannelClosed, RemoteError
 from r3e_tee.store import Store
@@ -195,18 +205,41 @@ class WorkerDirectory:
         providers: list[str],
         capacity: dict[str, Any],
         simulation_roots: dict[str, str] | None = None,
+        *,
+        owner: str | None,
+        owner_live: Callable[[str], bool] = lambda digest: True,
     ) -> str:
         """(Re)register; returns the secret the service will use to call the worker.
 
+        ``owner`` (the SHA-256 of the caller's token) owns the id from now on. An id another
+        token registered stays that token's while it is ``owner_live`` (not revoked): a worker's
+        token cannot redirect another worker's enclaves. ``owner`` None (an admin) registers the
+        id unowned: the next worker token to register it claims it.
         ``simulation_roots`` (PEM by evidence kind) are trusted for the worker's simulated
         enclaves only, and what they sign is always marked simulated."""
+        row = self.store.fetchone("SELECT token_hash FROM workers WHERE id = ?", (worker_id,))
+        previous = str(row["token_hash"] or "") if row is not None else ""
+        if (
+            previous
+            and owner is not None
+            and not hmac.compare_digest(previous, owner)
+            and owner_live(previous)
+        ):
+            raise PermissionDeniedError(
+                f"worker id {worker_id} is registered by another token",
+                hint="give each worker its own id (R3E_TEE_WORKER_ID); to move an id to a new token, "
+                "revoke the old token, or register the id once with an admin token (which frees it)",
+            )
         secret = secrets.token_urlsafe(32)
         now = time.time()
         with self.store.transaction() as tx:
-            tx.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
             tx.execute(
+                "DELETE FROM workers WHERE id = ? AND COALESCE(token_hash, '') = ?", (worker_id, previous)
+            )
+            inserted = tx.fetchone(
                 "INSERT INTO workers (id, url, providers, capacity, secret, simulation_roots, started_at, "
-                "last_heartbeat) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "last_heartbeat, token_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (id) DO NOTHING RETURNING id",
                 (
                     worker_id,
                     url,
@@ -216,9 +249,44 @@ class WorkerDirectory:
                     json.dumps(simulation_roots) if simulation_roots else None,
                     now,
                     now,
+                    owner,
                 ),
             )
+        if inserted is None:
+            raise ConflictError(f"worker id {worker_id} was registered concurrently", hint="register again")
         return secret
+
+    def check_caller(self, worker_id: str, caller: str) -> None:
+        """The worker ``worker_id`` was registered by the token with SHA-256 ``caller``.
+
+        An unknown id, or one registered before ids had owners, is "not registered": the worker
+        registers again by itself and so claims it."""
+        row = self.store.fetchone("SELECT token_hash FROM workers WHERE id = ?", (worker_id,))
+        if row is None or not row["token_hash"]:
+            raise NotFoundError(
+                f"worker {worker_id} is not registered", hint="the worker re-registers by itself"
+            )
+        if not hmac.compare_digest(str(row["token_hash"]), caller):
+            raise PermissionDeniedError(
+                f"worker {worker_id} was registered by another token",
+                hint="a worker speaks only for itself: use the token it registered with",
+            )
+
+    def check_enclave_caller(self, enclave_id: str, caller: str) -> None:
+        """The enclave runs on a worker the token with SHA-256 ``caller`` registered (what an
+        enclave-scope token may attest as)."""
+        row = self.store.fetchone(
+            "SELECT e.worker_id AS worker_id, w.token_hash AS token_hash FROM enclaves e "
+            "LEFT JOIN workers w ON w.id = e.worker_id WHERE e.id = ?",
+            (enclave_id,),
+        )
+        if row is None:
+            raise NotFoundError(f"no enclave {enclave_id}", hint="attest enclaves the service launched")
+        if not row["token_hash"] or not hmac.compare_digest(str(row["token_hash"]), caller):
+            raise PermissionDeniedError(
+                f"enclave {enclave_id} does not run on a worker this token registered",
+                hint="a worker attests only its own enclaves",
+            )
 
     def heartbeat(self, worker_id: str, capacity: dict[str, Any]) -> None:
         if (
@@ -333,9 +401,51 @@ class WorkerDirectory:
                     lost.append(str(row["id"]))
         return lost
 
+    def check_attested(self, enclave_id: str, fields: dict[str, Any]) -> None:
+        """A worker's state report may set an enclave's public keys (what clients seal inputs to)
+        and call it ready only with an accepted, unrevoked attestation of that enclave, and the
+        keys must be the attested ones: the worker's host is not trusted with them."""
+        att_id = fields.get("attestation_id")
+        if att_id is None:
+            if fields.get("public_keys") is not None:
+                raise ConflictError(
+                    f"enclave {enclave_id}: public keys are reported with the attestation that binds them",
+                    hint="send attestation_id with public_keys",
+                )
+            if fields.get("state") == "ready":
+                row = self.store.fetchone("SELECT attestation_id FROM enclaves WHERE id = ?", (enclave_id,))
+                if row is None or not row["attestation_id"]:
+                    raise ConflictError(
+                        f"enclave {enclave_id} is not ready before it is attested",
+                        hint="report ready with the attestation_id the service returned",
+                    )
+            return
+        row = self.store.fetchone(
+            "SELECT enclave_id, verdict, revoked_at, public_keys FROM attestations WHERE id = ?", (att_id,)
+        )
+        if row is None or row["enclave_id"] != enclave_id or row["verdict"] != "valid" or row["revoked_at"]:
+            raise ConflictError(
+                f"attestation {att_id} is no accepted attestation of enclave {enclave_id}",
+                hint="report the attestation_id POST /v1/attestation/verify returned for this enclave",
+            )
+        reported = fields.get("public_keys")
+        if reported is not None:
+            attested = {k: _b64u_hex(v) for k, v in json.loads(row["public_keys"] or "{}").items()}
+            if reported != attested:
+                raise ConflictError(
+                    f"enclave {enclave_id}: the reported public keys are not the ones attestation {att_id} "
+                    "bound",
+                    hint="report the keys the enclave attested with",
+                )
+
     def check_owner(self, worker_id: str, enclave_id: str) -> None:
         row = self.store.fetchone("SELECT worker_id FROM enclaves WHERE id = ?", (enclave_id,))
         if row is None:
             raise NotFoundError(f"no enclave {enclave_id}")
         if row["worker_id"] != worker_id:
             raise ConflictError(f"enclave {enclave_id} belongs to worker {row['worker_id']}, not {worker_id}")
+
+
+def _b64u_hex(value: str) -> str:
+    """A stored (base64url) attested key as the hex an enclave row holds."""
+    return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).hex()

@@ -19,13 +19,20 @@ Params = Sequence[Any]
 Dialect = Literal["sqlite", "postgresql"]
 
 
+_QUERY_SECRET_RE = re.compile(r"((?:^|&)(?:password|sslpassword)=)[^&]*", re.IGNORECASE)
+
+
 def redact_url(url: str) -> str:
     """The store URL with any password replaced, safe for logs and errors."""
     parts = urlsplit(url)
-    if parts.password is None:
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = netloc.replace(f":{parts.password}@", ":***@")
+    # libpq also takes passwords as query parameters
+    query = _QUERY_SECRET_RE.sub(r"\1***", parts.query)
+    if netloc == parts.netloc and query == parts.query:
         return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 class Tx(abc.ABC):

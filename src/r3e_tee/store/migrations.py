@@ -241,6 +241,15 @@ MIGRATIONS.append(
         """,
     )
 )
+MIGRATIONS.append(
+    Migration(
+        6,
+        "workers: the token that registered each worker (its id is that token's)",
+        """
+        ALTER TABLE workers ADD COLUMN token_hash TEXT
+        """,
+    )
+)
 # Version 3 is reserved for key management (keys/). Kept in version order whatever the append order.
 MIGRATIONS.sort(key=lambda m: m.version)
 LATEST_VERSION = max(m.version for m in MIGRATIONS)

@@ -71,8 +71,14 @@ def nonce(ctx: Ctx, _: Annotated[Principal, Depends(require(Scope.ENCLAVE))]) ->
     "/v1/attestation/verify", summary="Verify evidence bound to a nonce and keys; returns a signed result"
 )
 async def verify(
-    body: VerifyRequest, ctx: Ctx, _: Annotated[Principal, Depends(require(Scope.ENCLAVE))]
+    body: VerifyRequest, ctx: Ctx, principal: Annotated[Principal, Depends(require(Scope.ENCLAVE))]
 ) -> VerifyResponse:
+    """A worker's token attests only the enclaves of the worker it registered (checked before
+    the nonce is spent): the token names the enclave, and its simulated roots are chosen by it."""
+    if body.enclave_id is not None and not principal.allows(Scope.ADMIN):
+        await anyio.to_thread.run_sync(
+            ctx.components["workers"].check_enclave_caller, body.enclave_id, principal.token_hash
+        )
     evidence = _b64(body.evidence, "evidence")
     keys = {"x25519": _b64(body.public_keys.x25519, "x25519"), "p256": _b64(body.public_keys.p256, "p256")}
     collateral = None
