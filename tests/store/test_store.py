@@ -163,3 +163,33 @@ def test_redaction_covers_passwords_in_the_query_string() -> None:
     assert "hunter2" not in redacted and "k3y" not in redacted, redacted
     assert redacted == "postgresql://u@h/db?sslmode=require&password=***&sslpassword=***"
     assert redact_url("postgresql://u:pw@h/db?password=pw2") == "postgresql://u:***@h/db?password=***"
+
+
+def test_sqlite_close_waits_for_transactions_in_flight_and_refuses_new_ones(tmp_path: Path) -> None:
+    """Closing a sqlite3 connection under a statement another thread runs crashes the process
+    (seen at shutdown, with the async dispatcher's claim in flight): close() must wait."""
+    s = open_store(f"sqlite:///{tmp_path / 'gate.sqlite3'}")
+    s.migrate()
+    inside, release, done = threading.Event(), threading.Event(), threading.Event()
+    result: list[int] = []
+
+    def busy() -> None:
+        with s.transaction() as tx:
+            inside.set()
+            release.wait(10)
+            result.append(int(tx.fetchval("SELECT COUNT(*) FROM invocations")))
+        done.set()
+
+    worker = threading.Thread(target=busy)
+    worker.start()
+    assert inside.wait(10)
+    closer = threading.Thread(target=s.close)
+    closer.start()
+    closer.join(0.3)
+    assert closer.is_alive(), "close() did not wait for the transaction in flight"
+    release.set()
+    closer.join(10)
+    worker.join(10)
+    assert done.is_set() and result == [0]
+    with pytest.raises(StoreError, match="closed"):
+        s.fetchval("SELECT 1")

@@ -46,6 +46,11 @@ class SqliteStore(Store):
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
         self._owner = uuid.uuid4().hex
+        # transactions in flight, so close() never closes a connection under a running statement
+        # (sqlite3 crashes the process when that happens); after close() none may start
+        self._gate = threading.Condition()
+        self._active = 0
+        self._closed = False
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             conn = self._connect()
@@ -76,21 +81,30 @@ class SqliteStore(Store):
 
     @contextmanager
     def transaction(self, *, write: bool = True) -> Iterator[Tx]:
+        with self._gate:
+            if self._closed:
+                raise StoreError(f"SQLite store {self.path} is closed: the service is stopping")
+            self._active += 1
         try:
-            conn = self._connect()
-            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-        except sqlite3.Error as exc:
-            raise StoreError(f"SQLite store {self.path} unavailable: {exc}") from None
-        try:
-            yield _SqliteTx(conn)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        try:
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            conn.execute("ROLLBACK")
-            raise StoreError(f"SQLite commit failed: {exc}") from None
+            try:
+                conn = self._connect()
+                conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            except sqlite3.Error as exc:
+                raise StoreError(f"SQLite store {self.path} unavailable: {exc}") from None
+            try:
+                yield _SqliteTx(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                conn.execute("ROLLBACK")
+                raise StoreError(f"SQLite commit failed: {exc}") from None
+        finally:
+            with self._gate:
+                self._active -= 1
+                self._gate.notify_all()
 
     @contextmanager
     def try_lock(self, name: str, *, lease: float = 300.0) -> Iterator[bool]:
@@ -111,6 +125,12 @@ class SqliteStore(Store):
                     tx.execute("DELETE FROM locks WHERE name = ? AND owner = ?", (name, self._owner))
 
     def close(self) -> None:
+        """Refuse new transactions, wait for those in flight (a busy timeout at most), close."""
+        with self._gate:
+            self._closed = True
+            idle = self._gate.wait_for(lambda: self._active == 0, timeout=self._busy_timeout + 5)
+        if not idle:  # a statement still runs: leave its connection to the process exit
+            return
         with self._all_lock:
             for conn in self._all:
                 conn.close()
