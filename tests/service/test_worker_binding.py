@@ -154,13 +154,19 @@ def test_registration_and_heartbeats_must_be_well_formed(client: TestClient) -> 
 
 
 def _attestation(
-    client: TestClient, att_id: str, enclave_id: str, x25519: bytes, verdict: str = "valid"
+    client: TestClient,
+    att_id: str,
+    enclave_id: str,
+    x25519: bytes,
+    verdict: str = "valid",
+    mrenclave: str = "ab" * 32,
 ) -> None:
     keys = {"x25519": base64.urlsafe_b64encode(x25519).rstrip(b"=").decode()}
+    result = {"kind": "sgx-dcap", "claims": {"mrenclave": mrenclave}}
     client.app.state.ctx.store.execute(  # type: ignore[attr-defined]
         "INSERT INTO attestations (id, enclave_id, provider, verdict, evidence, evidence_sha256, "
-        "public_keys, created_at) VALUES (?, ?, 'simulation', ?, ?, 'x', ?, ?)",
-        (att_id, enclave_id, verdict, b"evidence", json.dumps(keys), time.time()),
+        "public_keys, claims, created_at) VALUES (?, ?, 'simulation', ?, ?, 'x', ?, ?, ?)",
+        (att_id, enclave_id, verdict, b"evidence", json.dumps(keys), json.dumps(result), time.time()),
     )
 
 
@@ -198,3 +204,27 @@ def test_a_worker_reports_only_the_keys_its_enclave_attested(client: TestClient)
     _attestation(client, "a-e1-2", "e1", attested)
     assert client.post(url, json={"attestation_id": "a-e1-2"}, headers=_bearer(token)).status_code == 204
     assert client.post(url, json={"state": "terminated"}, headers=_bearer(token)).status_code == 204
+
+
+def test_a_worker_reports_only_the_measurement_its_enclave_attested(client: TestClient) -> None:
+    """A function's launch is checked against the measurement its enclave is listed with: once
+    the enclave is attested, that is the attested measurement, whatever its worker's host says."""
+    token = client.app.state.ctx.tokens.issue(Scope.ENCLAVE, "worker w1")  # type: ignore[attr-defined]
+    assert _register(client, token, "http://w1") == 200
+    _enclave_of(client, "w1", "e1")
+    key, measured, claimed = b"\x01" * 32, "ab" * 32, "cd" * 32
+    url = "/v1/workers/w1/enclaves/e1"
+    # before attestation the host's figure is listed (and replaced by the verified one)
+    assert client.post(url, json={"measurement": claimed}, headers=_bearer(token)).status_code == 204
+    _attestation(client, "a-e1", "e1", key, mrenclave=measured)
+    ready = {"state": "ready", "attestation_id": "a-e1", "public_keys": {"x25519": key.hex()}}
+    for lie in ({**ready, "measurement": claimed}, {"measurement": claimed}):
+        if "attestation_id" not in lie:  # after a report that made it attested
+            assert (
+                client.post(url, json={**ready, "measurement": measured}, headers=_bearer(token)).status_code
+                == 204
+            )
+        r = client.post(url, json=lie, headers=_bearer(token))
+        assert r.status_code == 409 and "measurement" in r.text, (lie, r.text)
+    enclave = client.get("/v1/enclaves/e1", headers=ADMIN).json()
+    assert enclave["measurement"] == measured and enclave["state"] == "ready", enclave

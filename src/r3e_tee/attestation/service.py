@@ -56,7 +56,11 @@ def _is_dcap(evidence: bytes) -> bool:
 
 def measurement_of(result: VerificationResult) -> str | None:
     """The one value that names the code: MRENCLAVE, MR_TD, PCR0 or the SNP measurement."""
-    c = result.claims
+    return measurement_from_claims(result.claims)
+
+
+def measurement_from_claims(c: Mapping[str, Any]) -> str | None:
+    """:func:`measurement_of` over a result's claims (as stored with the attestation)."""
     for key in ("mrenclave", "mr_td", "measurement"):
         if isinstance(c.get(key), str):
             return str(c[key])

@@ -17,6 +17,7 @@ from typing import Any
 import cbor2
 import httpx
 
+from r3e_tee.attestation.service import measurement_from_claims
 from r3e_tee.attestation.verify import Verifier
 from r3e_tee.errors import (
     CapacityError,
@@ -406,6 +407,8 @@ class WorkerDirectory:
         and call it ready only with an accepted, unrevoked attestation of that enclave, and the
         keys must be the attested ones: the worker's host is not trusted with them."""
         att_id = fields.get("attestation_id")
+        if fields.get("measurement") is not None:
+            self._check_measurement(enclave_id, att_id, str(fields["measurement"]))
         if att_id is None:
             if fields.get("public_keys") is not None:
                 raise ConflictError(
@@ -437,6 +440,26 @@ class WorkerDirectory:
                     "bound",
                     hint="report the keys the enclave attested with",
                 )
+
+    def _check_measurement(self, enclave_id: str, att_id: str | None, reported: str) -> None:
+        """Once an enclave is attested, the measurement it is listed with (what a function's
+        launch is checked against) is the attested one, not what its worker's host says."""
+        if att_id is None:
+            row = self.store.fetchone("SELECT attestation_id FROM enclaves WHERE id = ?", (enclave_id,))
+            att_id = row["attestation_id"] if row is not None else None
+            if not att_id:
+                return  # before attestation: the host's figure, shown until the verified one
+        att = self.store.fetchone(
+            "SELECT claims FROM attestations WHERE id = ? AND enclave_id = ?", (att_id, enclave_id)
+        )
+        result = json.loads(att["claims"]) if att is not None and att["claims"] else {}
+        attested = measurement_from_claims(result.get("claims") or {})
+        if attested is None or not hmac.compare_digest(reported.lower(), attested.lower()):
+            raise ConflictError(
+                f"enclave {enclave_id}: the reported measurement is not the one attestation {att_id} "
+                f"verified ({attested})",
+                hint="report the measurement the attestation returned",
+            )
 
     def check_owner(self, worker_id: str, enclave_id: str) -> None:
         row = self.store.fetchone("SELECT worker_id FROM enclaves WHERE id = ?", (enclave_id,))
