@@ -191,5 +191,25 @@ def test_sqlite_close_waits_for_transactions_in_flight_and_refuses_new_ones(tmp_
     closer.join(10)
     worker.join(10)
     assert done.is_set() and result == [0]
+    # a transaction started while close() waits is refused, not crashed into
+    release.clear()
+    inside.clear()
+    worker = threading.Thread(target=busy)
+    worker.start()
+    assert inside.wait(10)
+    closer = threading.Thread(target=s.close)
+    closer.start()
+    closer.join(0.3)
     with pytest.raises(StoreError, match="closed"):
         s.fetchval("SELECT 1")
+    release.set()
+    closer.join(10)
+    worker.join(10)
+    # afterwards every thread reconnects (its old connection is closed, not reused)
+    assert s.fetchval("SELECT 1") == 1
+    seen: list[int] = []
+    reader = threading.Thread(target=lambda: seen.append(int(s.fetchval("SELECT 2"))))
+    reader.start()
+    reader.join(10)
+    assert seen == [2]
+    s.close()

@@ -51,6 +51,7 @@ class SqliteStore(Store):
         self._gate = threading.Condition()
         self._active = 0
         self._closed = False
+        self._generation = 0  # bumped by close(): every thread's connection before it is gone
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             conn = self._connect()
@@ -63,7 +64,7 @@ class SqliteStore(Store):
 
     def _connect(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is not None:
+        if conn is not None and self._local.generation == self._generation:
             return conn
         conn = sqlite3.connect(
             self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
@@ -75,6 +76,7 @@ class SqliteStore(Store):
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
         self._local.conn = conn
+        self._local.generation = self._generation
         with self._all_lock:
             self._all.append(conn)
         return conn
@@ -125,17 +127,20 @@ class SqliteStore(Store):
                     tx.execute("DELETE FROM locks WHERE name = ? AND owner = ?", (name, self._owner))
 
     def close(self) -> None:
-        """Refuse new transactions, wait for those in flight (a busy timeout at most), close."""
+        """Close every connection once the transactions in flight are done (a busy timeout at
+        most); transactions that try to start meanwhile are refused. A later one reconnects."""
         with self._gate:
             self._closed = True
-            idle = self._gate.wait_for(lambda: self._active == 0, timeout=self._busy_timeout + 5)
-        if not idle:  # a statement still runs: leave its connection to the process exit
-            return
-        with self._all_lock:
-            for conn in self._all:
-                conn.close()
-            self._all.clear()
-        self._local = threading.local()
+            try:
+                if not self._gate.wait_for(lambda: self._active == 0, timeout=self._busy_timeout + 5):
+                    return  # a statement still runs: leave its connection to the process exit
+                with self._all_lock:
+                    for conn in self._all:
+                        conn.close()
+                    self._all.clear()
+                self._generation += 1
+            finally:
+                self._closed = False
 
     def raw(self) -> Any:
         """The calling thread's connection (tests and migrations only)."""
