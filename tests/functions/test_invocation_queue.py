@@ -395,3 +395,45 @@ def test_stop_waits_for_the_claim_in_flight() -> None:
         assert finished.is_set(), "stop() returned while a claim was still using the store"
 
     asyncio.run(main())
+
+
+def test_rows_a_claim_in_flight_takes_while_the_replica_stops_go_back_to_the_queue(store: Store) -> None:
+    """stop() cancels the claiming loop, but a claim already in its thread goes on and takes
+    rows (here: the one the stop just handed back, and a new one). Nobody would run them: they
+    must be handed back too, not left running until their lease expires."""
+    in_second, go = threading.Event(), threading.Event()
+
+    class SlowSecondClaim(InvocationQueue):
+        calls = 0
+
+        def claim(self, limit: int, lease: float) -> list[dict[str, Any]]:
+            SlowSecondClaim.calls += 1
+            if SlowSecondClaim.calls == 2:
+                in_second.set()
+                go.wait(10)
+            return super().claim(limit, lease)
+
+    queue = SlowSecondClaim(store)
+    first = _submit(queue, 1)
+    started = asyncio.Event()
+
+    async def hang(row: dict[str, Any]) -> dict[str, Any]:
+        started.set()
+        await asyncio.sleep(3600)
+        return _result("never")
+
+    async def main() -> str:
+        dispatcher = Dispatcher(queue, hang, lease=60)
+        dispatcher.start()
+        await asyncio.wait_for(started.wait(), 10)
+        assert await asyncio.to_thread(in_second.wait, 10)
+        second = _submit(queue, 2)
+        asyncio.get_running_loop().call_later(0.3, go.set)  # the claim ends after stop() began
+        await dispatcher.stop()
+        return second
+
+    second = asyncio.run(main())
+    assert go.is_set()
+    for inv_id in (first, second):
+        row = store.fetchone("SELECT status, attempts, lease_until FROM invocations WHERE id = ?", (inv_id,))
+        assert row == {"status": "queued", "attempts": 0, "lease_until": None}, (inv_id, row)

@@ -22,6 +22,7 @@ import hashlib
 import hmac
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -247,6 +248,10 @@ class Dispatcher:
         self._task: asyncio.Task[None] | None = None
         self._attempts: set[asyncio.Task[None]] = set()
         self._calls: set[asyncio.Future[Any]] = set()
+        # rows a claim took that no attempt runs yet: a claim still in its thread when stop()
+        # cancels the loop takes rows nobody would run (or release) otherwise
+        self._unstarted: dict[str, int] = {}
+        self._unstarted_lock = threading.Lock()
 
     async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` (a store call) in a worker thread. Cancelling the caller does not stop
@@ -270,18 +275,37 @@ class Dispatcher:
             task.cancel()
         await asyncio.gather(*attempts, return_exceptions=True)
         await asyncio.gather(*list(self._calls), return_exceptions=True)
+        with self._unstarted_lock:
+            unstarted, self._unstarted = self._unstarted, {}
+        for inv_id, attempt in unstarted.items():
+            try:
+                self.queue.release(inv_id, attempt)
+            except R3ETeeError as exc:  # its lease expires and another replica claims it then
+                log.warning(
+                    "releasing an invocation at shutdown failed",
+                    extra={"invocation_id": inv_id, "error": exc.message},
+                )
+
+    def _claim(self, limit: int) -> list[dict[str, Any]]:
+        rows = self.queue.claim(limit, self.lease)
+        with self._unstarted_lock:
+            for row in rows:
+                self._unstarted[str(row["id"])] = int(row["attempts"])
+        return rows
 
     async def _loop(self) -> None:
         while True:
             free = self.concurrency - self._running
             try:
-                rows = await self._in_thread(self.queue.claim, free, self.lease) if free > 0 else []
+                rows = await self._in_thread(self._claim, free) if free > 0 else []
             except R3ETeeError as exc:
                 # the store is unreachable for now: keep the dispatcher alive and try again
                 log.warning("claiming queued invocations failed", extra={"error": exc.message})
                 rows = []
             for row in rows:
                 self._running += 1
+                with self._unstarted_lock:
+                    self._unstarted.pop(str(row["id"]), None)
                 task = asyncio.get_running_loop().create_task(self._execute(row))
                 self._attempts.add(task)
                 task.add_done_callback(self._attempts.discard)
