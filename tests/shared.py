@@ -5,9 +5,13 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import r3e_tee
 
@@ -42,3 +46,25 @@ def kill_during(code: str, target: Path, point: str) -> None:
         [sys.executable, "-c", code, str(target), point], env=env, capture_output=True, timeout=60
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+
+
+def run_threads(target: Callable[[], None], n: int) -> None:
+    """Run ``target`` in ``n`` threads at once and wait for all of them."""
+    threads = [threading.Thread(target=target) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def spy_fsync(monkeypatch: Any, path: Path) -> list[tuple[bool, bool]]:
+    """Record each fsync as (of a directory, ``path`` exists then): what a durable create must show."""
+    synced: list[tuple[bool, bool]] = []
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append((stat.S_ISDIR(os.fstat(fd).st_mode), path.exists()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    return synced

@@ -10,12 +10,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.shared import SRC
+from tests.shared import SRC, run_threads
 
 from r3e_tee.errors import ConflictError, FunctionError, StoreError
 from r3e_tee.functions.invocations import MAX_ATTEMPTS, Dispatcher, InvocationQueue
@@ -44,6 +44,18 @@ def _result(tag: str) -> dict[str, Any]:
         "error": None,
         "enclave_id": f"e-{tag}",
     }
+
+
+def _hanging() -> tuple[asyncio.Event, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]]:
+    """A runner whose attempts never finish, and the event its first attempt sets."""
+    started = asyncio.Event()
+
+    async def hang(row: dict[str, Any]) -> dict[str, Any]:
+        started.set()
+        await asyncio.sleep(3600)
+        return _result("never")
+
+    return started, hang
 
 
 def _wait_for(cond: Callable[[], bool], timeout: float = 15.0) -> None:
@@ -195,11 +207,7 @@ def test_replicas_claiming_at_once_never_take_the_same_invocation(store: Store, 
         finally:
             s.close()
 
-    threads = [threading.Thread(target=replica) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(replica, 4)
     assert not errors
     assert sorted(claimed) == sorted(ids)
 
@@ -284,11 +292,7 @@ def test_replicas_submitting_one_key_at_once_queue_it_once(store: Store, store_u
         finally:
             s.close()
 
-    threads = [threading.Thread(target=replica) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(replica, 4)
     assert not errors
     assert len({inv_id for inv_id, _ in results}) == 1
     assert sorted(created for _, created in results) == [False, False, False, True]
@@ -300,12 +304,7 @@ def test_a_replica_shutting_down_hands_its_running_invocations_back(store: Store
     neither wait out their lease nor move towards MAX_ATTEMPTS with every rolling restart."""
     queue = InvocationQueue(store)
     inv_id = _submit(queue)
-    started = asyncio.Event()
-
-    async def hang(row: dict[str, Any]) -> dict[str, Any]:
-        started.set()
-        await asyncio.sleep(3600)
-        return _result("never")
+    started, hang = _hanging()
 
     async def main() -> None:
         dispatcher = Dispatcher(queue, hang, lease=60)
@@ -415,12 +414,7 @@ def test_rows_a_claim_in_flight_takes_while_the_replica_stops_go_back_to_the_que
 
     queue = SlowSecondClaim(store)
     first = _submit(queue, 1)
-    started = asyncio.Event()
-
-    async def hang(row: dict[str, Any]) -> dict[str, Any]:
-        started.set()
-        await asyncio.sleep(3600)
-        return _result("never")
+    started, hang = _hanging()
 
     async def main() -> str:
         dispatcher = Dispatcher(queue, hang, lease=60)

@@ -6,12 +6,11 @@ a complete KEK, and the KEK's name must be durable (its directory fsynced) befor
 
 from __future__ import annotations
 
-import os
 import stat
 from pathlib import Path
 
 import pytest
-from tests.shared import kill_during
+from tests.shared import kill_during, spy_fsync
 
 from r3e_tee.keys.kek import KEK_SIZE, FileKek
 
@@ -46,14 +45,7 @@ def test_the_generated_kek_is_named_durably_before_use(
     """Without an fsync of the directory, a power loss can drop the new file's name while keys
     wrapped with it are already committed to the store: those keys would never unwrap again."""
     path = tmp_path / "kek.key"
-    synced: list[tuple[bool, bool]] = []
-    real_fsync = os.fsync
-
-    def spy(fd: int) -> None:
-        synced.append((stat.S_ISDIR(os.fstat(fd).st_mode), path.exists()))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", spy)
+    synced = spy_fsync(monkeypatch, path)
     FileKek.generate(path)
     assert (True, True) in synced, synced  # the directory, once the KEK has its name
     assert [p.name for p in tmp_path.iterdir()] == ["kek.key"]  # no temporary file left

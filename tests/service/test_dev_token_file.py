@@ -3,13 +3,12 @@ one token for processes starting at once."""
 
 from __future__ import annotations
 
-import os
 import stat
 import threading
 from pathlib import Path
 
 import pytest
-from tests.shared import kill_during
+from tests.shared import kill_during, run_threads, spy_fsync
 
 from r3e_tee.service.auth import ensure_dev_admin_token, read_token_file
 
@@ -55,24 +54,13 @@ def test_processes_starting_at_once_read_one_complete_token(tmp_path: Path) -> N
         for p in list(data.glob("*")) if data.exists() else []:
             p.unlink()
         tokens.clear()
-        threads = [threading.Thread(target=start) for _ in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        run_threads(start, 8)
         assert not errors, errors
         assert len(tokens) == 8 and len(set(tokens)) == 1
 
 
 def test_the_token_file_is_named_durably(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "admin-token"
-    synced: list[tuple[bool, bool]] = []
-    real_fsync = os.fsync
-
-    def spy(fd: int) -> None:
-        synced.append((stat.S_ISDIR(os.fstat(fd).st_mode), path.exists()))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", spy)
+    synced = spy_fsync(monkeypatch, path)
     ensure_dev_admin_token(tmp_path)
     assert (False, False) in synced and (True, True) in synced, synced

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -170,7 +171,7 @@ def test_sqlite_close_waits_for_transactions_in_flight_and_refuses_new_ones(tmp_
     (seen at shutdown, with the async dispatcher's claim in flight): close() must wait."""
     s = open_store(f"sqlite:///{tmp_path / 'gate.sqlite3'}")
     s.migrate()
-    inside, release, done = threading.Event(), threading.Event(), threading.Event()
+    inside, release = threading.Event(), threading.Event()
     result: list[int] = []
 
     def busy() -> None:
@@ -178,33 +179,31 @@ def test_sqlite_close_waits_for_transactions_in_flight_and_refuses_new_ones(tmp_
             inside.set()
             release.wait(10)
             result.append(int(tx.fetchval("SELECT COUNT(*) FROM invocations")))
-        done.set()
 
-    worker = threading.Thread(target=busy)
-    worker.start()
-    assert inside.wait(10)
-    closer = threading.Thread(target=s.close)
-    closer.start()
-    closer.join(0.3)
-    assert closer.is_alive(), "close() did not wait for the transaction in flight"
-    release.set()
-    closer.join(10)
-    worker.join(10)
-    assert done.is_set() and result == [0]
-    # a transaction started while close() waits is refused, not crashed into
-    release.clear()
-    inside.clear()
-    worker = threading.Thread(target=busy)
-    worker.start()
-    assert inside.wait(10)
-    closer = threading.Thread(target=s.close)
-    closer.start()
-    closer.join(0.3)
-    with pytest.raises(StoreError, match="closed"):
-        s.fetchval("SELECT 1")
-    release.set()
-    closer.join(10)
-    worker.join(10)
+    def close_under_a_transaction(while_closing: Callable[[], None]) -> None:
+        inside.clear()
+        release.clear()
+        worker = threading.Thread(target=busy)
+        worker.start()
+        assert inside.wait(10)
+        closer = threading.Thread(target=s.close)
+        closer.start()
+        closer.join(0.3)
+        assert closer.is_alive(), "close() did not wait for the transaction in flight"
+        while_closing()
+        release.set()
+        closer.join(10)
+        worker.join(10)
+
+    close_under_a_transaction(lambda: None)
+    assert result == [0]
+
+    def refused() -> None:  # a transaction started while close() waits is refused, not crashed into
+        with pytest.raises(StoreError, match="closed"):
+            s.fetchval("SELECT 1")
+
+    close_under_a_transaction(refused)
+    assert result == [0, 0]
     # afterwards every thread reconnects (its old connection is closed, not reused)
     assert s.fetchval("SELECT 1") == 1
     seen: list[int] = []

@@ -16,11 +16,12 @@ from __future__ import annotations
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric import x25519
 
+from r3e_tee.keys.hpke import usable_public_key
+
 SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
 INPUT_INFO = b"r3e-tee/function-input/v1"
 OUTPUT_INFO = b"r3e-tee/function-output/v1"
 #: a throwaway key to test reply keys with: X25519 with a low-order point fails
-_PROBE = x25519.X25519PrivateKey.generate()
 
 
 def input_info(reply_key: bytes | None) -> bytes:
@@ -34,12 +35,7 @@ def reply_public_key(reply_key: bytes) -> x25519.X25519PublicKey:
     ran, and again on each retry of a queued invocation). Raises ValueError."""
     if not isinstance(reply_key, bytes) or len(reply_key) != 32:
         raise ValueError("the reply key must be a raw 32-byte X25519 public key")
-    key = x25519.X25519PublicKey.from_public_bytes(reply_key)
-    try:
-        _PROBE.exchange(key)
-    except ValueError:
-        raise ValueError("the reply key is a low-order X25519 point: nothing can be sealed to it") from None
-    return key
+    return usable_public_key(reply_key, "the reply key")
 
 
 def seal_input(plaintext: bytes, enclave_key: bytes, reply_key: bytes | None = None) -> bytes:

@@ -278,13 +278,17 @@ class Dispatcher:
         with self._unstarted_lock:
             unstarted, self._unstarted = self._unstarted, {}
         for inv_id, attempt in unstarted.items():
-            try:
-                self.queue.release(inv_id, attempt)
-            except R3ETeeError as exc:  # its lease expires and another replica claims it then
-                log.warning(
-                    "releasing an invocation at shutdown failed",
-                    extra={"invocation_id": inv_id, "error": exc.message},
-                )
+            self._release(inv_id, attempt)
+
+    def _release(self, inv_id: str, attempt: int) -> None:
+        """Hand an attempt back at shutdown (blocking: called where nothing may be awaited)."""
+        try:
+            self.queue.release(inv_id, attempt)
+        except R3ETeeError as exc:  # its lease expires and another replica claims it then
+            log.warning(
+                "releasing an invocation at shutdown failed",
+                extra={"invocation_id": inv_id, "error": exc.message},
+            )
 
     def _claim(self, limit: int) -> list[dict[str, Any]]:
         rows = self.queue.claim(limit, self.lease)
@@ -351,14 +355,7 @@ class Dispatcher:
             log.warning("invocation attempt failed", extra={"invocation_id": inv_id, "error": error})
             await self._in_thread(self.queue.retry_or_fail, inv_id, attempt, error)
         except asyncio.CancelledError:
-            # shutting down: a blocking call, as nothing may be awaited in a cancelled task
-            try:
-                self.queue.release(inv_id, attempt)
-            except R3ETeeError as exc:  # its lease expires and another replica claims it then
-                log.warning(
-                    "releasing an invocation at shutdown failed",
-                    extra={"invocation_id": inv_id, "error": exc.message},
-                )
+            self._release(inv_id, attempt)  # shutting down: nothing may be awaited here
             raise
         except R3ETeeError as exc:  # the store failed: the lease expires and the work is claimed again
             log.warning(

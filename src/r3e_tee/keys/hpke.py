@@ -128,12 +128,17 @@ def public_key_from_b64u(value: str) -> x25519.X25519PublicKey:
         raise ValueError("cnf.x25519 is not base64url") from None
     if len(raw) != 32:
         raise ValueError(f"cnf.x25519 is {len(raw)} bytes, expected 32")
+    return usable_public_key(raw, "cnf.x25519")
+
+
+def usable_public_key(raw: bytes, what: str) -> x25519.X25519PublicKey:
+    """``raw`` as an X25519 key a shared secret can be made with: anyone may name any 32 bytes,
+    and a low-order point gives an all-zero shared secret. Raises ValueError naming ``what``."""
     key = x25519.X25519PublicKey.from_public_bytes(raw)
     try:
-        # an enclave may bind any 32 bytes; a low-order point gives an all-zero shared secret
         _PROBE.exchange(key)
     except ValueError:
-        raise ValueError("cnf.x25519 is a low-order X25519 point: nothing can be sealed to it") from None
+        raise ValueError(f"{what} is a low-order X25519 point: nothing can be sealed to it") from None
     return key
 
 

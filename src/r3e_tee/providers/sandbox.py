@@ -248,46 +248,49 @@ def seccomp_supported() -> tuple[bool, str]:
     return True, "seccomp filter available (x86_64)"
 
 
+def _stmt(code: int, k: int) -> bytes:
+    """One classic-BPF statement."""
+    return struct.pack("HBBI", code, 0, 0, k)
+
+
+def _jump(code: int, k: int, jt: int, jf: int) -> bytes:
+    """One classic-BPF conditional jump (``jt``/``jf``: instructions to skip)."""
+    return struct.pack("HBBI", code, jt, jf, k)
+
+
 def build_seccomp_program(denied: Sequence[int], *, deny_network: bool) -> bytes:
     """A classic-BPF seccomp program; denied calls fail with EPERM, a foreign arch is killed."""
-
-    def stmt(code: int, k: int) -> bytes:
-        return struct.pack("HBBI", code, 0, 0, k)
-
-    def jump(code: int, k: int, jt: int, jf: int) -> bytes:
-        return struct.pack("HBBI", code, jt, jf, k)
-
     eperm = _RET_ERRNO | errno.EPERM
     prog = [
-        stmt(_BPF_LD_W_ABS, 4),  # seccomp_data.arch
-        jump(_BPF_JEQ_K, _AUDIT_ARCH_X86_64, 1, 0),
-        stmt(_BPF_RET_K, _RET_KILL_PROCESS),
-        stmt(_BPF_LD_W_ABS, 0),  # seccomp_data.nr
-        jump(_BPF_JGE_K, 0x40000000, 0, 1),  # the x32 ABI
-        stmt(_BPF_RET_K, eperm),
+        _stmt(_BPF_LD_W_ABS, 4),  # seccomp_data.arch
+        _jump(_BPF_JEQ_K, _AUDIT_ARCH_X86_64, 1, 0),
+        _stmt(_BPF_RET_K, _RET_KILL_PROCESS),
+        _stmt(_BPF_LD_W_ABS, 0),  # seccomp_data.nr
+        _jump(_BPF_JGE_K, 0x40000000, 0, 1),  # the x32 ABI
+        _stmt(_BPF_RET_K, eperm),
     ]
     for nr in denied:
-        prog += [jump(_BPF_JEQ_K, nr, 0, 1), stmt(_BPF_RET_K, eperm)]
-    prog += [jump(_BPF_JEQ_K, _SYS_CLONE3_X86_64, 0, 1), stmt(_BPF_RET_K, _RET_ERRNO | errno.ENOSYS)]
+        prog += [_jump(_BPF_JEQ_K, nr, 0, 1), _stmt(_BPF_RET_K, eperm)]
+    prog += [_jump(_BPF_JEQ_K, _SYS_CLONE3_X86_64, 0, 1), _stmt(_BPF_RET_K, _RET_ERRNO | errno.ENOSYS)]
     # clone with a namespace flag: a new user namespace is a full set of capabilities again
     prog += [
-        jump(_BPF_JEQ_K, _SYS_CLONE_X86_64, 0, 4),
-        stmt(_BPF_LD_W_ABS, 16),  # args[0] (flags), low 32 bits
-        jump(_BPF_JSET_K, CLONE_NAMESPACE_FLAGS, 0, 1),
-        stmt(_BPF_RET_K, eperm),
-        stmt(_BPF_LD_W_ABS, 0),  # seccomp_data.nr again, for the checks below
+        _jump(_BPF_JEQ_K, _SYS_CLONE_X86_64, 0, 4),
+        _stmt(_BPF_LD_W_ABS, 16),  # args[0] (flags), low 32 bits
+        _jump(_BPF_JSET_K, CLONE_NAMESPACE_FLAGS, 0, 1),
+        _stmt(_BPF_RET_K, eperm),
+        _stmt(_BPF_LD_W_ABS, 0),  # seccomp_data.nr again, for the checks below
     ]
     if deny_network:
         families = sorted(DENIED_SOCKET_FAMILIES.values())
         n = len(families)
         # jeq socket -> [ld arg0, jeq fam_i..., ret allow, ret EAFNOSUPPORT]; else skip the block
-        prog.append(jump(_BPF_JEQ_K, _SYS_SOCKET_X86_64, 0, n + 3))
-        prog.append(stmt(_BPF_LD_W_ABS, 16))  # args[0], low 32 bits
+        prog.append(_jump(_BPF_JEQ_K, _SYS_SOCKET_X86_64, 0, n + 3))
+        prog.append(_stmt(_BPF_LD_W_ABS, 16))  # args[0], low 32 bits
         for i, fam in enumerate(families):
-            prog.append(jump(_BPF_JEQ_K, fam, n - i, 0))
-        prog.append(stmt(_BPF_RET_K, _RET_ALLOW))
-        prog.append(stmt(_BPF_RET_K, _RET_ERRNO | errno.EAFNOSUPPORT))
-    prog.append(stmt(_BPF_RET_K, _RET_ALLOW))
+            prog.append(_jump(_BPF_JEQ_K, fam, n - i, 0))
+        prog.append(_stmt(_BPF_RET_K, _RET_ALLOW))
+        prog.append(_stmt(_BPF_RET_K, _RET_ERRNO | errno.EAFNOSUPPORT))
+    prog.append(_stmt(_BPF_RET_K, _RET_ALLOW))
     return b"".join(prog)
 
 
@@ -323,45 +326,38 @@ _CLONE_THREAD = 0x00010000
 def build_function_seccomp_program(own_pid: int) -> bytes:
     """The filter a function sandbox adds on top of its enclave's: no processes but threads, no
     programs, signals to itself only, no NSM attestation (the runtime's own evidence)."""
-
-    def stmt(code: int, k: int) -> bytes:
-        return struct.pack("HBBI", code, 0, 0, k)
-
-    def jump(code: int, k: int, jt: int, jf: int) -> bytes:
-        return struct.pack("HBBI", code, jt, jf, k)
-
     eperm = _RET_ERRNO | errno.EPERM
     prog = [
-        stmt(_BPF_LD_W_ABS, 4),
-        jump(_BPF_JEQ_K, _AUDIT_ARCH_X86_64, 1, 0),
-        stmt(_BPF_RET_K, _RET_KILL_PROCESS),
-        stmt(_BPF_LD_W_ABS, 0),
+        _stmt(_BPF_LD_W_ABS, 4),
+        _jump(_BPF_JEQ_K, _AUDIT_ARCH_X86_64, 1, 0),
+        _stmt(_BPF_RET_K, _RET_KILL_PROCESS),
+        _stmt(_BPF_LD_W_ABS, 0),
     ]
     for nr in FUNCTION_DENIED_SYSCALLS_X86_64.values():
-        prog += [jump(_BPF_JEQ_K, nr, 0, 1), stmt(_BPF_RET_K, eperm)]
+        prog += [_jump(_BPF_JEQ_K, nr, 0, 1), _stmt(_BPF_RET_K, eperm)]
     prog += [  # clone: threads only
-        jump(_BPF_JEQ_K, _SYS_CLONE_X86_64, 0, 4),
-        stmt(_BPF_LD_W_ABS, 16),
-        jump(_BPF_JSET_K, _CLONE_THREAD, 0, 1),
-        stmt(_BPF_RET_K, _RET_ALLOW),
-        stmt(_BPF_RET_K, eperm),
+        _jump(_BPF_JEQ_K, _SYS_CLONE_X86_64, 0, 4),
+        _stmt(_BPF_LD_W_ABS, 16),
+        _jump(_BPF_JSET_K, _CLONE_THREAD, 0, 1),
+        _stmt(_BPF_RET_K, _RET_ALLOW),
+        _stmt(_BPF_RET_K, eperm),
     ]
     prog += [  # ioctl(fd, NSM_IOCTL_REQUEST, ...)
-        jump(_BPF_JEQ_K, _SYS_IOCTL_X86_64, 0, 4),
-        stmt(_BPF_LD_W_ABS, 24),  # args[1], low 32 bits
-        jump(_BPF_JEQ_K, NSM_IOCTL_REQUEST, 0, 1),
-        stmt(_BPF_RET_K, eperm),
-        stmt(_BPF_RET_K, _RET_ALLOW),
+        _jump(_BPF_JEQ_K, _SYS_IOCTL_X86_64, 0, 4),
+        _stmt(_BPF_LD_W_ABS, 24),  # args[1], low 32 bits
+        _jump(_BPF_JEQ_K, NSM_IOCTL_REQUEST, 0, 1),
+        _stmt(_BPF_RET_K, eperm),
+        _stmt(_BPF_RET_K, _RET_ALLOW),
     ]
     n = len(_SIGNAL_SYSCALLS_X86_64)
     for i, nr in enumerate(_SIGNAL_SYSCALLS_X86_64):
-        prog.append(jump(_BPF_JEQ_K, nr, n - i, 0))
-    prog.append(stmt(_BPF_RET_K, _RET_ALLOW))
+        prog.append(_jump(_BPF_JEQ_K, nr, n - i, 0))
+    prog.append(_stmt(_BPF_RET_K, _RET_ALLOW))
     prog += [
-        stmt(_BPF_LD_W_ABS, 16),  # args[0]: the target
-        jump(_BPF_JEQ_K, own_pid & 0xFFFFFFFF, 0, 1),
-        stmt(_BPF_RET_K, _RET_ALLOW),
-        stmt(_BPF_RET_K, eperm),
+        _stmt(_BPF_LD_W_ABS, 16),  # args[0]: the target
+        _jump(_BPF_JEQ_K, own_pid & 0xFFFFFFFF, 0, 1),
+        _stmt(_BPF_RET_K, _RET_ALLOW),
+        _stmt(_BPF_RET_K, eperm),
     ]
     return b"".join(prog)
 
