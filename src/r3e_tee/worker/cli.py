@@ -26,7 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, gen
 
 from r3e_tee import __version__
 from r3e_tee.config import TeeConfig, load_config, port_number
-from r3e_tee.errors import AuthenticationError, R3ETeeError
+from r3e_tee.errors import AuthenticationError, InvalidRequestError, R3ETeeError
 from r3e_tee.logging import configure_logging
 from r3e_tee.providers.base import EnclaveSpec
 
@@ -211,8 +211,16 @@ def create_worker_app(worker: WorkerProcess) -> FastAPI:
     @app.post("/enclaves", status_code=202)
     async def launch(body: dict[str, Any], authorization: Auth = None) -> dict[str, str]:
         worker.check(authorization)
-        spec = EnclaveSpec(**body["spec"])
-        worker.manager.launch(str(body["provider"]), spec)
+        fields, provider = body.get("spec"), body.get("provider")
+        if not isinstance(fields, dict) or not isinstance(provider, str):
+            raise InvalidRequestError(
+                "a launch names its 'provider' and carries the enclave 'spec' (an object)"
+            )
+        try:
+            spec = EnclaveSpec(**fields)
+        except TypeError as exc:
+            raise InvalidRequestError(f"the enclave spec does not fit: {exc}") from None
+        worker.manager.launch(provider, spec)
         return {"id": spec.id}
 
     @app.delete("/enclaves/{enclave_id}", status_code=204)
@@ -237,17 +245,29 @@ def create_worker_app(worker: WorkerProcess) -> FastAPI:
         from r3e_tee.service.workers import RELAYED_OPS
 
         worker.check(authorization)
-        message = cbor2.loads(await request.body())
+        try:
+            message = cbor2.loads(await request.body())
+        except (cbor2.CBORError, ValueError):
+            raise InvalidRequestError("a relayed call is one CBOR map") from None
+        if not isinstance(message, dict):
+            raise InvalidRequestError("a relayed call is one CBOR map")
         op = str(message.get("op"))
         if op not in RELAYED_OPS:
             raise AuthenticationError(f"operation {op!r} is not relayed")
+        args, timeout = message.get("args") or {}, message.get("timeout")
+        if not isinstance(args, dict) or not all(
+            isinstance(k, str) and k not in ("op", "timeout") for k in args
+        ):
+            raise InvalidRequestError(
+                "a relayed call's 'args' is a map with text keys other than op and timeout"
+            )
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)):
+            raise InvalidRequestError("a relayed call's 'timeout' is a number of seconds")
         handle = worker.manager.handles.get(enclave_id)
         if handle is None:
             return JSONResponse({"message": f"no enclave {enclave_id} here"}, status_code=404)
         try:
-            result = await handle.channel.request(
-                op, timeout=message.get("timeout"), **dict(message.get("args") or {})
-            )
+            result = await handle.channel.request(op, timeout=timeout, **args)
             reply = {"ok": True, "result": result}
         except RemoteError as exc:
             reply = {"ok": False, "error": exc.message, "kind": exc.kind}
