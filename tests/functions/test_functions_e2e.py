@@ -365,9 +365,22 @@ def test_bad_deployments_are_explained(live: LiveService) -> None:
             },
         )
         assert r.status_code == 400 and "do not fit" in r.json()["message"]
+        # no handler at all: refused at deploy, before any enclave starts for it
+        for code, handler in ((b"x = 1", "handler"), (b"def handler(event, ctx):\n    return 1\n", "main")):
+            r = c.post(
+                "/v1/functions",
+                json={"name": "nohandler", "runtime": "python", "handler": handler,
+                      "code": base64.b64encode(code).decode()},
+            )  # fmt: skip
+            assert r.status_code == 400 and f"defines no '{handler}'" in r.json()["message"], r.text
+        # a handler name bound to something that is not a function: only running it tells
         r = c.post(
             "/v1/functions",
-            json={"name": "nohandler", "runtime": "python", "code": base64.b64encode(b"x = 1").decode()},
+            json={
+                "name": "nohandler",
+                "runtime": "python",
+                "code": base64.b64encode(b"handler = 1").decode(),
+            },
         )
         assert r.status_code == 201
         r = c.post("/v1/functions/nohandler/invoke", content=b"{}")

@@ -330,14 +330,14 @@ def test_resolve_caches_briefly_and_local_deploys_and_deletes_take_effect_at_onc
         registry = FunctionRegistry(store, resolve_ttl=30)
         other = FunctionRegistry(store, resolve_ttl=0.2)  # another replica
         config = FunctionConfig(name="f", runtime="python")
-        registry.deploy(config, b"x = 1")
+        registry.deploy(config, b"handler = 1")
         assert registry.resolve("f").version == other.resolve("f").version == 1
-        registry.deploy(config, b"x = 2")
+        registry.deploy(config, b"handler = 2")
         assert registry.resolve("f").version == 2  # this replica: at once
         assert other.resolve("f").version == 1  # the other: within its TTL
         time.sleep(0.25)
         assert other.resolve("f").version == 2
-        assert registry.resolve("f", 1).code == b"x = 1"
+        assert registry.resolve("f", 1).code == b"handler = 1"
         registry.delete("f")
         with pytest.raises(Exception, match="no function"):
             registry.resolve("f")

@@ -7,6 +7,7 @@ one its enclaves attest to, and receipts name it.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import io
 import re
@@ -122,16 +123,45 @@ def check_code(config: FunctionConfig, code: bytes) -> None:
         return
     if config.runtime == "python":
         try:
-            compile(code, f"<{config.name}>", "exec")
+            tree = ast.parse(code, f"<{config.name}>")
+            compile(tree, f"<{config.name}>", "exec")  # what parsing alone lets through
         except SyntaxError as exc:
             raise InvalidRequestError(
                 f"the Python code does not compile: line {exc.lineno}: {exc.msg}"
             ) from None
+        name = config.handler.rpartition(".")[2]
+        if not _binds_at_module_level(tree, name):
+            raise InvalidRequestError(
+                f"the Python code defines no {name!r} at module level: every invocation would fail",
+                hint=f"define def {name}(event, ctx): ... in the file, or deploy with --handler NAME",
+            )
     else:
         try:
             code.decode()
         except UnicodeDecodeError:
             raise InvalidRequestError("JavaScript code must be UTF-8 text") from None
+
+
+def _binds_at_module_level(tree: ast.Module, name: str) -> bool:
+    """Whether module-level code (outside function and class bodies) can bind ``name``: a def,
+    a class, an assignment, an import or a star import. Parsed, never run: the code is the
+    user's and this is the service, not an enclave."""
+    pending: list[ast.AST] = list(tree.body)
+    while pending:
+        node = pending.pop()
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            if node.name == name:
+                return True
+            continue  # their bodies bind their own names
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            for alias in node.names:
+                if alias.name == "*" or (alias.asname or alias.name.partition(".")[0]) == name:
+                    return True
+            continue
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store) and node.id == name:
+            return True
+        pending.extend(ast.iter_child_nodes(node))
+    return False
 
 
 def _zip_problem(problem: str, hint: str = "rebuild the zip from the function's directory") -> Exception:
