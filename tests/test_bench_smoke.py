@@ -28,17 +28,22 @@ def test_every_benchmark_is_exercised() -> None:
     assert {p.name for p in BENCH.glob("bench_*.py")} == set(RUNS)
 
 
-@pytest.mark.parametrize("script", sorted(RUNS))
-def test_benchmark_runs(script: str, tmp_path: Path) -> None:
-    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
-    done = subprocess.run(
-        [sys.executable, str(BENCH / script), *RUNS[script]],
+def _bench(
+    script: str, args: list[str], tmp_path: Path, env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(BENCH / script), *args],
         cwd=tmp_path,
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
+
+
+@pytest.mark.parametrize("script", sorted(RUNS))
+def test_benchmark_runs(script: str, tmp_path: Path) -> None:
+    done = _bench(script, RUNS[script], tmp_path, {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")})
     assert done.returncode == 0, f"{script} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
     assert done.stdout.strip(), f"{script} printed nothing"
 
@@ -47,13 +52,6 @@ def test_the_http_benchmarks_run_without_wrk(tmp_path: Path) -> None:
     """Without wrk on PATH the HTTP benchmarks load the servers from an asyncio client, which
     must read both answers: the bare endpoint's (chunked) and the service's (content-length)."""
     env = {**os.environ, "PATH": str(Path(sys.executable).parent), "XDG_STATE_HOME": str(tmp_path)}
-    done = subprocess.run(
-        [sys.executable, str(BENCH / "bench_service_ceiling.py"), "--seconds", "1"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = _bench("bench_service_ceiling.py", ["--seconds", "1"], tmp_path, env)
     assert done.returncode == 0, f"{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
     assert "load generator: asyncio client" in done.stdout

@@ -454,7 +454,7 @@ class WorkerDirectory:
         )
         result = json.loads(att["claims"]) if att is not None and att["claims"] else {}
         attested = measurement_from_claims(result.get("claims") or {})
-        if attested is None or not hmac.compare_digest(reported.lower(), attested.lower()):
+        if attested is None or reported.lower() != attested.lower():  # public values
             raise ConflictError(
                 f"enclave {enclave_id}: the reported measurement is not the one attestation {att_id} "
                 f"verified ({attested})",
